@@ -7,13 +7,14 @@ Unknown keys are rejected and reported with the file and the dotted field name.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from appliance.errors import ApplianceError, ConfigError
 from appliance.installer.settings import InstallConfig
@@ -23,10 +24,97 @@ HOME_ENV = "APPLIANCE_HOME"
 SEARCH_PATHS = (Path("appliance.toml"), Path("/etc/appliance/appliance.toml"))
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+# Sections are strict, but TOML has no path type: a path is written as a string.
+FilePath = Annotated[Path, Strict(False)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `require_api_key = "no"` or `port = "8001"` is an error, not a guess.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class GatewayLimits(Section):
+    """What the gateway admits before anything reaches an engine (see docs/configuration.md)."""
+
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest request body; larger ones are refused with 413 before they are "
+        "read in full.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line plus headers; larger ones get 431.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Time a connection gets to send a whole request line and headers, from "
+        "its first byte (or from connecting); then it is closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Time a client gets to send its whole request body."
+    )
+    keepalive_timeout_s: float = Field(
+        15.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this."
+    )
+    max_connections: int = Field(
+        2048, ge=1, le=1_000_000, description="Open connections at most; beyond it, 503."
+    )
+    max_connections_per_client: int = Field(
+        512,
+        ge=0,
+        le=1_000_000,
+        description="Open connections from one client address at most (0: no limit); beyond "
+        "it, 503.",
+    )
+    max_in_flight: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="Requests being handled at once, across all models; beyond it, 503.",
+    )
+    queue_per_replica: int = Field(
+        64,
+        ge=0,
+        le=100_000,
+        description="Requests that may wait in the gateway for each replica of a model once "
+        "every replica runs its plan's max_num_seqs; beyond it, 503 with Retry-After.",
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest a request waits in that queue before a 503."
+    )
+    cpu_max_num_seqs: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="Requests in flight per replica for plans that set no max_num_seqs (the "
+        "CPU engine).",
+    )
+    max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per request).")
+    max_messages: int = Field(
+        2048, ge=1, le=100_000, description="Most messages in one chat request."
+    )
+    max_stop: int = Field(4, ge=0, le=64, description="Most stop sequences in one request.")
+    max_tokens: int = Field(
+        1_048_576,
+        ge=1,
+        le=2**31 - 1,
+        description="Largest max_tokens accepted at all (the model's context bounds it too).",
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=4,
+        le=250,
+        description="Deepest nesting of free-form JSON (tool parameters, JSON schemas).",
+    )
 
 
 class GatewayConfig(Section):
@@ -34,6 +122,12 @@ class GatewayConfig(Section):
     port: Port = Field(8000, description="Port of the OpenAI-compatible endpoint.")
     require_api_key: bool = Field(
         True, description="Reject requests without a valid API key (401)."
+    )
+    allow_insecure_http: bool = Field(
+        False,
+        description="Allow plain HTTP on an address other than loopback (API keys and prompts "
+        "then cross the network in clear text). Without TLS, the gateway refuses to start on "
+        "such an address unless this is true, and warns at every start when it is.",
     )
     retry_after_s: int = Field(
         5, ge=1, le=3600, description="Retry-After sent with 503 when no replica is healthy."
@@ -51,26 +145,37 @@ class GatewayConfig(Section):
     refresh_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often the replica table is re-read from Ray."
     )
-    tls_cert: Path | None = Field(
+    tls_cert: FilePath | None = Field(
         None, description="PEM certificate (chain) for HTTPS; set with tls_key."
     )
-    tls_key: Path | None = Field(
+    tls_key: FilePath | None = Field(
         None, description="PEM private key of tls_cert, readable by the appliance only."
     )
+    limits: GatewayLimits = GatewayLimits()
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewayConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both for HTTPS, or neither")
+        if not self.tls_cert and not self.is_loopback and not self.allow_insecure_http:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines, but no TLS is set: API "
+                "keys and prompts would cross the network in clear text. Set tls_cert and "
+                "tls_key, bind to 127.0.0.1, or set allow_insecure_http = true to accept that"
+            )
         return self
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
 
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
 
 class StoreConfig(Section):
-    root: Path | None = Field(
+    root: FilePath | None = Field(
         None,
         description="Model store directory; default <home>/models (installed hosts: "
         "/srv/appliance/models).",
@@ -100,6 +205,20 @@ class ServeConfig(Section):
     )
     report_interval_s: float = Field(
         1.0, gt=0, le=60, description="How often a replica publishes its URL and load."
+    )
+    probe_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often a replica sends its engine one real one-token request: an "
+        "engine can answer its health URL while its generation loop is dead or wedged.",
+    )
+    probe_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="A probe request not answered in this time marks the replica unhealthy: "
+        "it takes no traffic, and Serve replaces it if it stays so.",
     )
 
     @property
@@ -134,7 +253,7 @@ class EngineConfig(Section):
         description="Share of each GPU's memory the engine may take (weights, KV cache, "
         "activations); the rest is headroom.",
     )
-    chat_template_dir: Path | None = Field(
+    chat_template_dir: FilePath | None = Field(
         None,
         description="Directory holding the catalog's named chat templates "
         "(tool_chat_template_<name>.jinja). Unset: the tokenizer's own template, except "
@@ -178,12 +297,14 @@ class ModelOverride(Section):
 
 
 class ApplianceConfig(Section):
-    home: Path | None = Field(
+    home: FilePath | None = Field(
         None,
         description="State directory (SQLite, run files, logs). Default: $APPLIANCE_HOME "
         "or the per-user data directory.",
     )
-    catalog: Path | None = Field(None, description="models.toml to use instead of the shipped one.")
+    catalog: FilePath | None = Field(
+        None, description="models.toml to use instead of the shipped one."
+    )
     gateway: GatewayConfig = GatewayConfig()
     store: StoreConfig = StoreConfig()
     ray: RayConfig = RayConfig()
@@ -195,7 +316,7 @@ class ApplianceConfig(Section):
     install: InstallConfig = InstallConfig()
 
     # Where this configuration came from; None for the embedded default.
-    source: Path | None = Field(None, exclude=True)
+    source: FilePath | None = Field(None, exclude=True)
 
     @property
     def home_dir(self) -> Path:
@@ -227,14 +348,47 @@ class ApplianceConfig(Section):
         return self.source is None
 
 
+# A quoted value where TOML needs a boolean or a number: say how to write it.
+_STRICT_HINTS = {
+    "bool_type": "write true or false, without quotes",
+    "int_type": "write the number without quotes",
+    "float_type": "write the number without quotes",
+}
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the table at `loc` may hold (for "did you mean"), following the models."""
+    model: Any = ApplianceConfig
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(str(part))
+            if field is None:
+                return []
+            model = field.annotation
+        else:
+            # dict[str, Section] (models.<name>): the key is a name, the value a Section.
+            args = [a for a in getattr(model, "__args__", ()) if isinstance(a, type)]
+            model = args[-1] if args else None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [k for k, f in model.model_fields.items() if not f.exclude]
+    return []
+
+
 def _format_errors(path: Path, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown key")
+            key = str(err["loc"][-1])
+            close = difflib.get_close_matches(key, _known_keys(err["loc"][:-1]), n=1)
+            lines.append(
+                f"  {field}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+        elif err["type"] in _STRICT_HINTS and isinstance(err["input"], str):
+            hint = _STRICT_HINTS[err["type"]]
+            lines.append(f"  {field}: {err['msg']}; got the string {err['input']!r} ({hint})")
         else:
-            lines.append(f"  {field}: {err['msg']}")
+            lines.append(f"  {field}: {err['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

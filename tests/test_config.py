@@ -169,6 +169,7 @@ catalog = "{tmp_path / "models.toml"}"
 
 [gateway]
 host = "0.0.0.0"
+allow_insecure_http = true
 port = 8443
 require_api_key = false
 retry_after_s = 30
@@ -235,3 +236,76 @@ def test_tls_needs_both_certificate_and_key(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.gateway.tls_cert == tmp_path / "gateway.pem"
     assert config.gateway.scheme == "https"
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "hint"),
+    [
+        ('require_api_key = "no"', "gateway.require_api_key", "write true or false"),
+        ('require_api_key = "off"', "gateway.require_api_key", "write true or false"),
+        ("require_api_key = 0", "gateway.require_api_key", "valid boolean"),
+        ('port = "8001"', "gateway.port", "write the number without quotes"),
+        ("port = 8001.0", "gateway.port", "valid integer"),
+        ("port = true", "gateway.port", "valid integer"),
+        ('retry_after_s = "5"', "gateway.retry_after_s", "without quotes"),
+    ],
+)
+def test_booleans_and_numbers_are_strict(home: Path, line: str, field: str, hint: str) -> None:
+    _, message = config_error(f"[gateway]\n{line}\n")
+    assert f"{field}:" in message
+    assert hint in message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "suggestion"),
+    [
+        ("[gateway]\nhots = 'x'\n", "gateway.hots", "host"),
+        ("[gateway]\nrequire_api_keys = true\n", "gateway.require_api_keys", "require_api_key"),
+        (
+            "[gateway.limits]\nmax_body_byte = 5000\n",
+            "gateway.limits.max_body_byte",
+            "max_body_bytes",
+        ),
+        ("[gatway]\nport = 1\n", "gatway", "gateway"),
+        (
+            "[serve]\nhealth_check_perod_s = 2.0\n",
+            "serve.health_check_perod_s",
+            "health_check_period_s",
+        ),
+        ("[models.x]\nengine_arg = []\n", "models.x.engine_arg", "engine_args"),
+        ("[install]\nbecom = true\n", "install.becom", "become"),
+    ],
+)
+def test_unknown_keys_get_did_you_mean(home: Path, text: str, where: str, suggestion: str) -> None:
+    _, message = config_error(text)
+    assert f"{where}: unknown key; did you mean '{suggestion}'?" in message
+
+
+def test_an_unknown_key_with_no_near_name_gets_no_guess(home: Path) -> None:
+    _, message = config_error("[gateway]\nzzzzzz = 1\n")
+    assert "gateway.zzzzzz: unknown key" in message
+    assert "did you mean" not in message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gateway.example.com"])
+def test_plain_http_beyond_loopback_is_refused(home: Path, host: str) -> None:
+    _, message = config_error(f'[gateway]\nhost = "{host}"\n')
+    assert "no TLS is set" in message
+    assert "allow_insecure_http = true" in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_plain_http_on_loopback_is_fine(home: Path, host: str) -> None:
+    write(Path("appliance.toml"), f'[gateway]\nhost = "{host}"\n')
+    assert load_config().gateway.is_loopback
+
+
+def test_insecure_http_can_be_allowed_on_purpose(home: Path) -> None:
+    write(Path("appliance.toml"), '[gateway]\nhost = "0.0.0.0"\nallow_insecure_http = true\n')
+    config = load_config()
+    assert config.gateway.host == "0.0.0.0" and config.gateway.scheme == "http"
+
+
+def test_gateway_limits_have_bounds(home: Path) -> None:
+    _, message = config_error("[gateway.limits]\nmax_body_bytes = 10\n")
+    assert "gateway.limits.max_body_bytes" in message

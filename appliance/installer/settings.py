@@ -12,14 +12,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict like the rest of appliance.toml: `become = "no"` is an error, not False.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class HostConfig(_Section):
@@ -44,7 +45,7 @@ class InstallConfig(_Section):
         default_factory=list, description="Hosts to install; the first one is the head."
     )
     user: str | None = Field(None, description="SSH user (default: the current user).")
-    ssh_key: Path | None = Field(None, description="SSH private key.")
+    ssh_key: Annotated[Path, Strict(False)] | None = Field(None, description="SSH private key.")
     become: bool = Field(True, description="Use sudo on the hosts.")
     host_key_checking: bool = Field(True, description="Refuse hosts whose SSH key is unknown.")
     gateway_port: Port = Field(443, description="Port users reach the gateway at (HTTPS).")
