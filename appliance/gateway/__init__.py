@@ -1,1 +1,5 @@
 """The data plane: an async HTTP server that streams bytes between clients and engines."""
+
+# The supervisor names each gateway it starts; /healthz and /readyz answer with the name, so
+# a probe can tell its own child from whatever else holds the port.
+INSTANCE_ENV = "APPLIANCE_GATEWAY_INSTANCE"

@@ -3,21 +3,32 @@
 --ray-address ADDR       read the replica table from the appliance's Ray cluster
 --static-replica M=URL   serve model M from the engine at URL (repeatable; no Ray)
 --no-auth                accept requests without an API key (benchmarks, debugging)
+
+Model records (engine, context length, max_num_seqs) come from the state file and
+tokenizers from the model store, with either replica source.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
-from appliance.config import load_config
+from appliance.config import GatewayConfig, load_config
 from appliance.errors import ApplianceError
+from appliance.gateway import INSTANCE_ENV
 from appliance.gateway.app import GatewaySettings, KeyChecker, create_app
+from appliance.gateway.deployments import DeploymentBook
 from appliance.gateway.replicas import RayRegistrySource, ReplicaTable, StaticSource
+from appliance.gateway.server import bind, bound_address, guarded_protocol
 from appliance.state import State
+
+log = logging.getLogger("appliance.gateway")
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -25,6 +36,20 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not model or not url.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"expected MODEL=http://host:port, got {text!r}")
     return model, url
+
+
+def _gateway_config(base: GatewayConfig, host: str | None, port: int | None) -> GatewayConfig:
+    """The [gateway] section with command-line overrides, validated like the file."""
+    data = base.model_dump()
+    if host is not None:
+        data["host"] = host
+    if port is not None:
+        data["port"] = port
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ApplianceError(f"invalid gateway settings: {messages}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,9 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         config = load_config(args.config)
+        gc = _gateway_config(config.gateway, args.host, args.port)
+        sock = bind(gc.host, gc.port)
     except ApplianceError as exc:
         parser.exit(2, f"error: {exc}\n")
-    gc = config.gateway
+    host, port = bound_address(sock)
+    if not gc.is_loopback and not gc.tls_cert:
+        log.warning(
+            "serving plain HTTP on %s:%d, reachable from other machines "
+            "(gateway.allow_insecure_http = true): API keys and prompts cross the network "
+            "unencrypted; set gateway.tls_cert and tls_key",
+            host,
+            port,
+        )
     table = ReplicaTable()
     src: StaticSource | RayRegistrySource
     if args.static_replica:
@@ -57,27 +92,38 @@ def main(argv: list[str] | None = None) -> None:
         src = RayRegistrySource(
             table, args.ray_address, gc.refresh_interval_s, config.serve.stale_after_s
         )
+    state = State(config.state_db)
     keys = KeyChecker(None)
     if gc.require_api_key and not args.no_auth:
-        keys = KeyChecker(State(config.state_db).active_key_digests)
+        keys = KeyChecker(state.active_key_digests)
+    book = DeploymentBook(state.deployments, config.store_dir)
     settings = GatewaySettings(
         connect_timeout_s=gc.connect_timeout_s,
         request_timeout_s=gc.request_timeout_s,
         retry_after_s=gc.retry_after_s,
+        limits=gc.limits,
+        instance=os.environ.get(INSTANCE_ENV, ""),
+        listen=f"{gc.scheme}://{host}:{port}",
     )
-    app = create_app(table, keys, settings, on_shutdown=src.stop)
-    uvicorn.run(
-        app,
-        host=args.host or gc.host,
-        port=args.port or gc.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-        ssl_certfile=str(gc.tls_cert) if gc.tls_cert else None,
-        ssl_keyfile=str(gc.tls_key) if gc.tls_key else None,
+    app = create_app(table, keys, settings, on_shutdown=src.stop, book=book)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            loop="uvloop",
+            http=guarded_protocol(gc.limits, gc.retry_after_s),
+            access_log=False,
+            server_header=False,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=int(max(1, gc.limits.keepalive_timeout_s)),
+            ssl_certfile=str(gc.tls_cert) if gc.tls_cert else None,
+            ssl_keyfile=str(gc.tls_key) if gc.tls_key else None,
+        )
     )
+    log.info("gateway listening on %s://%s:%d", gc.scheme, host, port)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

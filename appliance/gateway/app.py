@@ -1,9 +1,20 @@
-"""The OpenAI-compatible HTTP API.
+"""The OpenAI-compatible HTTP API: admit, then forward.
 
-Requests are checked, authorised and routed here; the engine's bytes are streamed back
-unchanged except for the model name, which is rewritten when an engine calls the model
-by another name. A client that goes away closes the upstream connection, which cancels
-the request in the engine.
+A request is admitted before anything reaches an engine, in this order: API key (before
+the body is read), body size and time (413/408), JSON and schema (`validate`, 400 with
+`param`), model known and up (404/503), prompt plus `max_tokens` within the model's
+context, counted with its own tokenizer (400 `context_length_exceeded`), then room on a
+replica: at most the plan's `max_num_seqs` per replica, then a bounded wait in line, then
+503 with Retry-After. Every error is the OpenAI envelope.
+
+The engine's bytes are streamed back unchanged except for the model name, rewritten when
+an engine calls the model by another name. A client that goes away, streaming or not,
+cancels its request here, and closing the upstream connection cancels it in the engine.
+A pooled connection the engine had closed is never the cause of an error: a request
+that fails on a reused connection before any answer is sent again on a new one.
+
+The inference routes are raw ASGI (no per-request Starlette objects): they carry every
+token of every answer, and the gateway's overhead budget is a few percent.
 """
 
 from __future__ import annotations
@@ -12,10 +23,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
+import types
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -23,21 +36,31 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from appliance.config import GatewayLimits
 from appliance.gateway import validate
-from appliance.gateway.errors import (
-    GatewayError,
-    error_response,
-    internal_error,
-    sse_error_event,
-)
-from appliance.gateway.replicas import Replica, ReplicaTable
+from appliance.gateway.deployments import DeploymentBook, ModelInfo
+from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
+from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
+from appliance.gateway.tokens import TemplateRefused
 
 log = logging.getLogger("appliance.gateway")
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Check = Callable[[dict[str, Any], validate.Caps, frozenset[str]], validate.Checked]
+
 SSE_DONE = b"data: [DONE]\n\n"
+# A client's own request id is echoed only when it is this tame (it goes into headers/logs).
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# Prompts shorter than this are counted on the event loop: a thread hop costs more than
+# the count (tens of microseconds); longer ones go to a thread, where encoding releases
+# the GIL.
+INLINE_COUNT_CHARS = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,22 @@ class GatewaySettings:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 600.0
     retry_after_s: int = 5
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    # Identifies this gateway process to its supervisor (in /healthz and /readyz).
+    instance: str = ""
+    # The address really bound, e.g. https://0.0.0.0:8443 (in /healthz).
+    listen: str = ""
+
+    @property
+    def caps(self) -> validate.Caps:
+        lim = self.limits
+        return validate.Caps(
+            max_n=lim.max_n,
+            max_messages=lim.max_messages,
+            max_stop=lim.max_stop,
+            max_tokens=lim.max_tokens,
+            max_json_depth=lim.max_json_depth,
+        )
 
 
 class KeyChecker:
@@ -60,16 +99,33 @@ class KeyChecker:
     def enabled(self) -> bool:
         return self._load is not None
 
-    async def check(self, request: Request) -> str | None:
+    async def _refresh(self) -> None:
+        assert self._load is not None
+        if time.monotonic() - self._loaded_at > self._reload_s:
+            try:
+                self._digests = await asyncio.to_thread(self._load)
+            except Exception as exc:
+                # A locked or full disk: keep serving with the last good digests.
+                log.warning("API keys not readable, keeping the last ones: %r", exc)
+            self._loaded_at = time.monotonic()
+
+    async def name(self, authorization: str | None) -> str | None:
+        """The key's name, or None when the header carries no valid key."""
+        if self._load is None:
+            return None
+        await self._refresh()
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        return self._digests.get(hashlib.sha256(key.strip().encode()).hexdigest())
+
+    async def check(self, authorization: str | None) -> str | None:
         """The key's name; raises 401 when the key is missing or unknown."""
         if self._load is None:
             return None
-        if time.monotonic() - self._loaded_at > self._reload_s:
-            self._digests = await asyncio.to_thread(self._load)
-            self._loaded_at = time.monotonic()
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
+        await self._refresh()
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
             raise GatewayError(
                 401,
                 "No API key provided. Send it as 'Authorization: Bearer <key>'; an admin "
@@ -127,28 +183,72 @@ def _engine_error_body(status: int, raw: bytes) -> GatewayError:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
         message = str(err.get("message") or "The engine rejected the request.")
+        param = err.get("param")
+        code = err.get("code")
         return GatewayError(
-            status,
+            status if 400 <= status < 500 else 502,
             message,
             type=str(err.get("type") or "invalid_request_error"),
-            param=err.get("param"),
-            code=err.get("code"),
+            param=param if isinstance(param, str) else None,
+            code=code if isinstance(code, str) else None,
         )
     detail = body.get("detail") if isinstance(body, dict) else None
     message = str(detail) if detail else "The engine rejected the request."
-    return GatewayError(status, message, code="engine_rejected")
+    return GatewayError(status if 400 <= status < 500 else 502, message, code="engine_rejected")
+
+
+def _engine_unreachable() -> GatewayError:
+    return GatewayError(
+        502,
+        "The model's engine could not be reached; retry shortly.",
+        type="server_error",
+        code="engine_error",
+    )
+
+
+def _trace_reuse() -> aiohttp.TraceConfig:
+    """Marks a request whose connection came from the pool (see `_open_upstream`)."""
+
+    async def reused(
+        session: aiohttp.ClientSession, ctx: types.SimpleNamespace, params: object
+    ) -> None:
+        ctx.trace_request_ctx.reused = True
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(reused)
+    return trace
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
 
 
 class Gateway:
-    def __init__(self, table: ReplicaTable, keys: KeyChecker, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        table: ReplicaTable,
+        keys: KeyChecker,
+        settings: GatewaySettings,
+        book: DeploymentBook | None = None,
+    ) -> None:
         self.table = table
         self.keys = keys
         self.settings = settings
+        self.limits = settings.limits
+        self.caps = settings.caps
+        self.book = book or DeploymentBook(None, None)
         self.session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
 
     async def startup(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(
+                limit=0,
+                ttl_dns_cache=300,
+                # Below the engines' own keep-alive (uvicorn's default is 5 s), so a pooled
+                # connection is rarely one the engine is about to close.
+                keepalive_timeout=4.0,
+            ),
             # No limit on a whole answer (long generations are fine); a limit on silence.
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -157,7 +257,9 @@ class Gateway:
             ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            trace_configs=[_trace_reuse()],
         )
+        await self.book.refresh(force=True)
 
     async def shutdown(self) -> None:
         if self.session is not None:
@@ -165,17 +267,27 @@ class Gateway:
 
     # Plain endpoints.
 
+    def _ready(self) -> bool:
+        """Ready: the replica table is loaded and every model has a healthy replica."""
+        return self.table.loaded and all(self.table.counts().values())
+
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(
+            {"status": "ok", "instance": self.settings.instance, "listen": self.settings.listen}
+        )
 
     async def readyz(self, request: Request) -> Response:
-        body = {"ready": self.table.loaded, "models": self.table.counts()}
-        return JSONResponse(body, status_code=200 if self.table.loaded else 503)
+        ready = self._ready()
+        body: dict[str, Any] = {"ready": ready, "instance": self.settings.instance}
+        # Which models exist is for key holders only.
+        if not self.keys.enabled or await self.keys.name(request.headers.get("authorization")):
+            body["models"] = self.table.counts()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def models(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
         try:
-            await self.keys.check(request)
+            await self.keys.check(request.headers.get("authorization"))
         except GatewayError as err:
             return error_response(err, request_id)
         data = [
@@ -188,7 +300,7 @@ class Gateway:
         request_id = uuid.uuid4().hex
         name = request.path_params["model"]
         try:
-            await self.keys.check(request)
+            await self.keys.check(request.headers.get("authorization"))
             if not self.table.knows(name):
                 raise self._not_found(name)
         except GatewayError as err:
@@ -197,17 +309,6 @@ class Gateway:
             {"id": name, "object": "model", "created": 0, "owned_by": "appliance"},
             headers={"x-request-id": request_id},
         )
-
-    # Inference endpoints.
-
-    async def chat(self, request: Request) -> Response:
-        return await self._proxy(request, "/v1/chat/completions", validate.chat_request)
-
-    async def completions(self, request: Request) -> Response:
-        return await self._proxy(request, "/v1/completions", validate.completion_request)
-
-    async def embeddings(self, request: Request) -> Response:
-        return await self._proxy(request, "/v1/embeddings", validate.embedding_request)
 
     def _not_found(self, model: str) -> GatewayError:
         return GatewayError(
@@ -228,131 +329,289 @@ class Gateway:
             headers={"retry-after": str(self.settings.retry_after_s)},
         )
 
-    async def _proxy(
-        self,
-        request: Request,
-        path: str,
-        check: Callable[[dict[str, Any]], tuple[str, bool]],
-    ) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    def _busy(self, message: str) -> GatewayError:
+        return GatewayError(
+            503,
+            f"{message}; retry after {self.settings.retry_after_s} seconds.",
+            type="server_error",
+            code="model_overloaded",
+            headers={"retry-after": str(self.settings.retry_after_s)},
+        )
+
+    # Inference endpoints: raw ASGI.
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, path: str, check: Check
+    ) -> None:
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"")
+        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        if self.in_flight >= self.limits.max_in_flight:
+            err = self._busy(
+                f"The gateway is handling its maximum of {self.limits.max_in_flight} requests"
+            )
+            await _send_error(send, err, request_id)
+            return
+        self.in_flight += 1
         try:
-            await self.keys.check(request)
-            body = validate.parse_body(await request.body())
-            model, stream = check(body)
-            if not self.table.loaded:
-                raise self._unavailable(model)
-            if not self.table.knows(model):
-                raise self._not_found(model)
-            return await self._forward(request_id, path, body, model, stream)
+            await self._handle(headers, receive, send, path, check, request_id)
+        except _ClientGone:
+            pass
         except GatewayError as err:
-            return error_response(err, request_id)
+            await _send_error(send, err, request_id)
         except Exception:
             log.exception("request %s failed", request_id)
-            return error_response(internal_error(request_id), request_id)
+            await _send_error(send, internal_error(request_id), request_id)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(
+        self,
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        send: Send,
+        path: str,
+        check: Check,
+        request_id: str,
+    ) -> None:
+        authorization = headers.get(b"authorization")
+        await self.keys.check(authorization.decode("latin-1") if authorization else None)
+        raw = await self._read_body(headers, receive)
+        body = validate.parse_body(raw)
+        await self.book.refresh()
+        info = None
+        model = body.get("model")
+        if isinstance(model, str):
+            info = self.book.get(model)
+            if info is None and self.table.knows(model):
+                await self.book.refresh(force=True)  # just added: read its record now
+                info = self.book.get(model)
+        engine = info.engine if info is not None else "vllm"
+        checked = check(body, self.caps, validate.extensions_for(engine))
+        model = checked.model
+        if not self.table.loaded:
+            raise self._unavailable(model)
+        if not self.table.knows(model):
+            raise self._not_found(model)
+        prompt_tokens = await self._check_context(checked, info)
+        # From here on a client that leaves cancels the work: watch for it.
+        task = asyncio.current_task()
+        assert task is not None
+        exchange = _Exchange()
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
+        try:
+            await self._forward(send, request_id, path, checked, info, raw, body, exchange)
+        except asyncio.CancelledError:
+            if not exchange.gone:
+                raise
+            task.uncancel()
+            log.debug("client left request %s (%s prompt tokens)", request_id, prompt_tokens)
+        finally:
+            watcher.cancel()
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        too_large = GatewayError(
+            413,
+            f"The request body is larger than the gateway's limit of {limit} bytes.",
+            code="request_too_large",
+            headers={"connection": "close"},
+        )
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            if not length.isdigit():
+                raise GatewayError(400, "Content-Length is not a number.", code="invalid_request")
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise GatewayError(
+                408,
+                f"The request body did not arrive within {self.limits.body_timeout_s:g} seconds.",
+                code="request_timeout",
+                headers={"connection": "close"},
+            ) from None
+        return b"".join(chunks)
+
+    async def _check_context(self, checked: validate.Checked, info: ModelInfo | None) -> int | None:
+        """Prompt tokens, after checking prompt + max_tokens against the model's context."""
+        if info is None:
+            return None
+        limit = info.max_model_len
+        counter = info.counter
+        wanted = checked.max_tokens
+        if counter is None:
+            if limit is not None and wanted is not None and wanted >= limit:
+                raise _context_error(
+                    limit, None, wanted, "messages" if checked.messages else "prompt"
+                )
+            return None
+        if checked.messages is not None:
+            kwargs = checked.body.get("chat_template_kwargs")
+            template_kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+            for key in ("add_generation_prompt", "continue_final_message"):
+                if key in checked.body:
+                    template_kwargs[key] = checked.body[key]
+            size = sum(len(str(m.get("content") or "")) for m in checked.messages)
+            try:
+                counts = [
+                    await _run(counter.chat, size, checked.messages, checked.tools, template_kwargs)
+                ]
+            except TemplateRefused as exc:
+                raise GatewayError(
+                    400, str(exc), param="messages", code="invalid_messages"
+                ) from None
+            param = "messages"
+        else:
+            items = checked.prompts if checked.prompts is not None else checked.inputs or []
+            param = "prompt" if checked.prompts is not None else "input"
+            counts = [await _run(counter.prompt, _size(item), item) for item in items]
+        if limit is not None:
+            for tokens in counts:
+                # Embeddings: the input alone must fit; a completion needs room for at
+                # least one token.
+                room = 0 if param == "input" else (wanted or 1)
+                if tokens + room > limit:
+                    raise _context_error(limit, tokens, wanted, param)
+        return sum(counts)
+
+    # Forwarding.
 
     async def _open_upstream(
-        self, request_id: str, path: str, body: dict[str, Any], model: str
-    ) -> tuple[Replica, aiohttp.ClientResponse]:
-        """Send the request to a replica; a replica that refuses the connection is skipped."""
+        self, request_id: str, path: str, data: bytes, replica: Replica
+    ) -> aiohttp.ClientResponse:
+        """POST to the replica. A pooled connection that turns out closed (the engine
+        dropped it while idle) is retried once on a new one: the engine never saw the
+        request. A new connection that breaks is this request's problem alone."""
         assert self.session is not None
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        for _ in range(2):
+            ctx = types.SimpleNamespace(reused=False)
+            try:
+                return await self.session.post(
+                    replica.url + path, data=data, headers=headers, trace_request_ctx=ctx
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if not ctx.reused:
+                    raise
+                log.info("replica %s had closed a pooled connection; retrying", replica.replica_id)
+        raise _engine_unreachable()
+
+    async def _acquire(self, model: str, info: ModelInfo | None, tried: frozenset[str]) -> Replica:
+        capacity = None
+        if info is not None:
+            capacity = info.max_num_seqs or self.limits.cpu_max_num_seqs
+        try:
+            replica = await self.table.admit(
+                model,
+                capacity,
+                self.limits.queue_per_replica,
+                self.limits.queue_timeout_s,
+                exclude=tried,
+            )
+        except Overloaded as exc:
+            raise self._busy(exc.reason[0].upper() + exc.reason[1:]) from None
+        if replica is None:
+            raise self._unavailable(model)
+        return replica
+
+    async def _forward(
+        self,
+        send: Send,
+        request_id: str,
+        path: str,
+        checked: validate.Checked,
+        info: ModelInfo | None,
+        raw: bytes,
+        body: dict[str, Any],
+        exchange: _Exchange,
+    ) -> None:
+        model = checked.model
         tried: set[str] = set()
         while True:
-            replica = self.table.pick(model, frozenset(tried))
-            if replica is None:
-                raise self._unavailable(model)
-            payload = body
-            if replica.rewrites_request:
-                payload = {**body, "model": replica.engine_model}
-            self.table.acquire(replica)
+            replica = await self._acquire(model, info, frozenset(tried))
             try:
-                upstream = await self.session.post(
-                    replica.url + path,
-                    data=orjson.dumps(payload),
-                    headers={"content-type": "application/json", "x-request-id": request_id},
-                )
-                return replica, upstream
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
-                # Nothing reached the engine: safe to try another replica.
-                self.table.release(replica)
-                self.table.mark_failed(replica)
-                tried.add(replica.replica_id)
-                log.warning("replica %s of %s refused a connection", replica.replica_id, model)
+                payload: dict[str, Any] | None = None
+                if replica.rewrites_request:
+                    payload = {**checked.body, "model": replica.engine_model}
+                elif checked.body is not body:
+                    payload = checked.body
+                try:
+                    data = raw if payload is None else orjson.dumps(payload)
+                except orjson.JSONEncodeError:
+                    raise GatewayError(
+                        400, "The request body is nested too deeply.", code="invalid_json"
+                    ) from None
+                try:
+                    upstream = await self._open_upstream(request_id, path, data, replica)
+                    break
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                    # Nothing reached the engine: safe to try another replica.
+                    self.table.mark_failed(replica)
+                    tried.add(replica.replica_id)
+                    log.warning("replica %s of %s refused a connection", replica.replica_id, model)
+                except (TimeoutError, aiohttp.ClientError):
+                    raise _engine_unreachable() from None
             except BaseException:
                 self.table.release(replica)
                 raise
+            self.table.release(replica)
+        await self._answer(_Sender(send, exchange), request_id, checked, replica, upstream)
 
-    async def _forward(
-        self, request_id: str, path: str, body: dict[str, Any], model: str, stream: bool
-    ) -> Response:
-        try:
-            replica, upstream = await self._open_upstream(request_id, path, body, model)
-        except (TimeoutError, aiohttp.ClientError):
-            raise GatewayError(
-                502,
-                "The model's engine could not be reached; retry shortly.",
-                type="server_error",
-                code="engine_error",
-            ) from None
-        headers = {"x-request-id": request_id}
-        if upstream.status != 200 or not stream:
-            try:
-                raw = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError):
-                upstream.close()
-                raise GatewayError(
-                    502,
-                    "The model's engine failed while answering; retry shortly.",
-                    type="server_error",
-                    code="engine_error",
-                ) from None
-            finally:
-                self.table.release(replica)
-            if upstream.status != 200:
-                raise _engine_error_body(upstream.status, raw)
-            if replica.rewrites_response:
-                raw = raw.replace(orjson.dumps(replica.response_model), orjson.dumps(model))
-            return Response(raw, status_code=200, media_type="application/json", headers=headers)
-        return StreamingResponse(
-            self._relay(replica, upstream, model, request_id),
-            media_type="text/event-stream",
-            headers={**headers, "cache-control": "no-cache"},
-        )
-
-    async def _relay(
-        self, replica: Replica, upstream: aiohttp.ClientResponse, model: str, request_id: str
-    ) -> AsyncIterator[bytes]:
-        rewriter = (
-            ModelRewriter(replica.response_model, model) if replica.rewrites_response else None
-        )
+    async def _answer(
+        self,
+        send: Send,
+        request_id: str,
+        checked: validate.Checked,
+        replica: Replica,
+        upstream: aiohttp.ClientResponse,
+    ) -> None:
         finished = False
-        tail = b""
         try:
-            async for chunk in upstream.content.iter_any():
-                if rewriter is not None:
-                    chunk = rewriter.feed(chunk)
-                    if not chunk:
-                        continue
-                tail = chunk
-                yield chunk
-            if rewriter is not None and (rest := rewriter.flush()):
-                tail = rest
-                yield rest
-            finished = True
-            # Some engines (transformers serve) end the stream without OpenAI's terminator;
-            # clients other than the openai package wait for it.
-            if not tail.rstrip().endswith(b"data: [DONE]"):
-                yield SSE_DONE
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            log.warning("engine stream for %s broke (request %s): %r", model, request_id, exc)
-            self.table.mark_failed(replica)
-            yield sse_error_event(
-                GatewayError(
-                    502,
-                    "The model's engine stopped while streaming this response; retry the request.",
-                    type="server_error",
-                    code="engine_error",
-                )
+            if upstream.status != 200 or not checked.stream:
+                try:
+                    raw = await upstream.read()
+                except (TimeoutError, aiohttp.ClientError):
+                    raise GatewayError(
+                        502,
+                        "The model's engine failed while answering; retry shortly.",
+                        type="server_error",
+                        code="engine_error",
+                    ) from None
+                finished = True
+                if upstream.status != 200:
+                    raise _engine_error_body(upstream.status, raw)
+                if replica.rewrites_response:
+                    raw = raw.replace(
+                        orjson.dumps(replica.response_model), orjson.dumps(checked.model)
+                    )
+                await _send_whole(send, 200, raw, request_id)
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-request-id", request_id.encode()),
+                    ],
+                }
             )
+            finished = await self._relay(send, replica, upstream, checked.model, request_id)
         finally:
             self.table.release(replica)
             if finished:
@@ -361,14 +620,155 @@ class Gateway:
                 # Closing the connection is what tells the engine to stop generating.
                 upstream.close()
 
+    async def _relay(
+        self,
+        send: Send,
+        replica: Replica,
+        upstream: aiohttp.ClientResponse,
+        model: str,
+        request_id: str,
+    ) -> bool:
+        """Stream the engine's events to the client; True when the engine finished."""
+        rewriter = (
+            ModelRewriter(replica.response_model, model) if replica.rewrites_response else None
+        )
+        tail = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                if rewriter is not None:
+                    chunk = rewriter.feed(chunk)
+                    if not chunk:
+                        continue
+                tail = chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if rewriter is not None and (rest := rewriter.flush()):
+                tail = rest
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("engine stream for %s broke (request %s): %r", model, request_id, exc)
+            self.table.mark_failed(replica)
+            event = sse_error_event(
+                GatewayError(
+                    502,
+                    "The model's engine stopped while streaming this response; retry the request.",
+                    type="server_error",
+                    code="engine_error",
+                )
+            )
+            await send({"type": "http.response.body", "body": event, "more_body": False})
+            return False
+        # Some engines (transformers serve) end the stream without OpenAI's terminator;
+        # clients other than the openai package wait for it.
+        last = b"" if tail.rstrip().endswith(b"data: [DONE]") else SSE_DONE
+        await send({"type": "http.response.body", "body": last, "more_body": False})
+        return True
+
+
+def _size(item: str | list[int]) -> int:
+    return len(item) if isinstance(item, str) else 0
+
+
+async def _run(fn: Callable[..., int], size: int, *args: Any) -> int:
+    if size < INLINE_COUNT_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def _context_error(limit: int, prompt: int | None, wanted: int | None, param: str) -> GatewayError:
+    what = {"messages": "messages", "prompt": "prompt", "input": "input"}[param]
+    if prompt is None:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{wanted} tokens in the completion alone. Please reduce max_tokens."
+        )
+    elif wanted is None:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, your {what} "
+            f"resulted in {prompt} tokens. Please reduce the length of the {what}."
+        )
+    else:
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt + wanted} tokens ({prompt} in the {what}, {wanted} in the completion). "
+            f"Please reduce the length of the {what} or completion."
+        )
+    return GatewayError(400, message, param=param, code="context_length_exceeded")
+
+
+class _Exchange:
+    """One request's relation to its client once the body is in."""
+
+    __slots__ = ("answered", "gone")
+
+    def __init__(self) -> None:
+        self.answered = False  # the last byte of the answer is being sent
+        self.gone = False  # the client disconnected first
+
+
+class _Sender:
+    """`send`, noting the last message so the watcher can tell a finished answer from a
+    client that left (uvicorn's `receive` says "disconnect" for both)."""
+
+    __slots__ = ("_exchange", "_send")
+
+    def __init__(self, send: Send, exchange: _Exchange) -> None:
+        self._send = send
+        self._exchange = exchange
+
+    async def __call__(self, message: Message) -> None:
+        if not message.get("more_body", False) and message["type"] == "http.response.body":
+            self._exchange.answered = True
+        await self._send(message)
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], exchange: _Exchange) -> None:
+    """Once the body is read, `receive` returns only when the client disconnects (or the
+    answer is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not exchange.answered:
+        exchange.gone = True
+        task.cancel()
+
+
+async def _send_whole(
+    send: Send, status: int, body: bytes, request_id: str, extra: dict[str, str] | None = None
+) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, err: GatewayError, request_id: str) -> None:
+    with contextlib.suppress(RuntimeError):  # the response had already started
+        await _send_whole(send, err.status, orjson.dumps(err.body()), request_id, err.headers)
+
+
+class _Endpoint:
+    """One inference route as a raw ASGI app (Starlette passes non-functions through)."""
+
+    def __init__(self, gateway: Gateway, path: str, check: Check) -> None:
+        self.gateway = gateway
+        self.path = path
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gateway.handle(scope, receive, send, self.path, self.check)
+
 
 def create_app(
     table: ReplicaTable,
     keys: KeyChecker | None = None,
     settings: GatewaySettings | None = None,
     on_shutdown: Callable[[], None] | None = None,
+    book: DeploymentBook | None = None,
 ) -> Starlette:
-    gateway = Gateway(table, keys or KeyChecker(None), settings or GatewaySettings())
+    gateway = Gateway(table, keys or KeyChecker(None), settings or GatewaySettings(), book)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -384,13 +784,14 @@ def create_app(
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         if exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}."
+            allow = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allow}."
         else:
             message = (
                 f"No route {request.method} {request.url.path} on this gateway; the API lives "
                 "under /v1 (chat/completions, completions, embeddings, models)."
             )
-        err = GatewayError(exc.status_code, message, code=code)
+        err = GatewayError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
         return error_response(err, uuid.uuid4().hex)
 
     routes = [
@@ -398,9 +799,21 @@ def create_app(
         Route("/readyz", gateway.readyz),
         Route("/v1/models", gateway.models),
         Route("/v1/models/{model:path}", gateway.model),
-        Route("/v1/chat/completions", gateway.chat, methods=["POST"]),
-        Route("/v1/completions", gateway.completions, methods=["POST"]),
-        Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
+        Route(
+            "/v1/chat/completions",
+            _Endpoint(gateway, "/v1/chat/completions", validate.chat_request),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/completions",
+            _Endpoint(gateway, "/v1/completions", validate.completion_request),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/embeddings",
+            _Endpoint(gateway, "/v1/embeddings", validate.embedding_request),
+            methods=["POST"],
+        ),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}

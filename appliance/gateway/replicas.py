@@ -8,10 +8,12 @@ healthy replicas of the model, ties broken in turn.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,25 @@ class Replica:
         return self.response_model != self.model
 
 
+class Overloaded(Exception):
+    """Every healthy replica of the model is full and so is its queue in the gateway."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(reason)
+        self.model = model
+        self.reason = reason
+
+
 class ReplicaTable:
+    """Live replicas by model, with what only the gateway knows: requests in flight per
+    replica, replicas that just refused a connection, and requests waiting for room.
+
+    A replica takes at most `capacity` requests at once (its plan's max_num_seqs): more
+    would only queue inside the engine, where they cannot be routed elsewhere and hold
+    memory. Beyond that, requests wait here in arrival order, at most `queue_per_replica`
+    per healthy replica and at most `timeout_s` each; past either bound, `Overloaded`.
+    """
+
     def __init__(self) -> None:
         self.loaded = False
         self.models: tuple[str, ...] = ()
@@ -46,6 +66,8 @@ class ReplicaTable:
         self.in_flight: dict[str, int] = {}
         self._failed_until: dict[str, float] = {}
         self._turn = itertools.count()
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def replace(self, models: list[str], replicas: list[Replica]) -> None:
         """Swap in a new snapshot (callable from any thread: one reference assignment)."""
@@ -55,6 +77,9 @@ class ReplicaTable:
         self._by_model = {m: tuple(rs) for m, rs in by_model.items()}
         self.models = tuple(sorted(by_model))
         self.loaded = True
+        if self._loop is not None and any(self._waiters.values()):
+            # New replicas may have room: let waiters look again (on the loop's thread).
+            self._loop.call_soon_threadsafe(self._wake_all)
 
     def knows(self, model: str) -> bool:
         return model in self._by_model
@@ -67,13 +92,98 @@ class ReplicaTable:
             if self._failed_until.get(r.replica_id, 0.0) <= now
         ]
 
-    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> Replica | None:
-        candidates = [r for r in self.healthy(model) if r.replica_id not in exclude]
+    def pick(
+        self,
+        model: str,
+        exclude: frozenset[str] = frozenset(),
+        capacity: int | None = None,
+    ) -> Replica | None:
+        """The least loaded healthy replica with room; ties taken in turn."""
+        candidates = [
+            r
+            for r in self.healthy(model)
+            if r.replica_id not in exclude
+            and (capacity is None or self.in_flight.get(r.replica_id, 0) < capacity)
+        ]
         if not candidates:
             return None
         least = min(self.in_flight.get(r.replica_id, 0) for r in candidates)
         tied = [r for r in candidates if self.in_flight.get(r.replica_id, 0) == least]
         return tied[next(self._turn) % len(tied)]
+
+    async def admit(
+        self,
+        model: str,
+        capacity: int | None,
+        queue_per_replica: int,
+        timeout_s: float,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Replica | None:
+        """A replica with room, acquired; waits in line when all are full.
+
+        None when the model has no healthy replica (not even a full one) to wait for.
+        """
+        self._loop = asyncio.get_running_loop()
+        waiters = self._waiters.setdefault(model, deque())
+        if not waiters:
+            replica = self.pick(model, exclude, capacity)
+            if replica is not None:
+                self.acquire(replica)
+                return replica
+        healthy = [r for r in self.healthy(model) if r.replica_id not in exclude]
+        if not healthy:
+            return None
+        if len(waiters) >= queue_per_replica * len(healthy):
+            raise Overloaded(
+                model,
+                f"all {len(healthy)} replicas of '{model}' are busy and {len(waiters)} "
+                "requests are already waiting",
+            )
+        deadline = time.monotonic() + timeout_s
+        first = False  # a waiter that was woken but lost the race keeps its place
+        while True:
+            fut = self._loop.create_future()
+            if first:
+                waiters.appendleft(fut)
+            else:
+                waiters.append(fut)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await fut
+            except BaseException as exc:
+                if fut in waiters:
+                    waiters.remove(fut)
+                elif fut.done() and not fut.cancelled():
+                    self._wake(model)  # woken, but leaving (timed out, cancelled): pass it on
+                if isinstance(exc, TimeoutError):
+                    raise Overloaded(
+                        model, f"no replica of '{model}' had room within {timeout_s:g} seconds"
+                    ) from None
+                raise
+            replica = self.pick(model, exclude, capacity)
+            if replica is not None:
+                self.acquire(replica)
+                if waiters and self.pick(model, exclude, capacity) is not None:
+                    self._wake(model)
+                return replica
+            if not [r for r in self.healthy(model) if r.replica_id not in exclude]:
+                return None
+            first = True
+
+    def _wake(self, model: str) -> None:
+        waiters = self._waiters.get(model)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        for model in list(self._waiters):
+            self._wake(model)
+
+    def waiting(self, model: str) -> int:
+        return len(self._waiters.get(model, ()))
 
     def acquire(self, replica: Replica) -> None:
         self.in_flight[replica.replica_id] = self.in_flight.get(replica.replica_id, 0) + 1
@@ -84,6 +194,8 @@ class ReplicaTable:
             self.in_flight[replica.replica_id] = left
         else:
             self.in_flight.pop(replica.replica_id, None)
+        if self._waiters.get(replica.model):
+            self._wake(replica.model)
 
     def mark_failed(self, replica: Replica) -> None:
         self._failed_until[replica.replica_id] = time.monotonic() + FAILED_BACKOFF_S

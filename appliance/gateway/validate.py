@@ -6,11 +6,40 @@ else passes through for the engine to judge. Each failure names the parameter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from appliance.gateway.errors import invalid
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_n: int = 8
+    max_messages: int = 2048
+    max_stop: int = 4
+    max_stop_chars: int = 256
+    max_tools: int = 128
+    max_tokens: int = 1_048_576
+    max_json_depth: int = 64
+
+
+@dataclass(frozen=True)
+class Checked:
+    model: str
+    stream: bool
+    max_tokens: int | None
+    n: int
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    prompts: list[str | list[int]] | None = None
+    inputs: list[str | list[int]] | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def extensions_for(engine: str) -> frozenset[str]:
+    return frozenset()
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -87,8 +116,23 @@ def _common(body: dict[str, Any]) -> tuple[str, bool]:
     return model, stream
 
 
-def chat_request(body: dict[str, Any]) -> tuple[str, bool]:
-    """Validate a chat completion request; returns (model, stream)."""
+def _checked(body: dict[str, Any], model: str, stream: bool, **kw: Any) -> Checked:
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    return Checked(model, stream, max_tokens, body.get("n") or 1, body=body, **kw)
+
+
+def _listed(value: Any) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [value]
+    return list(value)
+
+
+def chat_request(
+    body: dict[str, Any], caps: Caps = Caps(), extensions: frozenset[str] = frozenset()
+) -> Checked:
+    """Validate a chat completion request."""
     model, stream = _common(body)
     _positive_int(body, "max_completion_tokens")
     messages = body.get("messages")
@@ -106,18 +150,22 @@ def chat_request(body: dict[str, Any]) -> tuple[str, bool]:
                 f"messages[{i}].role",
                 "missing_required_parameter",
             )
-    return model, stream
+    return _checked(body, model, stream, messages=messages, tools=body.get("tools"))
 
 
-def completion_request(body: dict[str, Any]) -> tuple[str, bool]:
-    """Validate a legacy completion request; returns (model, stream)."""
+def completion_request(
+    body: dict[str, Any], caps: Caps = Caps(), extensions: frozenset[str] = frozenset()
+) -> Checked:
+    """Validate a legacy completion request."""
     model, stream = _common(body)
     _text_or_array(body, "prompt")
-    return model, stream
+    return _checked(body, model, stream, prompts=_listed(body["prompt"]))
 
 
-def embedding_request(body: dict[str, Any]) -> tuple[str, bool]:
-    """Validate an embeddings request; returns (model, False): embeddings never stream."""
+def embedding_request(
+    body: dict[str, Any], caps: Caps = Caps(), extensions: frozenset[str] = frozenset()
+) -> Checked:
+    """Validate an embeddings request: embeddings never stream."""
     model, _ = _common({k: v for k, v in body.items() if k not in ("stream", "stream_options")})
     _text_or_array(body, "input")
-    return model, False
+    return _checked(body, model, False, inputs=_listed(body["input"]))

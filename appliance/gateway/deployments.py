@@ -1,0 +1,124 @@
+"""What the gateway knows of each deployed model, beyond where its replicas are.
+
+The deployment record in the state file holds the plan the replicas were started with:
+its engine (which request extensions it accepts), `max_model_len` (the context a prompt
+plus its completion must fit) and `max_num_seqs` (what one replica runs at once). The
+store holds the model's tokenizer. Both are re-read every few seconds off the event
+loop; a tokenizer is loaded once per installed copy of the model (keyed by its manifest's
+mtime, so a reinstall is picked up).
+
+A model whose record or tokenizer cannot be read is still served: its prompts go
+uncounted (the engine's own check remains) and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.gateway.tokens import PromptCounter
+from appliance.planner import Plan
+from appliance.state import Deployment
+from appliance.store import MANIFEST
+
+log = logging.getLogger("appliance.gateway")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    engine: str
+    max_model_len: int | None
+    max_num_seqs: int | None
+    counter: PromptCounter | None
+
+
+class DeploymentBook:
+    """Model name -> ModelInfo, from the state file and the store."""
+
+    def __init__(
+        self,
+        load: Callable[[], list[Deployment]] | None,
+        store_root: Path | None,
+        reload_s: float = 2.0,
+    ) -> None:
+        self._load = load
+        self._store_root = store_root
+        self._reload_s = reload_s
+        self._models: dict[str, ModelInfo] = {}
+        self._counters: dict[str, tuple[int, PromptCounter | None]] = {}
+        self._loaded_at = float("-inf")
+        self._lock = asyncio.Lock()
+        self._warned: set[str] = set()
+
+    def get(self, model: str) -> ModelInfo | None:
+        return self._models.get(model)
+
+    async def refresh(self, force: bool = False) -> None:
+        """Re-read when due (or at once when `force`); never raises."""
+        if self._load is None:
+            return
+        if not force and time.monotonic() - self._loaded_at < self._reload_s:
+            return
+        async with self._lock:
+            if not force and time.monotonic() - self._loaded_at < self._reload_s:
+                return
+            try:
+                self._models = await asyncio.to_thread(self._read)
+            except Exception as exc:
+                # Keep the last good view: a locked or full disk must not stop admission.
+                self._warn_once("state", f"deployment records not readable: {exc!r}")
+            self._loaded_at = time.monotonic()
+
+    def _read(self) -> dict[str, ModelInfo]:
+        assert self._load is not None
+        models = {}
+        for dep in self._load():
+            plan = Plan.from_dict(dep.plan)
+            models[dep.model] = ModelInfo(
+                engine=plan.engine,
+                max_model_len=plan.max_model_len,
+                max_num_seqs=plan.max_num_seqs,
+                counter=self._counter(dep.model),
+            )
+        return models
+
+    def _counter(self, model: str) -> PromptCounter | None:
+        if self._store_root is None:
+            return None
+        model_dir = self._store_root / model
+        try:
+            stamp = (model_dir / MANIFEST).stat().st_mtime_ns
+        except OSError:
+            self._warn_once(
+                model,
+                f"{model}: not in the store {self._store_root}; prompts of "
+                "this model are not counted",
+            )
+            return None
+        cached = self._counters.get(model)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            counter = PromptCounter.from_model_dir(model_dir)
+        except Exception as exc:
+            self._warn_once(
+                model,
+                f"{model}: tokenizer not readable ({exc!r}); prompts of this model are not counted",
+            )
+            counter = None
+        if counter is None:
+            self._warn_once(
+                model,
+                f"{model}: no tokenizer.json in {model_dir}; prompts of this model are not counted",
+            )
+        self._counters[model] = (stamp, counter)
+        return counter
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)

@@ -1,0 +1,218 @@
+"""The gateway's HTTP front: uvicorn, with reads bounded before the app sees a request.
+
+uvicorn alone bounds neither how long a client may take to send its request line and
+headers (a slowloris client holds a connection forever by trickling bytes), nor how big
+they may be, nor how many connections anyone may hold. A small subclass of uvicorn's
+httptools protocol adds, per connection:
+
+- a header deadline: the request line and headers must be complete `header_timeout_s`
+  after connecting, or after the first byte of the next request on a kept-alive
+  connection (between requests uvicorn's keep-alive timeout applies); then 408 and close;
+- a cap on request line plus headers: 431;
+- caps on open connections, in all and per client address: 503 with Retry-After, sent
+  once the refused client's headers are in (answering before it has written its request
+  would make its kernel see a reset instead of the answer).
+
+Bodies are bounded in the app (size and time), where the answer is an OpenAI envelope
+like every other. The listening socket is bound here, not inside uvicorn, so that the
+address really bound is known (and reported) and "address in use" is a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from appliance.config import GatewayLimits
+from appliance.errors import ConfigError
+
+log = logging.getLogger("appliance.gateway")
+
+# A refused connection gets this long to send its headers and read the 503.
+REFUSED_GRACE_S = 2.0
+
+
+def raw_error(
+    status: int,
+    message: str,
+    code: str,
+    *,
+    type: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """A whole HTTP/1.1 response with an OpenAI error envelope; the connection then closes."""
+    body = orjson.dumps({"error": {"message": message, "type": type, "param": None, "code": code}})
+    lines = [STATUS_LINE[status]]
+    for name, value in {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "connection": "close",
+        **(headers or {}),
+    }.items():
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    return b"".join([*lines, b"\r\n", body])
+
+
+def guarded_protocol(limits: GatewayLimits, retry_after_s: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the guards above, for one server's limits."""
+    per_client: dict[str, int] = {}
+    busy = {"retry-after": str(retry_after_s)}
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _header_bytes = 0
+        _counted: str | None = None  # the client address this connection counts against
+        _refusal: bytes | None = None  # the answer for a connection over a cap
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            host = self.client[0] if self.client else None
+            if len(self.connections) > limits.max_connections:
+                self._refuse(
+                    f"The gateway holds its maximum of {limits.max_connections} connections; "
+                    f"retry in {retry_after_s} seconds."
+                )
+            elif host is not None and limits.max_connections_per_client:
+                held = per_client.get(host, 0)
+                if held >= limits.max_connections_per_client:
+                    self._refuse(
+                        f"This client holds its maximum of {limits.max_connections_per_client} "
+                        "connections to the gateway; reuse connections (keep-alive) or close "
+                        "some."
+                    )
+                else:
+                    per_client[host] = held + 1
+                    self._counted = host
+            timeout = REFUSED_GRACE_S if self._refusal else limits.header_timeout_s
+            self._arm(timeout)
+
+        def _refuse(self, message: str) -> None:
+            self._refusal = raw_error(
+                503, message, "too_many_connections", type="server_error", headers=busy
+            )
+
+        def _arm(self, timeout: float) -> None:
+            self._header_bytes = 0
+            self._header_timer = self.loop.call_later(timeout, self._header_deadline)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_deadline(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            if self._header_bytes or self._refusal:
+                self.transport.write(
+                    self._refusal
+                    or raw_error(
+                        408,
+                        f"The request line and headers did not arrive within "
+                        f"{limits.header_timeout_s:g} seconds.",
+                        "request_timeout",
+                    )
+                )
+            self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._counted is not None:
+                left = per_client.get(self._counted, 1) - 1
+                if left > 0:
+                    per_client[self._counted] = left
+                else:
+                    per_client.pop(self._counted, None)
+                self._counted = None
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._header_timer is None:  # the next request on a kept-alive connection
+                self._arm(limits.header_timeout_s)
+
+        def _count(self, n: int) -> None:
+            self._header_bytes += n
+            if self._header_bytes > limits.max_header_bytes and not self.transport.is_closing():
+                self._disarm()
+                self.transport.write(
+                    raw_error(
+                        431,
+                        f"The request line and headers exceed {limits.max_header_bytes} bytes.",
+                        "headers_too_large",
+                    )
+                )
+                self.transport.close()
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            self._count(len(url) + 16)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            super().on_header(name, value)
+            self._count(len(name) + len(value) + 4)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            if self.transport.is_closing():
+                return
+            if self._refusal is not None:
+                self.transport.write(self._refusal)
+                self.transport.close()
+                return
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            # httptools rejected the bytes (not HTTP/1.1): still answer in the envelope.
+            self._disarm()
+            self.transport.write(
+                raw_error(400, f"{msg} The gateway speaks HTTP/1.1.", "invalid_http")
+            )
+            self.transport.close()
+
+        def on_body(self, body: bytes) -> None:
+            if self.cycle is None or self.transport.is_closing():
+                return
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self.cycle is None or self.transport.is_closing():
+                return
+            super().on_message_complete()
+
+    return GuardedProtocol
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or a ConfigError that says what holds the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"the gateway cannot listen on {host}:{port}: the address is already in use",
+                hint=f"Another process holds it (`ss -ltnp 'sport = :{port}'` names it): stop "
+                "it, or set gateway.port in appliance.toml to a free port.",
+            ) from None
+        raise ConfigError(
+            f"the gateway cannot listen on {host}:{port}: {exc.strerror}",
+            hint="Set gateway.host to an address of this machine (127.0.0.1 for this machine "
+            "only).",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def bound_address(sock: socket.socket) -> tuple[str, int]:
+    address: Any = sock.getsockname()
+    return str(address[0]), int(address[1])
