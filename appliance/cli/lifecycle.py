@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,16 @@ def _failed(status: dict[str, Any] | None) -> dict[str, str]:
     }
 
 
+def _endpoint(status: dict[str, Any]) -> str:
+    """The endpoint as bound; a wildcard bind is said to be one, with a name to use."""
+    endpoint = str(status.get("endpoint"))
+    for wildcard in ("://0.0.0.0:", "://[::]:"):
+        if wildcard in endpoint:
+            named = endpoint.replace(wildcard, f"://{socket.getfqdn()}:")
+            return f"{endpoint} (every address of this host, e.g. {named})"
+    return endpoint
+
+
 def _progress_line(status: dict[str, Any] | None) -> str:
     if status is None:
         return "starting supervisor"
@@ -98,7 +109,7 @@ def up(
     running = read_status(config)
     if running is not None:
         console.print(f"The appliance is already running (pid {running['pid']}).")
-        console.print(f"Endpoint: {running.get('endpoint')}")
+        console.print(f"Endpoint: {_endpoint(running)}")
         return
     state = State(config.state_db)
     if config.is_embedded_default and not state.deployments():
@@ -162,7 +173,7 @@ def up(
     elapsed = time.monotonic() - started
     assert status is not None
     console.print(f"[green]The appliance is up[/] ({elapsed:.1f}s).")
-    console.print(f"Endpoint: {status['endpoint']}")
+    console.print(f"Endpoint: {_endpoint(status)}")
     console.print(f"Models:   {', '.join(status['models']) or 'none'}")
     for name, model in status["models"].items():
         if model.get("message"):
@@ -222,7 +233,7 @@ def status(
         raise typer.Exit(1)
     uptime = time.time() - float(current.get("started_at", time.time()))
     gateway = current.get("gateway", {})
-    console.print(f"Endpoint  {current.get('endpoint')}")
+    console.print(f"Endpoint  {_endpoint(current)}")
     console.print(
         f"State     {current.get('phase')} for {uptime:.0f}s (supervisor pid {current['pid']})"
     )
@@ -251,6 +262,9 @@ def status(
                 f"{'healthy' if healthy else '[red]unhealthy[/]'}  {rep.get('url')}  "
                 f"engine pid {rep.get('pid')}  up {age:.0f}s"
             )
+            if not healthy:
+                why = rep.get("problem") or "no report for a while (replica stopped or stuck?)"
+                console.print(f"    [yellow]{why}[/]")
 
 
 def show_config(

@@ -55,6 +55,8 @@ class ReplicaSpec:
     ray_address: str | None
     start_timeout_s: float
     report_interval_s: float
+    probe_interval_s: float = 5.0
+    probe_timeout_s: float = 20.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +119,10 @@ class EngineReplica:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._registry: Any = None
         self._stopped = False
+        # Why the engine is not fit for traffic; None while it is.
+        self.problem: str | None = None
+        self._probe_problem: str | None = None
+        self._prober: asyncio.Task[None] | None = None
         try:
             await self._wait_ready()
         except BaseException:
@@ -205,6 +211,7 @@ class EngineReplica:
             "gpu_ids": list(self.gpu_ids),
             "argv": self.command.argv,
             "healthy": healthy,
+            "problem": self.problem,
             "load": load or {},
             "started_at": self.started_at,
             "log": str(self.log_path),
@@ -221,10 +228,63 @@ class EngineReplica:
         except Exception:  # registry restarting: look it up again next time
             self._registry = None
 
+    async def _health(self) -> str | None:
+        """None when the engine is alive and answers its health URL, else why not."""
+        if self.proc.poll() is not None:
+            return f"engine exited with code {self.proc.returncode}"
+        try:
+            async with self.session.get(
+                self.url + self.launch.health_path, timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                if resp.status != 200:
+                    return f"engine health check answered {resp.status}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return f"engine health check failed: {exc!r}"
+        return None
+
+    async def _generation_probe(self) -> str | None:
+        """None when the engine answers one real one-token request in time, else why not.
+
+        An engine whose generation loop died or wedged on some request can still answer
+        its health URL; only a request shows it.
+        """
+        assert self.launch.warmup is not None
+        path, body = self.launch.warmup
+        try:
+            async with self.session.post(
+                self.url + path,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=self.spec.probe_timeout_s),
+            ) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    return f"engine answered a one-token probe request with {resp.status}"
+        except TimeoutError:
+            return (
+                f"engine did not answer a one-token probe request within "
+                f"{self.spec.probe_timeout_s:g}s (wedged?)"
+            )
+        except aiohttp.ClientError as exc:
+            return f"engine failed a one-token probe request: {exc!r}"
+        return None
+
+    async def _probe_loop(self) -> None:
+        # Apart from the report loop, so a slow probe never delays the reports.
+        while not self._stopped and self.proc.poll() is None:
+            await asyncio.sleep(self.spec.probe_interval_s)
+            self._probe_problem = await self._generation_probe()
+
     async def _report_loop(self) -> None:
+        if self.launch.warmup is not None:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_loop())
         while not self._stopped:
+            problem = await self._health() or self._probe_problem
+            if problem != self.problem:
+                print(f"replica {self.replica_id}: {problem or 'engine healthy again'}", flush=True)
+            self.problem = problem
             alive = self.proc.poll() is None
-            self._publish(self.info(alive, await self._load() if alive else None))
+            load = await self._load() if problem is None else None
+            self._publish(self.info(problem is None, load))
             if not alive:
                 return  # Serve's health check replaces this replica
             await asyncio.sleep(self.spec.report_interval_s)
@@ -232,17 +292,11 @@ class EngineReplica:
     async def check_health(self) -> None:
         if self.proc.poll() is not None:
             raise self._dead_error()
-        try:
-            async with self.session.get(
-                self.url + self.launch.health_path, timeout=aiohttp.ClientTimeout(total=5)
-            ) as resp:
-                if resp.status != 200:
-                    raise EngineError(f"engine health check answered {resp.status}")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise EngineError(f"engine health check failed: {exc!r}") from None
+        if self.problem is not None:
+            raise EngineError(self.problem)
 
     async def describe(self) -> dict[str, Any]:
-        return self.info(self.proc.poll() is None)
+        return self.info(self.proc.poll() is None and self.problem is None)
 
     def _stop_engine(self) -> None:
         if self.proc.poll() is None:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from appliance.config import ApplianceConfig, load_config
 from appliance.control import NAMESPACE
 from appliance.control.replica import ReplicaSpec, engine_replica_deployment
 from appliance.control.runtime import clear_status, supervisor_env, write_status
+from appliance.gateway import INSTANCE_ENV
 from appliance.placement import Cluster, Node, place
 from appliance.planner import Plan
 from appliance.state import Deployment, State
@@ -47,9 +49,12 @@ GATEWAY_STABLE_S = 60.0
 
 
 def gateway_url(config: ApplianceConfig) -> str:
+    """Where this host reaches its own gateway (loopback when it binds every address)."""
     host = config.gateway.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
     return f"{config.gateway.scheme}://{host}:{config.gateway.port}"
 
 
@@ -121,6 +126,8 @@ class Supervisor:
         self.gateway_started_at = 0.0
         self.gateway_restarts = 0
         self.gateway_next_start: float | None = None
+        self.gateway_instance = ""
+        self.gateway_listen = ""  # the address the gateway reports it bound
         self.ray_address = ""
         self.started_at = time.time()
         self.registry: Any = None
@@ -186,9 +193,11 @@ class Supervisor:
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.gateway_instance = uuid.uuid4().hex
+        env = {**os.environ, INSTANCE_ENV: self.gateway_instance}
         with open(self.config.log_dir / "gateway.log", "ab") as out:
             self.gateway = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
             )
         self.gateway_started_at = time.monotonic()
         log.info("gateway started, pid %d", self.gateway.pid)
@@ -216,17 +225,23 @@ class Supervisor:
         self.gateway_next_start = now + delay
 
     def _gateway_ready(self) -> bool:
+        """Our own gateway answers: /healthz names the instance this supervisor started
+        (a leftover gateway holding the port would answer too, with another name)."""
         # A probe of our own child, often by loopback address: the certificate names the
         # host's public names, so only the connection is checked here, not the name.
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        url = gateway_url(self.config) + "/readyz"
+        url = gateway_url(self.config) + "/healthz"
         try:
             with urllib.request.urlopen(url, timeout=1, context=context) as resp:
-                return bool(resp.status == 200)
-        except OSError:
+                health = json.loads(resp.read())
+        except (OSError, ValueError):
             return False
+        if not isinstance(health, dict) or health.get("instance") != self.gateway_instance:
+            return False
+        self.gateway_listen = str(health.get("listen") or "")
+        return True
 
     # Reconciliation: Serve applications follow the deployments in the state file.
 
@@ -248,6 +263,8 @@ class Supervisor:
             ray_address=self.ray_address or None,
             start_timeout_s=self.config.serve.engine_start_timeout_s,
             report_interval_s=self.config.serve.report_interval_s,
+            probe_interval_s=self.config.serve.probe_interval_s,
+            probe_timeout_s=self.config.serve.probe_timeout_s,
         )
 
     def _deploy(self, dep: Deployment, spec: ReplicaSpec, replicas: int) -> None:
@@ -367,15 +384,17 @@ class Supervisor:
             "pid": os.getpid(),
             "phase": phase,
             "started_at": self.started_at,
-            "endpoint": gateway_url(self.config) + "/v1",
             "ray_address": self.ray_address,
             "gateway": {
                 "pid": self.gateway.pid if self.gateway else None,
                 "ready": self._gateway_ready() if self.gateway else False,
                 "restarts": self.gateway_restarts,
+                "listen": self.gateway_listen,
             },
             "models": {},
         }
+        # The address the gateway really bound (wildcard included), once it has said so.
+        status["endpoint"] = (self.gateway_listen or gateway_url(self.config)) + "/v1"
         if self.registry is not None and phase == "running":
             status["models"] = self._models_status()
         write_status(self.config, status)
