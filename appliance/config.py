@@ -145,6 +145,13 @@ class GatewayConfig(Section):
     refresh_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often the replica table is re-read from Ray."
     )
+    watchdog_s: float = Field(
+        20.0,
+        ge=2,
+        le=3600,
+        description="A gateway that has not answered its health check for this long is "
+        "killed and started again.",
+    )
     tls_cert: FilePath | None = Field(
         None, description="PEM certificate (chain) for HTTPS; set with tls_key."
     )

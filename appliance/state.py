@@ -7,6 +7,7 @@ the key itself is shown once, at creation, and never stored or logged.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import secrets
@@ -68,6 +69,21 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+def _state_error(path: Path, exc: Exception) -> ApplianceError:
+    """What a person can do about a state file that cannot be read or written."""
+    text = str(exc)
+    if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        hint = (
+            f"The disk holding {path.parent} is full (`df -h {path.parent}`): free space; "
+            "nothing was changed, and the appliance goes on with what it last read."
+        )
+    elif "locked" in text:
+        hint = "Another process holds the state file; try again in a moment."
+    else:
+        hint = f"Check that {path} is readable and writable by this user."
+    return ApplianceError(f"the state file {path} could not be used: {text}", hint=hint)
+
+
 @dataclass(frozen=True)
 class Deployment:
     model: str
@@ -94,14 +110,24 @@ class State:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10.0)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists()
+            conn = sqlite3.connect(self.path, timeout=10.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise _state_error(self.path, exc) from None
+        try:
+            if new:
+                # Key digests and usage: for the appliance's user only (SQLite gives its
+                # -wal and -shm files the same mode).
+                self.path.chmod(0o600)
             conn.execute("PRAGMA journal_mode=WAL")
             _migrate(conn)
             conn.executescript(SCHEMA)
             with conn:
                 yield conn
+        except sqlite3.OperationalError as exc:
+            raise _state_error(self.path, exc) from None
         finally:
             conn.close()
 

@@ -6,10 +6,22 @@ back to back, first for a warm-up, then for a measured window. Both paths are me
 the same run, at each concurrency, one after the other. TTFT is the time to the first
 chunk that carries content; e2e is the time to ``data: [DONE]``.
 
-    python benchmarks/gateway_overhead.py                       # 32 tokens x 20 ms, c = 1 32 128
-    python benchmarks/gateway_overhead.py --gateway proxy       # a plain aiohttp proxy instead
+The gateway runs with admission on, as in production: an API key on every request, the
+schema checks, prompt tokens counted with a real tokenizer and chat template
+(tiny-random-llama's, built into a temporary store) against a deployment record's
+context, and the per-replica in-flight bound (the record plans max_num_seqs 1024, like
+vLLM on a GPU; the fake engine runs 256 at once and queues the rest, as vLLM does).
 
-The last line is machine-readable, at concurrency 32:
+Two scenarios by default, each with its own engine and gateway:
+
+    32 tokens x 20 ms at concurrency 1, 32 and 128
+    64 tokens x 10 ms at concurrency 256 (where one gateway process is busiest)
+
+    python benchmarks/gateway_overhead.py                  # both scenarios
+    python benchmarks/gateway_overhead.py --scenario 32x20:32   # tokens x ms : concurrencies
+    python benchmarks/gateway_overhead.py --gateway proxy  # a plain aiohttp proxy instead
+
+The last lines are machine-readable, one per scenario, at its reference concurrency:
 
     throughput_ratio=<gateway req/s / direct req/s> ttft_p50_overhead_ms=<gateway - direct>
 """
@@ -158,12 +170,12 @@ def _has_content(event: bytes) -> bool:
 
 
 async def _one_request(
-    session: aiohttp.ClientSession, url: str, body: bytes
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
 ) -> tuple[float, float]:
     """(TTFT, e2e) in seconds for one streaming completion."""
     t0 = time.perf_counter()
     ttft = -1.0
-    async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+    async with session.post(url, data=body, headers=headers) as resp:
         if resp.status != 200:
             raise _BadResponse(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
         pending = b""  # unparsed bytes until the first content chunk, then just the tail
@@ -185,6 +197,7 @@ async def _one_request(
 async def _run_leg(
     url: str,
     body: bytes,
+    headers: dict[str, str],
     concurrency: int,
     timing: tuple[float, float, float],
     pids: dict[str, int],
@@ -209,7 +222,7 @@ async def _run_leg(
             await asyncio.sleep(stagger * i / concurrency)
             while (start := now()) < t_end:
                 try:
-                    ttft, e2e = await _one_request(session, url, body)
+                    ttft, e2e = await _one_request(session, url, body, headers)
                 except (TimeoutError, aiohttp.ClientError, _BadResponse) as exc:
                     if start >= t_measure:
                         result.errors += 1
@@ -335,13 +348,42 @@ def _serve_proxy(port: int, upstream: str) -> None:
 # Main
 
 
+@dataclass(frozen=True)
+class Scenario:
+    tokens: int
+    delay_ms: float
+    concurrency: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Scenario:
+        """TOKENSxMS:C1,C2,... e.g. 64x10:256"""
+        try:
+            shape, _, levels = text.partition(":")
+            tokens, _, delay = shape.partition("x")
+            return cls(int(tokens), float(delay), tuple(int(c) for c in levels.split(",")))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected TOKENSxMS:C1,C2 (e.g. 64x10:256), got {text!r}"
+            ) from None
+
+    @property
+    def reference(self) -> int:
+        return 32 if 32 in self.concurrency else self.concurrency[-1]
+
+
+DEFAULT_SCENARIOS = (Scenario(32, 20.0, (1, 32, 128)), Scenario(64, 10.0, (256,)))
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per completion")
-    parser.add_argument("--delay-ms", type=float, default=20.0, help="inter-token delay")
+    parser.add_argument(
+        "--scenario",
+        type=Scenario.parse,
+        action="append",
+        help="TOKENSxMS:C1,C2 (repeatable); default: 32x20:1,32,128 and 64x10:256",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per leg")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per leg")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument(
         "--gateway",
         choices=("appliance", "proxy"),
@@ -359,41 +401,60 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop the children on kill too
+def _admission_home(root: Path) -> str:
+    """A state directory the gateway admits against: the model in a store (its tokenizer
+    and chat template), a deployment record (context, max_num_seqs), and an API key."""
+    sys.path.insert(0, str(ROOT))
+    from appliance import tinymodel
+    from appliance.planner import Plan
+    from appliance.state import State
+    from appliance.store import Store
+
+    Store(root / "models").install(MODEL, tinymodel.build, source="builtin:tiny-random-llama")
+    plan = Plan("vllm", "bf16", max_model_len=2048, max_num_seqs=1024, gpus_per_replica=1)
+    state = State(root / "state.db")
+    state.add_deployment(MODEL, "vllm", plan.to_dict())
+    return state.create_key("benchmark")
+
+
+def _run_scenario(
+    args: argparse.Namespace, scenario: Scenario, home: Path, key: str
+) -> dict[tuple[int, str], LegResult]:
     engine_port, gateway_port = _free_port(), _free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     py = sys.executable
     engine_argv = [
         *(py, "-m", "appliance.engines.fake", "--host", "127.0.0.1", "--port", str(engine_port)),
-        *("--model", MODEL, "--tokens", str(args.tokens), "--delay-ms", str(args.delay_ms)),
+        *("--model", MODEL, "--tokens", str(scenario.tokens), "--delay-ms", str(scenario.delay_ms)),
     ]
     if args.gateway == "appliance":
         gateway_argv = [
             *(py, "-m", "appliance.gateway", "--host", "127.0.0.1", "--port", str(gateway_port)),
-            *("--static-replica", f"{MODEL}={engine_url}", "--no-auth", *args.gateway_arg),
+            *("--static-replica", f"{MODEL}={engine_url}", *args.gateway_arg),
         ]
     else:
         gateway_argv = [py, str(Path(__file__).resolve()), PROXY_ARG, str(gateway_port), engine_url]
+    os.environ["APPLIANCE_HOME"] = str(home)
+    os.environ.pop("APPLIANCE_CONFIG", None)
 
     body = orjson.dumps(
         {
             "model": MODEL,
             "messages": [{"role": "user", "content": "Tell me about the quick brown fox."}],
             "stream": True,
-            "max_tokens": args.tokens,
+            "max_tokens": scenario.tokens,
         }
     )
-    ideal_ms = args.tokens * args.delay_ms
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    ideal_ms = scenario.tokens * scenario.delay_ms
+    what = " ".join(gateway_argv[1:3]) if args.gateway == "appliance" else "proxy"
     print(
-        f"fake engine: {args.tokens} tokens x {args.delay_ms:g} ms (ideal e2e {ideal_ms:.0f} ms);"
-        f" {args.duration:g} s measured per leg after {args.warmup:g} s warm-up;"
-        f" gateway: {' '.join(gateway_argv[1:3] if args.gateway == 'appliance' else ['proxy'])}",
+        f"fake engine: {scenario.tokens} tokens x {scenario.delay_ms:g} ms (ideal e2e "
+        f"{ideal_ms:.0f} ms); {args.duration:g} s measured per leg after {args.warmup:g} s "
+        f"warm-up; gateway: {what}",
         flush=True,
     )
-
     results: dict[tuple[int, str], LegResult] = {}
     with ExitStack() as stack:
         engine = stack.enter_context(
@@ -403,13 +464,13 @@ def main(argv: list[str] | None = None) -> None:
             _started("gateway", gateway_argv, f"{gateway_url}/readyz", args.ready_timeout)
         )
         pids = {"engine": engine.pid, "gateway": gateway.pid, "loadgen": os.getpid()}
-
         timing = (args.warmup, args.duration, min(args.warmup, ideal_ms / 1e3))
 
         async def run_all() -> None:
-            for c in args.concurrency:
+            for c in scenario.concurrency:
                 for leg, base in (("direct", engine_url), ("gateway", gateway_url)):
-                    r = await _run_leg(f"{base}/v1/chat/completions", body, c, timing, pids)
+                    url = f"{base}/v1/chat/completions"
+                    r = await _run_leg(url, body, headers, c, timing, pids)
                     results[(c, leg)] = r
                     print(
                         f"  c={c:<4} {leg:<8} {r.rps:7.1f} req/s"
@@ -421,17 +482,31 @@ def main(argv: list[str] | None = None) -> None:
         import uvloop
 
         uvloop.run(run_all())
+    print()
+    _print_tables(results, list(scenario.concurrency))
+    print()
+    return results
 
-    print()
-    _print_tables(results, args.concurrency)
-    ref = 32 if 32 in args.concurrency else args.concurrency[-1]
-    direct, gateway_r = results[(ref, "direct")], results[(ref, "gateway")]
-    ratio = gateway_r.rps / direct.rps if direct.rps else math.nan
-    overhead = (_pct(gateway_r.ttft, 50) - _pct(direct.ttft, 50)) * 1e3
-    print()
-    if ref != 32:
-        print(f"(concurrency 32 was not run; the last line is at concurrency {ref})")
-    print(f"throughput_ratio={ratio:.3f} ttft_p50_overhead_ms={overhead:.2f}")
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop the children on kill too
+    scenarios = args.scenario or list(DEFAULT_SCENARIOS)
+    summary = []
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        home = Path(tmp)
+        key = _admission_home(home)
+        for scenario in scenarios:
+            results = _run_scenario(args, scenario, home, key)
+            ref = scenario.reference
+            direct, gateway_r = results[(ref, "direct")], results[(ref, "gateway")]
+            ratio = gateway_r.rps / direct.rps if direct.rps else math.nan
+            overhead = (_pct(gateway_r.ttft, 50) - _pct(direct.ttft, 50)) * 1e3
+            summary.append(
+                f"{scenario.tokens}x{scenario.delay_ms:g}ms c={ref}: "
+                f"throughput_ratio={ratio:.3f} ttft_p50_overhead_ms={overhead:.2f}"
+            )
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

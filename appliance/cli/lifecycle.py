@@ -28,6 +28,7 @@ from appliance.control.runtime import (
 )
 from appliance.deploy import DEFAULT_MODEL, add_model
 from appliance.errors import ClusterError
+from appliance.logs import ensure_log_dir
 from appliance.state import State
 
 
@@ -91,6 +92,19 @@ def _progress_line(status: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def _stop_leftovers(config: ApplianceConfig) -> None:
+    """Stop what a supervisor that died (killed, OOM) left in its session: Ray, engines, a
+    gateway still holding the port."""
+    dead = last_supervisor_pid(config)
+    # If that pid lives again it belongs to someone else, and so may its session.
+    leftovers = session_pids(dead) if dead and not pid_alive(dead) else []
+    if leftovers:
+        with console.status(f"Stopping {len(leftovers)} process(es) left by a dead supervisor"):
+            stop_pids(leftovers)
+        console.print(f"Stopped {len(leftovers)} process(es) left by a supervisor that died.")
+    clear_status(config)
+
+
 def up(
     ctx: typer.Context,
     foreground: bool = typer.Option(
@@ -127,16 +141,20 @@ def up(
     if config.source is not None:
         argv += ["--config", str(config.source.resolve())]
     env = {**os.environ, **supervisor_env(config)}
+    _stop_leftovers(config)
     if foreground:
-        # systemd and containers supervise this process directly.
+        # systemd and containers supervise this process directly (and keep its output).
         os.execve(sys.executable, argv, env)
 
-    config.log_dir.mkdir(parents=True, exist_ok=True)
+    ensure_log_dir(config.log_dir)
     log_path = config.log_dir / "supervisor.log"
     started = time.monotonic()
-    with open(log_path, "ab") as log:
+    # The supervisor takes over this file with rotation; what it prints before it can
+    # (an import error) still lands here.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
-            argv,
+            [*argv, "--log-file", str(log_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -187,15 +205,7 @@ def down(ctx: typer.Context) -> None:
     config = config_of(ctx)
     status = read_status(config)
     if status is None:
-        # A supervisor that died (killed, OOM) leaves its session behind: Ray, engines.
-        dead = last_supervisor_pid(config)
-        # If that pid lives again it belongs to someone else, and so may its session.
-        leftovers = session_pids(dead) if dead and not pid_alive(dead) else []
-        if leftovers:
-            with console.status(f"Stopping {len(leftovers)} process(es) left by a dead supervisor"):
-                stop_pids(leftovers)
-            console.print(f"Stopped {len(leftovers)} process(es) left by a supervisor that died.")
-        clear_status(config)
+        _stop_leftovers(config)
         console.print("The appliance is not running.")
         return
     pid = int(status["pid"])

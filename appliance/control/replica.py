@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shlex
 import shutil
@@ -30,13 +29,12 @@ from ray import serve
 from appliance.catalog import ModelEntry
 from appliance.config import EnginesConfig
 from appliance.control import NAMESPACE, REGISTRY_NAME
-from appliance.control.runtime import log_tail
+from appliance.control.runtime import die_with_parent, log_tail
 from appliance.engines import EngineLaunch, LaunchSpec, get_adapter
 from appliance.engines.runner import container_name, engine_command
 from appliance.errors import EngineError
+from appliance.logs import ensure_log_dir, popen_logged
 from appliance.planner import Plan
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,26 @@ class ReplicaSpec:
         return asdict(self)
 
 
-def _engine_preexec() -> None:
-    # If the replica's process dies without cleaning up, the kernel stops the engine too.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _bind_serve_grpc_to(host: str) -> None:
+    """Ray Serve (2.60) starts each replica's inter-deployment gRPC server on [::]:0, every
+    interface, hard-coded. The appliance never calls replicas through Serve handles, so
+    the server goes on the replica's own address instead: loopback in the embedded
+    default, the node's cluster address on installed hosts (where the firewall admits
+    cluster peers only). Runs in the replica's process, before Serve starts that server.
+    """
+    from ray.serve._private import replica as serve_replica
+
+    original = serve_replica.add_port_to_grpc_server
+    if getattr(original, "appliance_bound", False):
+        return
+
+    def bound(server: Any, address: str) -> int:
+        if address == "[::]:0":
+            address = f"{host}:0"
+        return int(original(server, address))
+
+    bound.appliance_bound = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = bound
 
 
 def free_port(host: str) -> int:
@@ -83,6 +97,7 @@ class EngineReplica:
         self.adapter = get_adapter(self.spec.engine, engines.of(self.spec.engine))
         self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
         self.host = self.spec.engine_host or ray.util.get_node_ip_address()
+        _bind_serve_grpc_to(self.host)
         self.port = free_port(self.host)
         self.url = f"http://{self.host}:{self.port}"
         self.work_dir = work_dir = Path(self.spec.work_dir) / f"{self.spec.model}-{self.replica_id}"
@@ -112,7 +127,7 @@ class EngineReplica:
             os.environ,
         )
         log_dir = Path(self.spec.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
+        ensure_log_dir(log_dir)
         self.log_path = log_dir / f"engine-{self.spec.model}-{self.replica_id}.log"
         self.started_at = time.time()
         self.proc = self._start_engine()
@@ -132,27 +147,24 @@ class EngineReplica:
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     def _start_engine(self) -> subprocess.Popen[bytes]:
-        with open(self.log_path, "ab") as log:
-            log.write(f"$ {shlex.join(self.command.argv)}\n".encode())
-            log.flush()
-            try:
-                return subprocess.Popen(
-                    self.command.argv,
-                    env=self.command.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    process_group=0,
-                    preexec_fn=_engine_preexec,
-                )
-            except OSError as exc:
-                program = self.command.argv[0]
-                raise EngineError(
-                    f"cannot start the {self.spec.engine} engine: {program}: {exc.strerror}",
-                    hint=f"Install it in its own virtualenv and set engines.{self.spec.engine}"
-                    ".command in appliance.toml, or run engines in containers (engines.runner = "
-                    '"container").',
-                ) from None
+        try:
+            return popen_logged(
+                self.command.argv,
+                self.log_path,
+                header=f"$ {shlex.join(self.command.argv)}\n".encode(),
+                env=self.command.env,
+                process_group=0,
+                # If the replica's process dies without cleaning up, the engine stops too.
+                preexec_fn=die_with_parent(),
+            )
+        except OSError as exc:
+            program = self.command.argv[0]
+            raise EngineError(
+                f"cannot start the {self.spec.engine} engine: {program}: {exc.strerror}",
+                hint=f"Install it in its own virtualenv and set engines.{self.spec.engine}"
+                ".command in appliance.toml, or run engines in containers (engines.runner = "
+                '"container").',
+            ) from None
 
     def _dead_error(self) -> EngineError:
         return EngineError(

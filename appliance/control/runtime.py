@@ -9,14 +9,18 @@ session id and stop them by pid.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import secrets
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance.config import ApplianceConfig
+from appliance.errors import ClusterError
 
 STALE_AFTER_S = 15.0
 
@@ -61,21 +65,77 @@ def clear_status(config: ApplianceConfig) -> None:
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log (read from its end: logs grow to tens of megabytes)."""
     try:
-        text = path.read_text(errors="replace")
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
 
 
+def ray_token_path(config: ApplianceConfig) -> Path:
+    return config.home_dir / "ray-auth-token"
+
+
+def ensure_ray_token(config: ApplianceConfig) -> Path:
+    """This appliance's Ray token file (0600), made on first use.
+
+    Ray's default is one token per user (~/.ray/auth_token, 0644) shared by every cluster
+    that user starts; the appliance's own file keeps other clusters' holders out. On
+    installed hosts the installer writes (and rotates) it on every node.
+    """
+    path = ray_token_path(config)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
 def supervisor_env(config: ApplianceConfig) -> dict[str, str]:
-    """Environment for the supervisor and everything it starts (read when ray is imported)."""
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    """Environment for the supervisor and everything it starts (read when ray is imported).
+
+    Ray runs with token authentication, always: its ports accept pickled calls, so anyone
+    who could reach them unauthenticated could run code as the appliance's user.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise ClusterError(
+            f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} is set, but the appliance runs Ray "
+            "with token authentication only (without it, whoever reaches a Ray port can run "
+            "code as this user)",
+            hint="Unset RAY_AUTH_MODE (the appliance sets it to token itself).",
+        )
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(ensure_ray_token(config)),
+    }
     if not config.ray.address:
         # Single-machine Ray: nodes advertise loopback addresses, so the gateway and the
         # engines are reached over 127.0.0.1 and nothing is offered to other hosts.
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return env
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets SIGTERM when this process dies, however it dies
+    (kill -9 included), and does not start at all if this process is already gone."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died between fork and prctl
+            os._exit(1)
+
+    return preexec
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,10 @@ from appliance.catalog import load_catalog
 from appliance.config import ApplianceConfig, load_config
 from appliance.control import NAMESPACE
 from appliance.control.replica import ReplicaSpec, engine_replica_deployment
-from appliance.control.runtime import clear_status, supervisor_env, write_status
+from appliance.control.runtime import clear_status, die_with_parent, supervisor_env, write_status
+from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
+from appliance.logs import capture_own_output, popen_logged
 from appliance.placement import Cluster, Node, place
 from appliance.planner import Plan
 from appliance.state import Deployment, State
@@ -112,6 +117,15 @@ def _app_message(app: Any) -> str:
     return text if len(text) <= 2000 else "..." + text[-2000:]
 
 
+@dataclass
+class _Failing:
+    """A loop step that fails: the error, how often, and when to try again."""
+
+    what: str
+    count: int = 0
+    retry_at: float = 0.0
+
+
 class Supervisor:
     def __init__(self, config: ApplianceConfig) -> None:
         self.config = config
@@ -128,6 +142,9 @@ class Supervisor:
         self.gateway_next_start: float | None = None
         self.gateway_instance = ""
         self.gateway_listen = ""  # the address the gateway reports it bound
+        self.gateway_ok = False  # its /healthz answered, as this instance, at the last probe
+        self.gateway_answered_at = 0.0
+        self.failing: dict[str, _Failing] = {}  # loop step -> how it fails
         self.ray_address = ""
         self.started_at = time.time()
         self.registry: Any = None
@@ -153,12 +170,40 @@ class Supervisor:
             self._publish("starting gateway")
             self._start_gateway()
             while not self.stopping.is_set():
-                self._reconcile()
-                self._check_gateway()
-                self._publish("running")
+                # One failing step (a full disk, a locked state file, Ray busy) must not
+                # end the loop: the others go on, and it is tried again with back-off.
+                self._step("reconcile", self._reconcile)
+                self._step("gateway", self._check_gateway)
+                self._step("status", lambda: self._publish("running"))
                 self.stopping.wait(1.0)
         finally:
             self._shutdown()
+
+    def _step(self, name: str, fn: Callable[[], None]) -> None:
+        now = time.monotonic()
+        failing = self.failing.get(name)
+        if failing is not None and now < failing.retry_at:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            what = f"{type(exc).__name__}: {exc}"
+            if failing is None or failing.what != what:
+                # Once per condition, not once a second.
+                log.error(
+                    "%s failed, keeping the last good state: %s",
+                    name,
+                    what,
+                    exc_info=not isinstance(exc, OSError | sqlite3.Error),
+                )
+                failing = _Failing(what)
+            failing.count += 1
+            failing.retry_at = now + min(30.0, 2.0 ** min(failing.count - 1, 5))
+            self.failing[name] = failing
+            return
+        if failing is not None:
+            log.info("%s works again (it failed %d times: %s)", name, failing.count, failing.what)
+            del self.failing[name]
 
     def _start_ray(self) -> None:
         import ray
@@ -192,26 +237,45 @@ class Supervisor:
         argv = [sys.executable, "-m", "appliance.gateway", "--ray-address", self.ray_address]
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
         self.gateway_instance = uuid.uuid4().hex
+        self.gateway_ok = False
         env = {**os.environ, INSTANCE_ENV: self.gateway_instance}
-        with open(self.config.log_dir / "gateway.log", "ab") as out:
-            self.gateway = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        self.gateway_started_at = time.monotonic()
+        self.gateway = popen_logged(
+            argv,
+            self.config.log_dir / "gateway.log",
+            env=env,
+            # A gateway whose supervisor is gone would answer ready with nothing behind it.
+            preexec_fn=die_with_parent(),
+        )
+        self.gateway_started_at = self.gateway_answered_at = time.monotonic()
         log.info("gateway started, pid %d", self.gateway.pid)
 
     def _check_gateway(self) -> None:
-        """Restart a gateway that exited, backing off if it keeps failing (never blocking)."""
+        """Restart a gateway that exited, or that stopped answering (the watchdog), backing
+        off if it keeps failing (never blocking)."""
         now = time.monotonic()
         if self.gateway_next_start is not None:
             if now >= self.gateway_next_start:
                 self.gateway_next_start = None
                 self._start_gateway()
             return
-        if self.gateway is None or self.gateway.poll() is None:
+        if self.gateway is None:
             return
+        if self.gateway.poll() is None:
+            self.gateway_ok = self._gateway_ready()
+            if self.gateway_ok:
+                self.gateway_answered_at = now
+                return
+            silent = now - self.gateway_answered_at
+            if silent < self.config.gateway.watchdog_s:
+                return
+            log.error(
+                "gateway pid %d has not answered /healthz for %.0fs; killing it",
+                self.gateway.pid,
+                silent,
+            )
+            self.gateway.kill()
+            self.gateway.wait()
         if now - self.gateway_started_at > GATEWAY_STABLE_S:
             self.gateway_restarts = 0
         self.gateway_restarts += 1
@@ -222,6 +286,7 @@ class Supervisor:
             delay,
             self.gateway_restarts,
         )
+        self.gateway_ok = False
         self.gateway_next_start = now + delay
 
     def _gateway_ready(self) -> bool:
@@ -387,7 +452,7 @@ class Supervisor:
             "ray_address": self.ray_address,
             "gateway": {
                 "pid": self.gateway.pid if self.gateway else None,
-                "ready": self._gateway_ready() if self.gateway else False,
+                "ready": self.gateway_ok,
                 "restarts": self.gateway_restarts,
                 "listen": self.gateway_listen,
             },
@@ -440,12 +505,22 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="appliance-supervisor")
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument(
+        "--log-file", type=Path, default=None, help="write output here, rotated (detached runs)"
+    )
     args = parser.parse_args(argv)
+    if args.log_file is not None:
+        capture_own_output(args.log_file)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = load_config(args.config)
-    missing = {k: v for k, v in supervisor_env(config).items() if os.environ.get(k) != v}
+    try:
+        config = load_config(args.config)
+        env = supervisor_env(config)
+    except ApplianceError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    missing = {k: v for k, v in env.items() if os.environ.get(k) != v}
     if missing:
         # Ray reads these when it is imported (this module already did): start afresh.
         os.execve(
