@@ -34,6 +34,7 @@ from appliance.gateway.errors import (
     sse_error_event,
 )
 from appliance.gateway.replicas import Replica, ReplicaTable
+from appliance.gateway.validate import Caps, Checked
 
 log = logging.getLogger("appliance.gateway")
 
@@ -232,13 +233,15 @@ class Gateway:
         self,
         request: Request,
         path: str,
-        check: Callable[[dict[str, Any]], tuple[str, bool]],
+        check: Callable[[dict[str, Any], Caps, frozenset[str]], Checked],
     ) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             await self.keys.check(request)
             body = validate.parse_body(await request.body())
-            model, stream = check(body)
+            # TODO: the extensions of the replica's engine, once Replica names it.
+            checked = check(body, Caps(), validate.extensions_for("vllm"))
+            model, stream, body = checked.model, checked.stream, checked.body
             if not self.table.loaded:
                 raise self._unavailable(model)
             if not self.table.knows(model):
