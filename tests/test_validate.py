@@ -193,7 +193,7 @@ CHAT_REJECTS = [
     (chat(frequency_penalty=2.5), "frequency_penalty", "invalid_value"),
     (chat(max_tokens=0), "max_tokens", "invalid_value"),
     (chat(max_tokens="5"), "max_tokens", "invalid_type"),
-    (chat(max_tokens=5.0), "max_tokens", "invalid_type"),
+    (chat(max_tokens=5.5), "max_tokens", "invalid_type"),
     (chat(max_tokens=2**21), "max_tokens", "invalid_value"),
     (chat(max_completion_tokens=0), "max_completion_tokens", "invalid_value"),
     (chat(n=9), "n", "invalid_value"),
@@ -279,6 +279,11 @@ def test_extensions_pass_only_for_the_engine_that_takes_them() -> None:
     assert err.param == "messages[1].reasoning_content"
     usage = chat(stream=True, stream_options={"continuous_usage_stats": True})
     chat_request(usage, Caps(), VLLM)
+    # An extension's value is the engine's to judge, but never deep.
+    deep = history({"role": "assistant", "content": "4", "reasoning_content": nested(65)})
+    assert rejected(chat_request, deep).param == "messages[1].reasoning_content"
+    deep = chat(stream=True, stream_options={"continuous_usage_stats": nested(65)})
+    assert rejected(chat_request, deep).code == "too_deep"
 
 
 def test_every_adapter_names_its_extensions() -> None:
@@ -352,6 +357,13 @@ def test_advisory_fields_and_nulls_are_not_forwarded() -> None:
     }
     assert "user" in body  # the caller's dict is left alone
     assert checked.max_tokens is None and checked.n == 1
+
+
+def test_integers_may_be_written_with_a_zero_fraction() -> None:
+    checked = chat_request(chat(max_tokens=64.0, n=2.0, seed=7.0), Caps(), VLLM)
+    assert (checked.max_tokens, checked.n) == (64, 2)
+    assert type(checked.max_tokens) is int and type(checked.n) is int
+    assert completion_request({"model": "m", "prompt": [1.0, 2]}, Caps()).prompts == [[1.0, 2]]
 
 
 COMPLETION_REJECTS = [

@@ -282,6 +282,8 @@ class FakeEngine:
             limit, limit_name = params.get("max_tokens"), "max_tokens"
         n = self.tokens
         if limit is not None:
+            if isinstance(limit, float) and limit.is_integer():
+                limit = int(limit)  # vLLM's pydantic takes 8.0 for 8
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise _BadRequest(f"'{limit_name}' must be a positive integer.", limit_name)
             n = min(n, limit)

@@ -7,7 +7,8 @@ OpenAPI spec draws them (openai/openai-openapi, CreateChatCompletionRequest and 
 schemas it references). Each check raises the gateway's 400 with `param` naming the
 exact field, e.g. `messages[2].tool_calls[0].function.arguments`.
 
-Types are strict, as OpenAI's are: no "1" for 1, no true for 1, no 2.0 for 2. Paths
+Types are strict, as OpenAI's are: no "1" for 1, no true for 1 (2.0 is an integer, as
+in JSON Schema). Paths
 are built only as deep as the walk goes, so a small request costs a few string joins.
 """
 
@@ -95,7 +96,9 @@ def boolean(value: Any, param: str) -> bool:
 
 
 def integer(value: Any, param: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema's integers include 2.0, and clients in Java send it
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise wrong_type(param, "an integer", value)
     if not low <= value <= high:
         raise invalid(f"'{param}' must be between {low} and {high}; got {value}.", param)
@@ -135,13 +138,18 @@ def keys(
     known: frozenset[str],
     extensions: frozenset[str] = frozenset(),
     prefix: str = "",
+    depth: int = 0,
 ) -> None:
-    """Unknown keys are a 400, except `prefix.key` names the engine accepts."""
+    """Unknown keys are a 400, except `prefix.key` names the engine accepts (its value
+    is then the engine's to judge, but no deeper than `depth`)."""
     if value.keys() <= known:
         return
     for key in value:
-        if key not in known and f"{prefix}.{key}" not in extensions:
+        if key in known:
+            continue
+        if f"{prefix}.{key}" not in extensions:
             raise unknown(join(param, key), key, known)
+        free_json(value[key], join(param, key), depth)
 
 
 def too_deep(value: Any, limit: int) -> bool:
@@ -232,7 +240,7 @@ def message(value: Any, param: str, extensions: frozenset[str], depth: int) -> N
                 "tool_call_id it answers.",
             )
         raise not_one_of(f"{param}.role", _ROLES, role)
-    keys(value, param, fields, extensions, "messages")
+    keys(value, param, fields, extensions, "messages", depth)
     if (name := value.get("name")) is not None:
         string(name, f"{param}.name")
     content = value.get("content")
@@ -322,6 +330,7 @@ def _part(
         if inner is None:
             raise missing(f"{param}.{type_}")
         obj(inner, f"{param}.{type_}")
+        free_json(inner, f"{param}.{type_}", 4)  # OpenAI's media parts are flat objects
         if type_ == "image_url":
             keys(inner, f"{param}.image_url", frozenset({"url", "detail"}))
             if (url := inner.get("url")) is None:
