@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -217,3 +220,35 @@ def test_disconnect_stops_generation_and_frees_the_queue() -> None:
         _wait_for(lambda: app.running == 0 and app.waiting == 0)
         assert app.success_total.get("abort") == 2
         assert app.generation_tokens_total < 100
+
+
+def test_embeddings_in_both_encodings(client: openai.OpenAI) -> None:
+    floats = client.embeddings.create(model=MODEL, input=["a", "b"], encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1]
+    assert len(floats.data[0].embedding) == 8
+    packed = client.embeddings.create(model=MODEL, input=[[1, 2, 3]], encoding_format="base64")
+    raw = base64.b64decode(str(packed.data[0].embedding))
+    assert list(struct.unpack("<8f", raw)) == floats.data[0].embedding
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input="a", dimensions=3)
+    assert info.value.body["param"] == "dimensions"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"text": 5}]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [None, "x"]}]}),
+        ("/v1/completions", {"prompt": {"a": 1}}),
+        ("/v1/embeddings", {"input": 5}),
+        ("/v1/embeddings", [1]),
+    ],
+)
+def test_odd_bodies_are_answered_not_crashed_on(
+    served: _Served, path: str, body: dict[str, Any]
+) -> None:
+    if isinstance(body, dict):
+        body = {"model": MODEL, **body}
+    resp = httpx.post(served.url + path, json=body)
+    assert resp.status_code in (200, 400)
+    assert "error" in resp.json() or resp.status_code == 200

