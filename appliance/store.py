@@ -204,6 +204,34 @@ class Store:
             unexpected=sorted(present - expected.keys()),
         )
 
+    def check_files(self, name: str) -> None:
+        """The cheap check before serving: every file the manifest lists is there, has its
+        size, and was not written after the install (a modified file would be newer than
+        the manifest, which the install writes last). Full hashes: `verify`."""
+        model = self.get(name)
+        installed = (model.path / MANIFEST).stat().st_mtime
+        problems = []
+        for entry in model.manifest.files:
+            try:
+                stat = (model.path / entry.path).stat()
+            except FileNotFoundError:
+                problems.append(f"{entry.path} is missing")
+                continue
+            if stat.st_size != entry.size:
+                problems.append(
+                    f"{entry.path} is {stat.st_size} bytes, the manifest says {entry.size}"
+                )
+            elif stat.st_mtime > installed + 1:
+                problems.append(f"{entry.path} was modified after the model was installed")
+        if problems:
+            raise StoreError(
+                f"The weights of {name!r} in {model.path} do not match their manifest: "
+                + "; ".join(problems[:5])
+                + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""),
+                hint=f"`appliance model verify {name}` checks every byte; reinstall with "
+                f"`appliance model remove {name} --force` and `appliance model add {name}`.",
+            )
+
     def remove(self, name: str) -> None:
         final = self.path(name)
         if not final.exists():

@@ -496,3 +496,27 @@ def test_a_connection_the_engine_closed_is_never_reused(
         assert engine.dropped_reused >= 1  # the pooled connections were really tried
     finally:
         engine.stop()
+
+
+def test_image_parts_reach_only_models_that_read_images(tmp_path: Path) -> None:
+    from appliance.gateway.deployments import DeploymentBook
+    from appliance.gateway.validate import chat_request
+
+    home = tmp_path / "home"
+    home_with_model(home)
+    state = State(home / "state.db")
+    readers = {MODEL: ["text", "image"]}
+    book = DeploymentBook(state.deployments, home / "models", modalities=lambda m: readers[m])
+    asyncio.run(book.refresh(force=True))
+    info = book.get(MODEL)
+    assert info is not None and info.counter is not None and info.max_model_len == CONTEXT
+    picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [picture]}]}
+    assert chat_request(body, extensions=info.extensions).messages
+    readers[MODEL] = ["text"]
+    asyncio.run(book.refresh(force=True))
+    text_only = book.get(MODEL)
+    assert text_only is not None
+    with pytest.raises(Exception) as refused:
+        chat_request(body, extensions=text_only.extensions)
+    assert getattr(refused.value, "param", None) == "messages[0].content[0].type"

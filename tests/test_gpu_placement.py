@@ -95,3 +95,15 @@ def test_the_model_answers_through_the_gateway(cluster: tuple[Cluster, str]) -> 
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert reply.model == MODEL and reply.choices[0].message.content
+
+
+def test_engines_require_the_key_only_the_gateway_knows(cluster: tuple[Cluster, str]) -> None:
+    c, _ = cluster
+    status = c.status()
+    replica = status["models"][MODEL]["replicas"][0]
+    assert "engine_key" not in replica  # never in the status file
+    assert "VLLM_API_KEY" not in " ".join(replica["argv"])  # nor on the command line
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    direct = httpx.post(replica["url"] + "/v1/chat/completions", json=body)
+    assert direct.status_code == 401  # the engine refuses whoever is not the gateway
+    assert httpx.get(replica["url"] + "/health").status_code == 200

@@ -32,7 +32,9 @@ class ReplicaRegistry:
 
     def snapshot(self, max_age_s: float = 5.0) -> dict[str, Any]:
         now = time.monotonic()
-        stale = [k for k, v in self._replicas.items() if now - v["received_at"] > 60 * max_age_s]
+        # A replica that stopped reporting (killed, its node gone) shows as not fresh at
+        # once and is dropped soon after: status must not list it for minutes.
+        stale = [k for k, v in self._replicas.items() if now - v["received_at"] > 3 * max_age_s]
         for key in stale:
             del self._replicas[key]
         replicas = []

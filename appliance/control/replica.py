@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -35,6 +36,7 @@ from appliance.engines.runner import container_name, engine_command
 from appliance.errors import EngineError
 from appliance.logs import ensure_log_dir, popen_logged
 from appliance.planner import Plan
+from appliance.store import Store
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ class EngineReplica:
         self.port = free_port(self.host)
         self.url = f"http://{self.host}:{self.port}"
         self.work_dir = work_dir = Path(self.spec.work_dir) / f"{self.spec.model}-{self.replica_id}"
+        # Cheap, and it catches a truncated or rewritten file before an engine loads it.
+        weights = Path(self.spec.weights)
+        Store(weights.parent).check_files(weights.name)
+        # Only the gateway learns this key (from the registry): the engine's API is not
+        # open to whoever reaches its address.
+        api_key = secrets.token_urlsafe(32) if self.adapter.accepts_api_key else None
         launch_spec = LaunchSpec(
             model=self.spec.model,
             weights=Path(self.spec.weights),
@@ -113,8 +121,10 @@ class EngineReplica:
             extra_args=tuple(self.spec.extra_args),
             extra_env=dict(self.spec.extra_env),
             ray_address=self.spec.ray_address,
+            api_key=api_key,
         )
         self.launch: EngineLaunch = self.adapter.launch(launch_spec)
+        self._auth = {"authorization": f"Bearer {api_key}"} if self.launch.api_key else {}
         work_dir.mkdir(parents=True, exist_ok=True)
         for name, content in self.launch.files.items():
             (work_dir / name).write_text(content)
@@ -186,7 +196,9 @@ class EngineReplica:
                     return
                 if healthy and self.launch.warmup is not None:
                     path, body = self.launch.warmup
-                    async with self.session.post(self.url + path, json=body) as resp:
+                    async with self.session.post(
+                        self.url + path, json=body, headers=self._auth
+                    ) as resp:
                         await resp.read()
                         if resp.status == 200:
                             return
@@ -224,6 +236,8 @@ class EngineReplica:
             "argv": self.command.argv,
             "healthy": healthy,
             "problem": self.problem,
+            # For the gateway only (over Ray, which authenticates); never in status.
+            "engine_key": self.launch.api_key,
             "load": load or {},
             "started_at": self.started_at,
             "log": str(self.log_path),
@@ -266,6 +280,7 @@ class EngineReplica:
             async with self.session.post(
                 self.url + path,
                 json=body,
+                headers=self._auth,
                 timeout=aiohttp.ClientTimeout(total=self.spec.probe_timeout_s),
             ) as resp:
                 await resp.read()

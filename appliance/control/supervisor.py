@@ -433,7 +433,12 @@ class Supervisor:
         models: dict[str, Any] = {}
         for dep in self.state.deployments():
             app = apps.get(dep.model)
-            replicas = [r for r in snapshot["replicas"] if r["model"] == dep.model]
+            # The engine's key is for the gateway: never in the status file.
+            replicas = [
+                {k: v for k, v in r.items() if k != "engine_key"}
+                for r in snapshot["replicas"]
+                if r["model"] == dep.model
+            ]
             models[dep.model] = {
                 "engine": dep.plan.get("engine"),
                 "plan": dep.plan,

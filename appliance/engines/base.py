@@ -37,6 +37,9 @@ class LaunchSpec:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Multi-node plans: the Ray cluster the engine's own executor joins.
     ray_address: str | None = None
+    # A secret only the gateway knows, for engines that can require one on their API
+    # (see EngineAdapter.requires_key); None: no key.
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class EngineLaunch:
     response_model: str | None = None
     # Files the engine reads (name in work_dir -> content), written before it starts.
     files: dict[str, str] = field(default_factory=dict)
+    # Environment the engine needs but that must never appear on a command line (a
+    # container runner passes it by name): the API key.
+    secret_env: dict[str, str] = field(default_factory=dict)
+    # The key the engine requires on its API (Authorization: Bearer), if any.
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,9 @@ def warmup_request(spec: LaunchSpec, model: str) -> tuple[str, dict[str, Any]]:
 
 class EngineAdapter(ABC):
     name: ClassVar[str]
+    # Whether the engine can require an API key (its API then answers 401 without it).
+    # Engines that cannot are kept off the LAN by the firewall instead.
+    accepts_api_key: ClassVar[bool] = False
     metrics_path: ClassVar[str | None] = None
     # Metric names read for the load report: running, waiting, KV-cache usage (0..1).
     load_metrics: ClassVar[tuple[str, str, str] | None] = None

@@ -99,6 +99,7 @@ class FakeEngine:
 
     def __init__(self, model: str, tokens: int, delay_s: float, *, max_running: int = 256) -> None:
         self.launch_info: dict[str, Any] | None = None
+        self.api_key: str | None = None  # set: /v1 requires "Authorization: Bearer <key>"
         if tokens < 1:
             raise ValueError("tokens must be at least 1")
         if delay_s < 0:
@@ -169,6 +170,13 @@ class FakeEngine:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         method = scope["method"]
+        if self.api_key is not None and path.startswith("/v1"):
+            # vLLM's --api-key (VLLM_API_KEY): /v1 needs the bearer key; health and
+            # metrics stay open. Its answer, exactly.
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if given != b"Bearer " + self.api_key.encode():
+                await _respond(send, 401, b'{"error":"Unauthorized"}')
+                return
         if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             if method != "POST":
                 await _respond(
@@ -570,6 +578,8 @@ def _run(args: argparse.Namespace, launch_info: dict[str, Any] | None) -> None:
 
     app = create_app(args.model, args.tokens, args.delay_ms / 1000, max_running=args.max_running)
     app.launch_info = launch_info
+    if launch_info is not None:  # standing in for vLLM: honour its key as vLLM does
+        app.api_key = os.environ.get("VLLM_API_KEY") or None
     uvicorn.run(
         app,
         host=args.host,

@@ -45,7 +45,12 @@ def engine_command(
         if settings.command and engine != "cpu":
             argv[0] = settings.command
         # Exactly the devices Ray assigned to this replica, and no others.
-        env = {**base_env, **engine_launch.env, "CUDA_VISIBLE_DEVICES": devices}
+        env = {
+            **base_env,
+            **engine_launch.env,
+            **engine_launch.secret_env,
+            "CUDA_VISIBLE_DEVICES": devices,
+        }
         return EngineCommand(argv, env)
     if not settings.image:
         raise EngineError(
@@ -68,5 +73,11 @@ def engine_command(
     env = {**engine_launch.env, "APPLIANCE_ENGINE_PORT": str(launch.port)}
     for key, value in sorted(env.items()):
         argv += ["-e", f"{key}={value}"]
+    # Secrets by name only: docker and podman take the value from their own environment,
+    # so it never shows in the command line (ps, status, logs).
+    for key in sorted(engine_launch.secret_env):
+        argv += ["-e", key]
     argv += ["--entrypoint", engine_launch.argv[0], settings.image, *engine_launch.argv[1:]]
-    return EngineCommand(argv, dict(base_env), stop=[cli, "rm", "-f", name])
+    return EngineCommand(
+        argv, {**base_env, **engine_launch.secret_env}, stop=[cli, "rm", "-f", name]
+    )

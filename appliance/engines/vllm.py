@@ -50,6 +50,9 @@ REQUEST_EXTENSIONS = frozenset(
 
 class VllmEngine(EngineAdapter):
     name = "vllm"
+    # --api-key, read from VLLM_API_KEY so it stays off the command line; vLLM then
+    # requires it on /v1 (health and metrics stay open).
+    accepts_api_key = True
     request_extensions = REQUEST_EXTENSIONS
     metrics_path = "/metrics"
     load_metrics = (
@@ -124,4 +127,6 @@ class VllmEngine(EngineAdapter):
             health_path="/health",
             engine_model=spec.model,
             warmup=warmup_request(spec, spec.model),
+            secret_env={"VLLM_API_KEY": spec.api_key} if spec.api_key else {},
+            api_key=spec.api_key,
         )

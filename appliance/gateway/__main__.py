@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from appliance.catalog import load_catalog
 from appliance.config import GatewayConfig, load_config
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         config = load_config(args.config)
+        catalog = load_catalog(config.catalog)
         gc = _gateway_config(config.gateway, args.host, args.port)
         sock = bind(gc.host, gc.port)
     except ApplianceError as exc:
@@ -96,7 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     keys = KeyChecker(None)
     if gc.require_api_key and not args.no_auth:
         keys = KeyChecker(state.active_key_digests)
-    book = DeploymentBook(state.deployments, config.store_dir)
+
+    def modalities(model: str) -> list[str]:
+        return list(catalog.get(model).modalities) if model in catalog else []
+
+    book = DeploymentBook(state.deployments, config.store_dir, modalities=modalities)
     settings = GatewaySettings(
         connect_timeout_s=gc.connect_timeout_s,
         request_timeout_s=gc.request_timeout_s,

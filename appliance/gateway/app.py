@@ -61,6 +61,7 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # the count (tens of microseconds); longer ones go to a thread, where encoding releases
 # the GIL.
 INLINE_COUNT_CHARS = 16 * 1024
+_VLLM_EXTENSIONS = validate.extensions_for("vllm")
 
 
 @dataclass(frozen=True)
@@ -386,8 +387,9 @@ class Gateway:
             if info is None and self.table.knows(model):
                 await self.book.refresh(force=True)  # just added: read its record now
                 info = self.book.get(model)
-        engine = info.engine if info is not None else "vllm"
-        checked = check(body, self.caps, validate.extensions_for(engine))
+        # A model without a record yet (static replicas): the fake engine speaks vLLM.
+        extensions = info.extensions if info is not None else _VLLM_EXTENSIONS
+        checked = check(body, self.caps, extensions)
         model = checked.model
         if not self.table.loaded:
             raise self._unavailable(model)
@@ -498,6 +500,8 @@ class Gateway:
         request. A new connection that breaks is this request's problem alone."""
         assert self.session is not None
         headers = {"content-type": "application/json", "x-request-id": request_id}
+        if replica.api_key:
+            headers["authorization"] = f"Bearer {replica.api_key}"
         for _ in range(2):
             ctx = types.SimpleNamespace(reused=False)
             try:

@@ -21,11 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.gateway.tokens import PromptCounter
+from appliance.gateway.validate import extensions_for
 from appliance.planner import Plan
 from appliance.state import Deployment
 from appliance.store import MANIFEST
 
 log = logging.getLogger("appliance.gateway")
+
+
+# Content parts a model reads beyond text, by catalog modality: request extensions.
+MODALITY_PARTS = {"image": "content.image_url", "audio": "content.input_audio"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class ModelInfo:
     max_model_len: int | None
     max_num_seqs: int | None
     counter: PromptCounter | None
+    # What requests to this model may carry beyond OpenAI's text fields.
+    extensions: frozenset[str] = frozenset()
 
 
 class DeploymentBook:
@@ -44,8 +51,10 @@ class DeploymentBook:
         load: Callable[[], list[Deployment]] | None,
         store_root: Path | None,
         reload_s: float = 2.0,
+        modalities: Callable[[str], list[str]] | None = None,
     ) -> None:
         self._load = load
+        self._modalities = modalities
         self._store_root = store_root
         self._reload_s = reload_s
         self._models: dict[str, ModelInfo] = {}
@@ -78,11 +87,14 @@ class DeploymentBook:
         models = {}
         for dep in self._load():
             plan = Plan.from_dict(dep.plan)
+            reads = self._modalities(dep.model) if self._modalities else []
+            parts = {MODALITY_PARTS[m] for m in reads if m in MODALITY_PARTS}
             models[dep.model] = ModelInfo(
                 engine=plan.engine,
                 max_model_len=plan.max_model_len,
                 max_num_seqs=plan.max_num_seqs,
                 counter=self._counter(dep.model),
+                extensions=extensions_for(plan.engine) | parts,
             )
         return models
 

@@ -30,6 +30,7 @@ class Replica:
     url: str
     engine_model: str  # what requests must name
     response_model: str  # what responses name
+    api_key: str | None = None  # what the engine requires (Authorization: Bearer)
 
     @property
     def rewrites_request(self) -> bool:
@@ -212,6 +213,7 @@ def replicas_from_snapshot(snapshot: dict[str, Any]) -> list[Replica]:
             r["url"],
             r["engine_model"],
             r.get("response_model") or r["engine_model"],
+            r.get("engine_key"),
         )
         for r in snapshot["replicas"]
         if r.get("healthy") and r.get("fresh")
