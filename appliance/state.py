@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -72,10 +73,18 @@ def _migrate(conn: sqlite3.Connection) -> None:
 def _state_error(path: Path, exc: Exception) -> ApplianceError:
     """What a person can do about a state file that cannot be read or written."""
     text = str(exc)
-    if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    # SQLite reports a full disk as "database or disk is full", or, when the WAL index
+    # cannot grow, as a plain "disk I/O error": the free space tells.
+    full = "full" in text or getattr(exc, "errno", None) == errno.ENOSPC
+    if full or (free is not None and free < 1024 * 1024):
+        left = f"{free} bytes free" if free is not None else "no space"
         hint = (
-            f"The disk holding {path.parent} is full (`df -h {path.parent}`): free space; "
-            "nothing was changed, and the appliance goes on with what it last read."
+            f"The disk holding {path.parent} is full ({left}; `df -h {path.parent}`): free "
+            "space. Nothing was changed, and the appliance goes on with what it last read."
         )
     elif "locked" in text:
         hint = "Another process holds the state file; try again in a moment."
@@ -107,6 +116,7 @@ def key_digest(key: str) -> str:
 class State:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._ready = False
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -121,9 +131,12 @@ class State:
                 # Key digests and usage: for the appliance's user only (SQLite gives its
                 # -wal and -shm files the same mode).
                 self.path.chmod(0o600)
-            conn.execute("PRAGMA journal_mode=WAL")
-            _migrate(conn)
-            conn.executescript(SCHEMA)
+            if not self._ready:
+                # Once per process: a reader on a full disk must not need to write.
+                conn.execute("PRAGMA journal_mode=WAL")
+                _migrate(conn)
+                conn.executescript(SCHEMA)
+                self._ready = True
             with conn:
                 yield conn
         except sqlite3.OperationalError as exc:

@@ -201,3 +201,33 @@ def test_stop_pids_ignores_pids_that_are_already_gone(
     proc = sleeper(children, "pass")
     proc.wait(timeout=10)
     assert stop_pids([proc.pid], timeout_s=0.5) == []
+
+
+def test_ray_always_runs_with_a_private_token(appliance_home: Path) -> None:
+    from appliance.config import load_config
+    from appliance.control.runtime import ray_token_path, supervisor_env
+
+    config = load_config()
+    env = supervisor_env(config)
+    token = ray_token_path(config)
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_AUTH_TOKEN_PATH"] == str(token)
+    assert token.stat().st_mode & 0o777 == 0o600
+    first = token.read_text()
+    assert len(first) == 64
+    assert supervisor_env(config)["RAY_AUTH_TOKEN_PATH"] == str(token)
+    assert token.read_text() == first  # made once, then kept
+
+
+def test_turning_ray_authentication_off_is_refused(
+    appliance_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.config import load_config
+    from appliance.control.runtime import supervisor_env
+    from appliance.errors import ClusterError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ClusterError) as info:
+        supervisor_env(load_config())
+    assert "token authentication only" in str(info.value)
+    assert "Unset RAY_AUTH_MODE" in str(info.value)

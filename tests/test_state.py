@@ -163,3 +163,41 @@ def test_a_state_file_from_before_name_reuse_is_migrated(tmp_path: Path) -> None
     assert state.revoke_key("ci")
     state.create_key("ci")  # the old UNIQUE(name) would refuse this
     assert sorted(k.name for k in state.list_keys()) == ["ci", "ci"]
+
+
+def test_the_state_file_is_private(state: State) -> None:
+    state.create_key("k")
+    for path in state.path.parent.glob(state.path.name + "*"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        state = State(mount / "state.db")
+        state.create_key("first")
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with pytest.raises(ApplianceError) as info:
+            for i in range(200):  # until SQLite needs a page it cannot have
+                state.create_key(f"k{i:03d}-" + "x" * 50)
+        assert "is full" in str(info.value) and "df -h" in str(info.value)
+        (mount / "filler").unlink()
+        assert "first" in state.active_key_digests().values()  # nothing was lost
+        state.revoke_key("first")  # and writes work again once there is room
+        assert "first" not in state.active_key_digests().values()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -229,3 +230,35 @@ def test_cleanup_leaves_an_install_under_way_alone(tmp_path: Path) -> None:
     store.install("busy", build, source="test")
     assert seen == [[]]
     assert store.verify("busy").ok
+
+
+def test_check_files_passes_an_intact_install(store: Store) -> None:
+    store.install("tiny", writer(FILES), source="test")
+    store.check_files("tiny")  # no error
+
+
+def test_check_files_names_a_file_rewritten_in_place(store: Store) -> None:
+    model = store.install("tiny", writer(FILES), source="test")
+    weights = model.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[500] ^= 1  # one flipped byte, same size: only the mtime tells, cheaply
+    weights.write_bytes(bytes(data))
+    installed = (model.path / MANIFEST).stat().st_mtime
+    os.utime(weights, (installed + 60, installed + 60))
+    with pytest.raises(StoreError) as info:
+        store.check_files("tiny")
+    assert "model.safetensors was modified after the model was installed" in str(info.value)
+    assert "appliance model verify tiny" in str(info.value)
+
+
+def test_check_files_names_missing_and_resized_files(store: Store) -> None:
+    model = store.install("tiny", writer(FILES), source="test")
+    (model.path / "config.json").unlink()
+    with (model.path / "model.safetensors").open("r+b") as f:
+        f.truncate(10)
+    os.utime(model.path / "model.safetensors", (0, 0))
+    with pytest.raises(StoreError) as info:
+        store.check_files("tiny")
+    message = str(info.value)
+    assert "config.json is missing" in message
+    assert "model.safetensors is 10 bytes, the manifest says 1000" in message

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from appliance.control.supervisor import fit_replicas
 from appliance.planner import Plan
 
@@ -65,3 +69,32 @@ def test_every_replica_on_a_node_counts_against_it() -> None:
     fits = fit_replicas([("a", _plan(2, 4)), ("b", _plan(1, 4))], {"n1": 8})
     assert fits["a"] == (2, "")
     assert fits["b"][0] == 0 and "the nodes have 0 GPUs free" in fits["b"][1]
+
+
+def test_a_failing_loop_step_is_logged_once_backed_off_and_recovers(
+    appliance_home: object, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.config import load_config
+    from appliance.control import supervisor as module
+
+    caplog.set_level(logging.INFO, logger="appliance.supervisor")
+    sup = module.Supervisor(load_config())
+    calls: list[int] = []
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+
+    def full() -> None:
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    for _ in range(5):  # every second for 5 s, as the loop would
+        sup._step("status", full)
+        clock[0] += 1.0
+    failures = [r for r in caplog.records if "status failed" in r.getMessage()]
+    assert len(failures) == 1  # once per condition, not once a second
+    assert "No space left on device" in failures[0].getMessage()
+    assert len(calls) == 3  # tried at 0 s, then after 1 s and 2 s of back-off
+    clock[0] += 30
+    sup._step("status", lambda: None)
+    assert "status works again" in caplog.records[-1].getMessage()
+    assert sup.failing == {}
