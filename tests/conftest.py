@@ -132,13 +132,14 @@ class ApplianceUnderTest:
 
     SERVE = "[serve]\nhealth_check_period_s = 1.0\nreport_interval_s = 0.5\n"
 
-    def __init__(self, root: Path, extra_config: str = "") -> None:
+    def __init__(self, root: Path, extra_config: str = "", gateway_config: str = "") -> None:
         self.home = root / "home"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/v1"
         self.config = root / "appliance.toml"
         self.config.write_text(
-            f'home = "{self.home}"\n[gateway]\nport = {self.port}\n{self.SERVE}{extra_config}'
+            f'home = "{self.home}"\n[gateway]\nport = {self.port}\n{gateway_config}'
+            f"{self.SERVE}{extra_config}"
         )
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
