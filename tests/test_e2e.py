@@ -220,7 +220,7 @@ def test_a_model_that_cannot_start_is_reported_and_a_dead_supervisor_cleaned_up(
 ) -> None:
     app = Appliance(tmp_path)
     assert app.cli("model", "add", MODEL).returncode == 0
-    # A checkpoint the engine cannot load: the store keeps it, the engine exits at start.
+    # A checkpoint changed after its install: the replica refuses to start an engine on it.
     config = app.home / "models" / MODEL / "config.json"
     config.write_text('{"model_type": "no-such-architecture"}')
     try:
@@ -230,7 +230,9 @@ def test_a_model_that_cannot_start_is_reported_and_a_dead_supervisor_cleaned_up(
         assert "appliance down" in up.stderr
         status = app.status()
         assert status["models"][MODEL]["status"] == "DEPLOY_FAILED"
-        assert status["models"][MODEL]["message"]
+        message = status["models"][MODEL]["message"]
+        assert "do not match their manifest" in message and "config.json" in message, message
+        assert f"appliance model verify {MODEL}" in message
         # The supervisor dies without cleaning up; down must still stop what it left.
         supervisor = int(status["pid"])
         os.kill(supervisor, signal.SIGKILL)
