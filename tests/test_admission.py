@@ -268,14 +268,24 @@ def test_token_id_prompts_are_counted_as_given(gw: Setup) -> None:
 
 
 def test_a_long_prompt_is_counted_without_stalling_other_requests(gw: Setup) -> None:
-    # 60 KB of text goes to a worker thread; a small request answers meanwhile.
-    big = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 12_000}]}
+    # 20 KB of text goes to a counting thread; a small request answers meanwhile.
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 4_000}]}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         long = pool.submit(
             httpx.post, gw.base + "/v1/chat/completions", headers=gw.auth, json=big, timeout=30
         )
         assert gw.ask().choices
         assert long.result().status_code == 400
+
+
+def test_an_absurd_prompt_is_refused_on_its_length_alone(gw: Setup) -> None:
+    # 60 KB where no token is longer than the vocabulary's longest: no need to encode it.
+    with pytest.raises(openai.BadRequestError) as info:
+        gw.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "w" * 60_000}], max_tokens=5
+        )
+    assert info.value.code == "context_length_exceeded"
+    assert "resulted in at least" in _message(info.value)
 
 
 # Load shedding and cancellation.

@@ -20,7 +20,9 @@ token of every answer, and the gateway's overhead budget is a few percent.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -44,7 +46,7 @@ from appliance.gateway import validate
 from appliance.gateway.deployments import DeploymentBook, ModelInfo
 from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
-from appliance.gateway.tokens import TemplateRefused
+from appliance.gateway.tokens import PromptCounter, TemplateRefused
 
 log = logging.getLogger("appliance.gateway")
 
@@ -57,9 +59,9 @@ Check = Callable[[dict[str, Any], validate.Caps, frozenset[str]], validate.Check
 SSE_DONE = b"data: [DONE]\n\n"
 # A client's own request id is echoed only when it is this tame (it goes into headers/logs).
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-# Prompts shorter than this are counted on the event loop: a thread hop costs more than
-# the count (tens of microseconds); longer ones go to a thread, where encoding releases
-# the GIL.
+# Prompts shorter than this (characters of text) are counted on the event loop: a thread
+# hop costs more than the count (tens of microseconds); longer ones go to a counting
+# thread, where encoding releases the GIL (see tokens.py).
 INLINE_COUNT_CHARS = 16 * 1024
 _VLLM_EXTENSIONS = validate.extensions_for("vllm")
 
@@ -240,6 +242,8 @@ class Gateway:
         self.book = book or DeploymentBook(None, None)
         self.session: aiohttp.ClientSession | None = None
         self.in_flight = 0
+        # Long prompts are counted here, never in the default executor the state reads use.
+        self._counting = concurrent.futures.ThreadPoolExecutor(2, "prompt-count")
 
     async def startup(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -265,6 +269,7 @@ class Gateway:
     async def shutdown(self) -> None:
         if self.session is not None:
             await self.session.close()
+        self._counting.shutdown(wait=False, cancel_futures=True)
 
     # Plain endpoints.
 
@@ -467,28 +472,61 @@ class Gateway:
             for key in ("add_generation_prompt", "continue_final_message"):
                 if key in checked.body:
                     template_kwargs[key] = checked.body[key]
-            size = sum(len(str(m.get("content") or "")) for m in checked.messages)
+            messages, tools = checked.messages, checked.tools
+
+            def chat(release_gil: bool) -> int:
+                return counter.chat(messages, tools, template_kwargs, release_gil=release_gil)
+
             try:
                 counts = [
-                    await _run(counter.chat, size, checked.messages, checked.tools, template_kwargs)
+                    await self._count(
+                        chat, _text_chars(messages), counter, limit, wanted, "messages"
+                    )
                 ]
             except TemplateRefused as exc:
                 raise GatewayError(
                     400, str(exc), param="messages", code="invalid_messages"
                 ) from None
-            param = "messages"
         else:
             items = checked.prompts if checked.prompts is not None else checked.inputs or []
             param = "prompt" if checked.prompts is not None else "input"
-            counts = [await _run(counter.prompt, _size(item), item) for item in items]
-        if limit is not None:
-            for tokens in counts:
-                # Embeddings: the input alone must fit; a completion needs room for at
-                # least one token.
-                room = 0 if param == "input" else (wanted or 1)
-                if tokens + room > limit:
-                    raise _context_error(limit, tokens, wanted, param)
+            counts = [
+                await self._count(
+                    functools.partial(counter.prompt, item),
+                    len(item) if isinstance(item, str) else 0,
+                    counter,
+                    limit,
+                    wanted,
+                    param,
+                )
+                for item in items
+            ]
         return sum(counts)
+
+    async def _count(
+        self,
+        count: Callable[[bool], int],
+        chars: int,
+        counter: PromptCounter,
+        limit: int | None,
+        wanted: int | None,
+        param: str,
+    ) -> int:
+        """One prompt's tokens, checked against the context: short texts on the loop,
+        long ones in a counting thread, absurd ones refused on their length alone."""
+        # Embeddings: the input alone must fit; a completion needs room for at least one.
+        room = 0 if param == "input" else (wanted or 1)
+        if chars < INLINE_COUNT_CHARS:
+            tokens = count(False)
+        else:
+            at_least = counter.at_least(chars)
+            if limit is not None and at_least + room > limit:
+                raise _context_error(limit, at_least, wanted, param, at_least=True)
+            loop = asyncio.get_running_loop()
+            tokens = await loop.run_in_executor(self._counting, count, True)
+        if limit is not None and tokens + room > limit:
+            raise _context_error(limit, tokens, wanted, param)
+        return tokens
 
     # Forwarding.
 
@@ -573,11 +611,12 @@ class Gateway:
                 self.table.release(replica)
                 raise
             self.table.release(replica)
-        await self._answer(_Sender(send, exchange), request_id, checked, replica, upstream)
+        await self._answer(send, exchange, request_id, checked, replica, upstream)
 
     async def _answer(
         self,
         send: Send,
+        exchange: _Exchange,
         request_id: str,
         checked: validate.Checked,
         replica: Replica,
@@ -602,6 +641,7 @@ class Gateway:
                     raw = raw.replace(
                         orjson.dumps(replica.response_model), orjson.dumps(checked.model)
                     )
+                exchange.answered = True
                 await _send_whole(send, 200, raw, request_id)
                 return
             await send(
@@ -615,7 +655,9 @@ class Gateway:
                     ],
                 }
             )
-            finished = await self._relay(send, replica, upstream, checked.model, request_id)
+            finished = await self._relay(
+                send, exchange, replica, upstream, checked.model, request_id
+            )
         finally:
             self.table.release(replica)
             if finished:
@@ -627,6 +669,7 @@ class Gateway:
     async def _relay(
         self,
         send: Send,
+        exchange: _Exchange,
         replica: Replica,
         upstream: aiohttp.ClientResponse,
         model: str,
@@ -659,36 +702,43 @@ class Gateway:
                     code="engine_error",
                 )
             )
+            exchange.answered = True
             await send({"type": "http.response.body", "body": event, "more_body": False})
             return False
         # Some engines (transformers serve) end the stream without OpenAI's terminator;
         # clients other than the openai package wait for it.
         last = b"" if tail.rstrip().endswith(b"data: [DONE]") else SSE_DONE
+        exchange.answered = True
         await send({"type": "http.response.body", "body": last, "more_body": False})
         return True
 
 
-def _size(item: str | list[int]) -> int:
-    return len(item) if isinstance(item, str) else 0
+def _text_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in the messages (strings and text parts)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return total
 
 
-async def _run(fn: Callable[..., int], size: int, *args: Any) -> int:
-    if size < INLINE_COUNT_CHARS:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
-
-def _context_error(limit: int, prompt: int | None, wanted: int | None, param: str) -> GatewayError:
+def _context_error(
+    limit: int, prompt: int | None, wanted: int | None, param: str, at_least: bool = False
+) -> GatewayError:
     what = {"messages": "messages", "prompt": "prompt", "input": "input"}[param]
+    count = f"at least {prompt}" if at_least else f"{prompt}"
     if prompt is None:
         message = (
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{wanted} tokens in the completion alone. Please reduce max_tokens."
         )
-    elif wanted is None:
+    elif wanted is None or at_least:
         message = (
             f"This model's maximum context length is {limit} tokens. However, your {what} "
-            f"resulted in {prompt} tokens. Please reduce the length of the {what}."
+            f"resulted in {count} tokens. Please reduce the length of the {what}."
         )
     else:
         message = (
@@ -705,24 +755,10 @@ class _Exchange:
     __slots__ = ("answered", "gone")
 
     def __init__(self) -> None:
-        self.answered = False  # the last byte of the answer is being sent
+        # Set just before the last part of the answer is sent: uvicorn's `receive` says
+        # "disconnect" for a finished answer too, which must not cancel anything.
+        self.answered = False
         self.gone = False  # the client disconnected first
-
-
-class _Sender:
-    """`send`, noting the last message so the watcher can tell a finished answer from a
-    client that left (uvicorn's `receive` says "disconnect" for both)."""
-
-    __slots__ = ("_exchange", "_send")
-
-    def __init__(self, send: Send, exchange: _Exchange) -> None:
-        self._send = send
-        self._exchange = exchange
-
-    async def __call__(self, message: Message) -> None:
-        if not message.get("more_body", False) and message["type"] == "http.response.body":
-            self._exchange.answered = True
-        await self._send(message)
 
 
 async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], exchange: _Exchange) -> None:
@@ -771,7 +807,7 @@ def create_app(
     settings: GatewaySettings | None = None,
     on_shutdown: Callable[[], None] | None = None,
     book: DeploymentBook | None = None,
-) -> Starlette:
+) -> GatewayApp:
     gateway = Gateway(table, keys or KeyChecker(None), settings or GatewaySettings(), book)
 
     @contextlib.asynccontextmanager
@@ -803,24 +839,42 @@ def create_app(
         Route("/readyz", gateway.readyz),
         Route("/v1/models", gateway.models),
         Route("/v1/models/{model:path}", gateway.model),
-        Route(
-            "/v1/chat/completions",
-            _Endpoint(gateway, "/v1/chat/completions", validate.chat_request),
-            methods=["POST"],
-        ),
-        Route(
-            "/v1/completions",
-            _Endpoint(gateway, "/v1/completions", validate.completion_request),
-            methods=["POST"],
-        ),
-        Route(
-            "/v1/embeddings",
-            _Endpoint(gateway, "/v1/embeddings", validate.embedding_request),
-            methods=["POST"],
-        ),
     ]
+    inference = {
+        path: _Endpoint(gateway, path, check)
+        for path, check in (
+            ("/v1/chat/completions", validate.chat_request),
+            ("/v1/completions", validate.completion_request),
+            ("/v1/embeddings", validate.embedding_request),
+        )
+    }
+    # Registered with Starlette too, for its 405 (with Allow) on other methods.
+    routes += [Route(path, endpoint, methods=["POST"]) for path, endpoint in inference.items()]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
     app.state.gateway = gateway
-    return app
+    return GatewayApp(app, inference)
+
+
+class GatewayApp:
+    """The ASGI app: inference POSTs go straight to their handlers, everything else through
+    Starlette. Starlette's middleware wraps `send` twice, which the handlers pay on every
+    streamed chunk; they catch their own errors, so they need none of it."""
+
+    def __init__(self, starlette: Starlette, inference: dict[str, _Endpoint]) -> None:
+        self.starlette = starlette
+        self.inference = inference
+
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway = self.starlette.state.gateway
+        return gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.inference.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
