@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -165,10 +166,29 @@ class Store:
             (partial / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
             _fsync_tree(partial)
             self._swap_in(partial, final)
+        except OSError as exc:
+            written = _tree_bytes(partial)
+            shutil.rmtree(partial, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._full(name, written) from None
+            raise
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         return InstalledModel(name=name, path=final, manifest=manifest)
+
+    def _full(self, name: str, written: int) -> StoreError:
+        from appliance.download.local import human_size as _size
+
+        free = shutil.disk_usage(self.root).free
+        return StoreError(
+            f"The model store {self.root} is full: installing {name!r} stopped after "
+            f"{_size(written)} with {_size(free)} left; nothing was installed (the partial "
+            "copy is removed, a previous install is untouched).",
+            hint="Free space there (`appliance model list` shows what the store holds; "
+            "`appliance model remove NAME` frees a model), or set [store].root in "
+            "appliance.toml to a larger disk, then run the command again.",
+        )
 
     def _swap_in(self, partial: Path, final: Path) -> None:
         old: Path | None = None
@@ -287,6 +307,15 @@ class Store:
         path = Path(tempfile.mkdtemp(prefix=f"{prefix}{name}-", dir=self.root))
         path.rmdir()  # mkdtemp only picked the unique name; the rename takes it.
         return path
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
 
 
 def _relative_files(root: Path) -> list[str]:

@@ -262,3 +262,25 @@ def test_check_files_names_missing_and_resized_files(store: Store) -> None:
     message = str(info.value)
     assert "config.json is missing" in message
     assert "model.safetensors is 10 bytes, the manifest says 1000" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_store_is_a_clear_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        store = Store(mount / "models")
+        store.install("small", writer(FILES), source="test")
+        with pytest.raises(StoreError) as info:
+            store.install("big", writer({"weights.bin": b"w" * 4 * 1024 * 1024}), source="test")
+        message = str(info.value)
+        assert "The model store" in message and "is full" in message
+        assert "left; nothing was installed" in message and "[store].root" in message
+        assert debris(store) == [] and not store.is_installed("big")
+        store.check_files("small")  # the earlier install is untouched
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
