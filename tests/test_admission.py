@@ -52,6 +52,7 @@ class Setup:
     port: int
     key: str
     engine_url: str
+    log: Path  # the gateway's output
 
     @property
     def auth(self) -> dict[str, str]:
@@ -109,7 +110,13 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             "--static-replica", f"{MODEL}=http://127.0.0.1:{engine_port}",
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=gateway)
-        yield Setup(f"http://127.0.0.1:{port}", port, key, f"http://127.0.0.1:{engine_port}")
+        yield Setup(
+            f"http://127.0.0.1:{port}",
+            port,
+            key,
+            f"http://127.0.0.1:{engine_port}",
+            tmp / f"proc-{len(procs.procs) - 1}.log",
+        )
         assert gateway.poll() is None, "the gateway died during the tests"
     finally:
         procs.stop_all()
@@ -156,6 +163,19 @@ def test_a_body_that_never_finishes_is_408(gw: Setup) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"code":"request_timeout"' in answer
     assert time.monotonic() - started < 5
+
+
+def test_a_client_that_leaves_mid_upload_leaves_no_traceback(gw: Setup) -> None:
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                + f"authorization: Bearer {gw.key}\r\ncontent-length: 5000\r\n\r\n".encode()
+                + b'{"model": "'
+            )
+    time.sleep(0.5)
+    assert gw.ask().choices
+    assert "Traceback" not in gw.log.read_text()
 
 
 def test_headers_over_the_cap_are_431(gw: Setup) -> None:
