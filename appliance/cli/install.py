@@ -12,7 +12,7 @@ import yaml
 from rich.text import Text
 
 from appliance import __version__
-from appliance.cli.common import console, table
+from appliance.cli.common import console, print_table
 from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
 from appliance.errors import ConfigError
 from appliance.installer import InstallError
@@ -237,17 +237,12 @@ def doctor(
     result = _run(req)
     for host in sorted(result.tracker.findings):
         console.print(f"\n[bold]{host}[/]")
-        t = table("check", "status", "detail", "fix")
+        rows: list[list[str | Text]] = []
         for f in result.tracker.findings[host]:
             color = {"ok": "green", "warn": "yellow", "fail": "red"}.get(f["status"], "")
-            # Text, not markup: details and fixes quote commands and paths with brackets.
-            t.add_row(
-                Text(f["check"]),
-                Text(f["status"], style=color),
-                Text(f["detail"]),
-                Text(f.get("fix", "")),
-            )
-        console.print(t)
+            # Plain cells, not markup: details and fixes quote commands and paths with brackets.
+            rows.append([f["check"], Text(f["status"], style=color), f["detail"], f.get("fix", "")])
+        print_table(["check", "status", "detail", "fix"], rows)
     _report(result, "doctor")
     if _failed(result.tracker):
         hosts = sorted(h for h, items in result.tracker.findings.items() if _failing(items))

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from appliance.catalog import load_catalog
-from appliance.cli.common import config_of, console, print_json, table
+from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.control.runtime import read_status
 from appliance.deploy import add_model, remove_model
 from appliance.errors import StoreError
@@ -99,7 +99,8 @@ def list_models(
     catalog = load_catalog(config.catalog)
     deployed = {d.model: d for d in State(config.state_db).deployments()}
     store = Store(config.store_dir)
-    live = (read_status(config) or {}).get("models", {})
+    live_status = read_status(config)
+    live = (live_status or {}).get("models", {})
     names = catalog.names() if all_ else list(deployed)
     rows: list[dict[str, Any]] = []
     for name in names:
@@ -124,20 +125,24 @@ def list_models(
             "`appliance model add NAME` adds one."
         )
         return
-    rows_table = table("model", "kind", "params", "engines", "added", "in store", "healthy")
+    # The healthy count exists only while the appliance runs; a column of blanks otherwise.
+    running = live_status is not None
+    headers = ["model", "kind", "params", "engines", "added", "in store"]
+    lines = []
     for r in rows:
-        params = _params(r["params_b"])
         healthy = r["healthy_replicas"]
-        rows_table.add_row(
+        line = [
             r["name"],
             r["kind"] or "?",
-            params,
+            _params(r["params_b"]),
             ",".join(r["engines"]),
             "yes" if r["added"] else "",
             "yes" if r["in_store"] else "",
-            "" if healthy is None else str(healthy),
-        )
-    console.print(rows_table)
+        ]
+        if running:
+            line.append("" if healthy is None else str(healthy))
+        lines.append(line)
+    print_table([*headers, "healthy"] if running else headers, lines)
 
 
 @app.command("show")
