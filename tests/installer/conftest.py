@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.installer import bundle as bundles
-from tests.installer.testhosts import CACHE, debian_root, require_root
+from tests.installer.testhosts import CACHE, debian_root, require_root, require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def debian() -> Path:
     require_root()
+    # What every test host needs: the overlay root, its mounts and loop-device disks.
+    require_tools("chroot", "mount", "umount", "losetup", "findmnt", "mountpoint")
     return debian_root()
 
 

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.config import ApplianceConfig, GatewayConfig
 from tests.conftest import free_port
-from tests.installer.testhosts import loop_devices, netns, overlay_host, run
+from tests.installer.testhosts import loop_devices, netns, overlay_host, require_tools, run
 
 pytestmark = pytest.mark.installer
 
@@ -249,6 +249,7 @@ def test_services_are_installed_and_enabled(installed: Installed) -> None:
 
 
 def test_refuses_a_disk_that_holds_a_filesystem(installed: Installed) -> None:
+    require_tools("mkfs.ext4", "blkid")
     busy = installed.disks[1]
     run("mkfs.ext4", "-q", "-L", "precious", busy)
     cli = installed.install(
@@ -290,6 +291,7 @@ def _connects(ns: str, ip: str, port: int) -> bool:
 
 
 def test_firewall_admits_users_to_the_gateway_only(installed: Installed) -> None:
+    require_tools("ip", "nft")
     rules = installed.root / "etc/appliance/firewall/rules.nft"
     pid = os.getpid()
     srv, user, peer = f"appl-srv-{pid}", f"appl-user-{pid}", f"appl-peer-{pid}"
