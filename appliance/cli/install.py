@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -295,17 +296,23 @@ def bundle(
 ) -> None:
     """Write an offline bundle: wheels, playbooks, repository configuration, engine images.
 
-    `appliance install --offline BUNDLE` then installs from it alone.
+    `appliance install --offline BUNDLE` then installs from it alone. The directory of
+    OUTPUT is created when it does not exist.
     """
+    config = _configs(ctx)[0]
     images = list(image)
-    default_images = _configs(ctx)[0].home_dir / "images"
+    default_images = config.home_dir / "images"
     if not images and default_images.is_dir():
         images = sorted(default_images.glob("*.tar"))
     for path in [*images, *(p for p in (cuda_key, toolkit_key, wheel) if p)]:
         if not path.is_file():
             raise InstallError(f"{path}: no such file", hint="Check the path.")
+    # Before the minute of downloads: an image that is not an archive fails here.
+    wanted = {e: ref for e in ENGINE_IMAGES if (ref := config.engines.of(e).image)}
+    missing = bundles.missing_images(wanted, images)
+    output = _bundle_path(output)
     spec = bundles.BundleSpec(
-        output=output.resolve(),
+        output=output,
         pythons=tuple(python),
         cuda_url=cuda_mirror.rstrip("/"),
         toolkit_url=toolkit_mirror.rstrip("/"),
@@ -315,9 +322,62 @@ def bundle(
         wheel=wheel,
         pip_args=list(pip_arg),
     )
+    started = time.monotonic()
     with console.status("Writing the bundle...") as status:
-        path = bundles.create_bundle(spec, lambda msg: status.update(msg))
+
+        def step(msg: str) -> None:
+            # A line per step (what a log or a pipe keeps); the spinner for what pip does.
+            console.print(f"[{time.monotonic() - started:3.0f}s] {msg}", markup=False)
+            status.update(msg)
+
+        try:
+            path = bundles.create_bundle(spec, step, lambda line: status.update(line[:100]))
+        except OSError as exc:
+            raise InstallError(
+                f"cannot write the bundle {output}: {exc}",
+                hint="Check the free space and the permissions of its directory.",
+            ) from None
     size = path.stat().st_size / 2**20
     console.print(
-        f"Wrote {path} ({size:.0f} MiB). Install with: appliance install --offline {path}"
+        f"Wrote {path} ({size:.0f} MiB) in {time.monotonic() - started:.0f}s. "
+        f"Install with: appliance install --offline {path}"
     )
+    if missing:
+        names = ", ".join(f"{engine} ({ref})" for engine, ref in missing.items())
+        console.print(
+            Text.assemble(
+                ("warning:", "yellow"),
+                f" the bundle holds no image for {names}: offline hosts whose "
+                '[engines] runner is "container" cannot start those engines.',
+            )
+        )
+        console.print(
+            f"Build and save them with `images/build.sh --save {default_images} "
+            f"{' '.join(missing)}` (or `docker save --output FILE IMAGE`), then run "
+            "`appliance bundle` again, or pass each file with --image FILE.",
+            markup=False,
+        )
+
+
+# The engines that run from container images (the CPU engine always runs as a process).
+ENGINE_IMAGES = ("vllm", "trtllm")
+
+
+def _bundle_path(output: Path) -> Path:
+    """The bundle file to write, its directory created when missing."""
+    path = output.resolve()
+    if path.is_dir():
+        raise InstallError(
+            f"{output} is a directory",
+            hint=f"Name the bundle file, e.g. {output / 'appliance-bundle.tar'}.",
+        )
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise InstallError(
+                f"cannot create the directory {path.parent}: {exc.strerror}",
+                hint="Pick a bundle path in a directory you can write to.",
+            ) from None
+        console.print(f"Created the directory {path.parent}.", markup=False)
+    return path
