@@ -327,7 +327,9 @@ def bundle(
 
         def step(msg: str) -> None:
             # A line per step (what a log or a pipe keeps); the spinner for what pip does.
-            console.print(f"[{time.monotonic() - started:3.0f}s] {msg}", markup=False)
+            console.print(
+                f"[{time.monotonic() - started:3.0f}s] {msg}", markup=False, soft_wrap=True
+            )
             status.update(msg)
 
         try:
@@ -340,7 +342,8 @@ def bundle(
     size = path.stat().st_size / 2**20
     console.print(
         f"Wrote {path} ({size:.0f} MiB) in {time.monotonic() - started:.0f}s. "
-        f"Install with: appliance install --offline {path}"
+        f"Install with: appliance install --offline {path}",
+        soft_wrap=True,
     )
     if missing:
         names = ", ".join(f"{engine} ({ref})" for engine, ref in missing.items())
