@@ -291,6 +291,21 @@ def test_config_shows_the_embedded_default(cli: Cli, appliance_home: Path) -> No
     assert data["gateway"]["port"] == 8000
 
 
+def test_config_shows_the_engine_settings_in_effect(cli: Cli, tmp_path: Path) -> None:
+    engines = cli("config", "--json").json()["engines"]
+    assert engines["vllm"]["image"] == "appliance/engine-vllm:0.29.0"
+    assert engines["trtllm"]["image"] == "appliance/engine-trtllm:1.3.0rc5"
+    assert engines["cpu"]["image"] is None  # the CPU engine has no image
+    # A table that sets one key keeps the other keys' defaults.
+    path = tmp_path / "site.toml"
+    path.write_text('[engines]\nrunner = "container"\n[engines.vllm]\ngpu_memory_fraction = 0.8\n')
+    vllm = cli("--config", str(path), "config", "--json").json()["engines"]["vllm"]
+    assert vllm["gpu_memory_fraction"] == 0.8
+    assert vllm["image"] == "appliance/engine-vllm:0.29.0"
+    assert vllm["chat_template_dir"] == "/vllm-workspace/examples"
+    assert "appliance/engine-vllm:0.29.0" in cli("--config", str(path), "config").out
+
+
 def test_config_file_given_with_the_option(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "site.toml"
     path.write_text("[gateway]\nport = 9100\n")
