@@ -15,6 +15,7 @@ from rich.text import Text
 from appliance import __version__
 from appliance.cli.common import console, print_table
 from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
+from appliance.control.runtime import read_status, session_pids
 from appliance.errors import ConfigError
 from appliance.installer import InstallError
 from appliance.installer import bundle as bundles
@@ -25,6 +26,7 @@ from appliance.installer.inventory import (
     parse_install,
     write_inventory,
 )
+from appliance.installer.localports import listening_ports
 from appliance.installer.progress import Display, Tracker, summary_table
 from appliance.installer.runner import (
     RunRequest,
@@ -224,6 +226,7 @@ def doctor(
             )
         )
         inv = path
+        extravars["preflight_own_ports"] = sorted(_own_ports(config))
     else:
         inv = _inventory(install_config, inventory, run_dir)
     req = RunRequest(
@@ -231,8 +234,14 @@ def doctor(
     )
     if as_json:
         result = run_playbook(req)
-        print(json.dumps({"findings": result.tracker.findings, **result.summary()}, indent=2))
-        if not result.ok or _failed(result.tracker):
+        passed = result.ok and not _failed(result.tracker)
+        summary = result.summary()
+        # "status" is the verdict the exit code gives (ansible-runner's is "successful" even
+        # when checks fail, since the role only reports); the run's own status is kept.
+        summary["ansible_status"] = summary["status"]
+        summary["status"] = "successful" if passed else "failed"
+        print(json.dumps(summary, indent=2))
+        if not passed:
             raise typer.Exit(1)
         return
     result = _run(req)
@@ -253,6 +262,15 @@ def doctor(
             "-e 'preflight_accept=[<check>]' / [install.vars] when you know better.",
         )
     console.print("\n[green]Every host passes the preflight checks.[/]")
+
+
+def _own_ports(config: ApplianceConfig) -> set[int]:
+    """The ports the appliance running on this machine (its supervisor's session: Ray,
+    the gateway, the engines) listens on; none when it is not running."""
+    status = read_status(config)
+    if status is None:
+        return set()
+    return listening_ports(session_pids(int(status["pid"])))
 
 
 def _failing(items: list[dict[str, Any]]) -> bool:
