@@ -228,7 +228,8 @@ def test_gateway_serves_the_issued_certificate(installed: Installed) -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
-        assert reply.status_code == 200 and reply.json() == {"status": "ok"}
+        # The gateway also names its instance and address there; the status is what counts.
+        assert reply.status_code == 200 and reply.json()["status"] == "ok"
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"https://localhost:{port}/healthz", timeout=2)  # the system CAs alone
     finally:
