@@ -37,7 +37,7 @@ from appliance.installer.runner import (
 
 
 def _configs(ctx: typer.Context) -> tuple[ApplianceConfig, InstallConfig | None]:
-    """appliance.toml and its [install] section (read here until ApplianceConfig has one)."""
+    """appliance.toml and its [install] section, whose errors read as install errors."""
     root = ctx.find_root()
     path = find_config((root.obj or {}).get("config_path"))
     if path is None:
