@@ -331,7 +331,8 @@ class Catalog:
         self.source = source
 
     def get(self, name: str) -> ModelEntry:
-        entry = self._entries.get(name)
+        """The entry of `name`, in any case (Llama-4-Scout is llama-4-scout)."""
+        entry = self._entries.get(self.canonical(name))
         if entry is not None:
             return entry
         guesses = [n for n in self._entries if name and name.lower() in n]
@@ -344,6 +345,13 @@ class Catalog:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def canonical(self, name: str) -> str:
+        """The catalog's spelling of `name` (names are lower case); `name` itself when no
+        entry matches, e.g. a deployed model whose entry has left the catalog."""
+        if name in self._entries:
+            return name
+        return name.lower() if name.lower() in self._entries else name
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())

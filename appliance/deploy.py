@@ -48,19 +48,32 @@ def fetch_weights(
     precision: str,
     source: str | None = None,
     progress: bool = True,
+    announce: Callable[[str], None] = lambda _: None,
 ) -> bool:
-    """Make sure the model's weights are in the store; True when this call installed them."""
+    """Make sure the model's weights are in the store; True when this call installed them.
+
+    `announce` hears what is about to happen (size, source, destination) before it does.
+    """
     if store.is_installed(entry.name):
+        announce(f"the weights are already in {store.path(entry.name)}")
         return False
     if entry.builtin == "tiny-random-llama" and source is None:
         from appliance import tinymodel
 
+        announce(
+            f"building {entry.name} locally (nothing is downloaded; {_params(entry)} "
+            f"parameters, {entry.architecture.dtype}) into {store.path(entry.name)}"
+        )
         store.install(entry.name, tinymodel.build, source="builtin:tiny-random-llama")
         return True
     from appliance.download import download_model
 
-    download_model(entry, precision, store, source=source, progress=progress)
+    download_model(entry, precision, store, source=source, progress=progress, announce=announce)
     return True
+
+
+def _params(entry: ModelEntry) -> str:
+    return f"{entry.architecture.params_total_b * 1e6:.0f}k"
 
 
 def add_model(
@@ -80,7 +93,7 @@ def add_model(
         options["engine"] = engine
     plan = plan_model(entry, free_cluster(config, replanning=entry.name), **options)
     on_step("installing weights")
-    built = fetch_weights(entry, Store(config.store_dir), plan.precision, source, progress)
+    built = fetch_weights(entry, Store(config.store_dir), plan.precision, source, progress, on_step)
     State(config.state_db).add_deployment(entry.name, plan.engine, plan.to_dict())
     return AddResult(entry, plan, built)
 

@@ -216,6 +216,15 @@ def test_catalog_is_a_collection_of_entries() -> None:
     assert "gpt-oss-20b" in SHIPPED and "gpt-5" not in SHIPPED
 
 
+def test_names_are_looked_up_in_any_case_and_keep_the_catalogs_spelling() -> None:
+    assert SHIPPED.get("Llama-4-Scout").name == "llama-4-scout"
+    assert SHIPPED.get("GPT-OSS-20B") is SHIPPED.get("gpt-oss-20b")
+    assert SHIPPED.canonical("Qwen3-32B") == "qwen3-32b"
+    assert SHIPPED.canonical("Gone-Model") == "Gone-Model"  # not in the catalog: as given
+    with pytest.raises(CatalogError, match="unknown model 'Llama-9'"):
+        SHIPPED.get("Llama-9")
+
+
 def test_unknown_model_suggests_close_matches() -> None:
     with pytest.raises(CatalogError) as info:
         SHIPPED.get("llama-3.1-8b")

@@ -114,6 +114,40 @@ def test_model_add_unknown_name(cli: Cli, name: str, expected: str) -> None:
     assert State(load_config().state_db).deployments() == []
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--replicas", "2"], "--replicas 2 cannot be honoured"),
+        (["--engine", "vllm"], "served by the CPU engine"),
+    ],
+)
+def test_model_add_refuses_options_a_cpu_plan_would_drop(
+    cli: Cli, args: list[str], expected: str
+) -> None:
+    result = cli("model", "add", TINY, *args)
+    assert result.code == 1
+    assert expected in result.text
+    assert "Leave out" in result.text and "Traceback" not in result.text
+    assert State(load_config().state_db).deployments() == []
+
+
+def test_model_names_are_taken_in_any_case(cli: Cli) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    added = cli("model", "add", "Tiny-Random-LLAMA")
+    assert added.code == 0, added.text
+    assert f"Added {TINY}:" in added.text
+    assert [d.model for d in State(load_config().state_db).deployments()] == [TINY]
+    assert cli("model", "show", "TINY-random-llama", "--json").json()["plan"]["engine"] == "cpu"
+    assert cli("model", "verify", "Tiny-Random-Llama").code == 0
+    assert cli("plan", "LLAMA-4-SCOUT", "--gpus", "8xH100-80GB", "--json").json()["model"] == (
+        "llama-4-scout"
+    )
+    removed = cli("model", "remove", "TINY-RANDOM-LLAMA")
+    assert removed.code == 0, removed.text
+    assert cli("model", "list", "--json").json() == []
+
+
 def test_model_add_needs_gpus_for_a_gpu_model(cli: Cli) -> None:
     result = cli("model", "add", "llama-4-scout")
 
@@ -130,11 +164,15 @@ def test_model_lifecycle_with_the_tiny_model(cli: Cli) -> None:
     added = cli("model", "add", TINY)
     assert added.code == 0, added.text
     assert "engine cpu" in added.text
-    assert "Weights installed in the store" in added.text
+    store = load_config().store_dir / TINY
+    # Before it starts: what it installs, that nothing is downloaded, and where it goes.
+    assert f"building {TINY} locally (nothing is downloaded;" in added.text
+    assert f"into {store}" in added.text
+    assert f"Weights installed in the store: {store} (" in added.text
 
     again = cli("model", "add", TINY)
     assert again.code == 0, again.text
-    assert "Weights already in the store" in again.text
+    assert f"Weights already in the store: {store}" in again.text
 
     rows = cli("model", "list", "--json").json()
     assert [(r["name"], r["added"], r["in_store"]) for r in rows] == [(TINY, True, True)]
@@ -251,6 +289,21 @@ def test_config_shows_the_embedded_default(cli: Cli, appliance_home: Path) -> No
     assert data["resolved"]["source"] == "embedded default"
     assert data["resolved"]["home"] == str(appliance_home)
     assert data["gateway"]["port"] == 8000
+
+
+def test_config_shows_the_engine_settings_in_effect(cli: Cli, tmp_path: Path) -> None:
+    engines = cli("config", "--json").json()["engines"]
+    assert engines["vllm"]["image"] == "appliance/engine-vllm:0.29.0"
+    assert engines["trtllm"]["image"] == "appliance/engine-trtllm:1.3.0rc5"
+    assert engines["cpu"]["image"] is None  # the CPU engine has no image
+    # A table that sets one key keeps the other keys' defaults.
+    path = tmp_path / "site.toml"
+    path.write_text('[engines]\nrunner = "container"\n[engines.vllm]\ngpu_memory_fraction = 0.8\n')
+    vllm = cli("--config", str(path), "config", "--json").json()["engines"]["vllm"]
+    assert vllm["gpu_memory_fraction"] == 0.8
+    assert vllm["image"] == "appliance/engine-vllm:0.29.0"
+    assert vllm["chat_template_dir"] == "/vllm-workspace/examples"
+    assert "appliance/engine-vllm:0.29.0" in cli("--config", str(path), "config").out
 
 
 def test_config_file_given_with_the_option(cli: Cli, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,34 @@ def test_download_installs_only_needed_files_with_manifest(
     assert hub.seen(f"/tree/{hub._repos[REPO].commit}?recursive=true")
     assert hidden(store) == []
     assert all(p.stat().st_nlink == 1 for p in model.path.iterdir())
+
+
+def test_the_size_source_and_destination_are_told_before_the_first_byte(
+    hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    told: list[tuple[str, list[str]]] = []
+
+    def announce(message: str) -> None:
+        told.append((message, hub.file_requests()))
+
+    download_model(entry_for(), "bf16", store, progress=False, announce=announce)
+    total = local.human_size(sum(map(len, NEEDED.values())))
+    [(message, fetched_by_then)] = told
+    assert message == (
+        f"downloading {total} ({len(NEEDED)} files) from {REPO} on {hub.url} "
+        f"into {store.path(NAME)}"
+    )
+    assert fetched_by_then == []
+
+    # A resumed download says how much of it is there already.
+    store.remove(NAME)
+    monkeypatch.setattr(fetch, "RETRIES", 0)
+    hub.cut(REPO, "model-00001-of-00002.safetensors", after=1_000_000)
+    with pytest.raises(StoreError):
+        download(store)
+    told.clear()
+    download_model(entry_for(), "bf16", store, progress=False, announce=announce)
+    assert re.search(rf"\({len(NEEDED)} files, [0-9.]+ [KM]iB of it already here\)", told[0][0])
 
 
 def test_tree_listing_pages_are_followed(hub: FakeHub, store: Store) -> None:
@@ -356,6 +385,20 @@ def test_from_path_hard_links_on_the_same_filesystem(
     assert (model.path / shard).stat().st_ino == (src / shard).stat().st_ino
     assert json.loads((model.path / MANIFEST).read_text())["source"] == f"path:{src}"
     assert not hub.requests
+
+
+def test_from_path_tells_what_it_links_or_copies(
+    hub: FakeHub, store: Store, tmp_path: Path
+) -> None:
+    src = write_checkpoint(tmp_path / "ckpt", NEEDED | UNNEEDED)
+    told: list[str] = []
+    download_model(
+        entry_for(), "bf16", store, source=str(src), progress=False, announce=told.append
+    )
+    total = local.human_size(sum(map(len, NEEDED.values())))
+    assert told == [
+        f"hard-linking {total} ({len(NEEDED)} files) from {src} into {store.path(NAME)}"
+    ]
 
 
 def test_from_path_copies_across_filesystems_and_checks_a_manifest(

@@ -275,6 +275,21 @@ def test_cpu_models_get_the_cpu_plan_anywhere() -> None:
         assert plan.max_model_len == 2048
 
 
+def test_cpu_plans_refuse_the_options_they_cannot_honour() -> None:
+    tiny = model("tiny-random-llama")
+    for cluster in (Cluster.cpu_only(), Cluster.parse("8xH200")):
+        with pytest.raises(PlanError, match=r"served by the CPU engine .* not by vllm") as err:
+            plan_model(tiny, cluster, engine="vllm")
+        assert "its catalog entry lists only the cpu engine" in err.value.message
+        with pytest.raises(PlanError, match="--replicas 2 cannot be honoured"):
+            plan_model(tiny, cluster, replicas=2)
+        assert plan_model(tiny, cluster, engine="cpu", replicas=1).engine == "cpu"
+    # An entry that lists a GPU engine and cpu gets the CPU plan only without GPUs.
+    both = tiny.model_copy(update={"engines": ["vllm", "cpu"]})
+    with pytest.raises(PlanError, match="there are no GPUs to plan for"):
+        plan_model(both, Cluster.cpu_only(), engine="vllm")
+
+
 def test_gpu_models_without_gpus_say_where_they_would_fit() -> None:
     with pytest.raises(PlanError) as err:
         plan_model(model("llama-4-scout"), Cluster.cpu_only())

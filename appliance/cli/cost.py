@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
 from appliance.catalog import load_catalog
-from appliance.cli.common import config_of, console, print_json, table
+from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.cost import (
     CostInputs,
     PlannedThroughput,
@@ -235,8 +236,7 @@ def cost(
 
     i = report.inputs
     parts = report.onprem
-    t = table(f"per month at {format_tokens(i.volume_tokens_month)} tokens", "on-prem", "cloud API")
-    rows = [
+    parts_rows = [
         (
             f"hardware ({report.nodes} node{'s' if report.nodes > 1 else ''} / "
             f"{i.amortization_months} mo)",
@@ -248,26 +248,35 @@ def cost(
         (f"staff ({i.staff_fte:g} FTE)", parts.staff),
         ("other", parts.other),
     ]
-    for label, value in rows:
-        t.add_row(label, format_usd(value), "")
-    t.add_row(
-        f"API ({format_usd(i.price_input_usd_per_mtok)} in / "
-        f"{format_usd(i.price_output_usd_per_mtok)} out per 1M)",
-        "",
-        format_usd(report.cloud_usd_month),
+    rows: list[list[str | Text]] = [[label, format_usd(value), ""] for label, value in parts_rows]
+    rows.append(
+        [
+            f"API ({format_usd(i.price_input_usd_per_mtok)} in / "
+            f"{format_usd(i.price_output_usd_per_mtok)} out per 1M)",
+            "",
+            format_usd(report.cloud_usd_month),
+        ]
     )
-    t.add_row(
-        "[bold]total[/]",
-        f"[bold]{format_usd(parts.total)}[/]",
-        f"[bold]{format_usd(report.cloud_usd_month)}[/]",
+    bold = "bold"
+    rows.append(
+        [
+            Text("total", style=bold),
+            Text(format_usd(parts.total), style=bold),
+            Text(format_usd(report.cloud_usd_month), style=bold),
+        ]
     )
     per_mtok = report.onprem_usd_per_mtok
-    t.add_row(
-        "per 1M tokens at this volume",
-        format_usd(per_mtok) if per_mtok is not None else "-",
-        format_usd(report.cloud_usd_per_mtok),
+    rows.append(
+        [
+            "per 1M tokens at this volume",
+            format_usd(per_mtok) if per_mtok is not None else "-",
+            format_usd(report.cloud_usd_per_mtok),
+        ]
     )
-    console.print(t)
+    print_table(
+        [f"per month at {format_tokens(i.volume_tokens_month)} tokens", "on-prem", "cloud API"],
+        rows,
+    )
     console.print()
     for line in summary_lines(report):
         console.print(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import yaml
 from rich.text import Text
 
 from appliance import __version__
-from appliance.cli.common import console, table
+from appliance.cli.common import console, print_table
 from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
+from appliance.control.runtime import read_status, session_pids
 from appliance.errors import ConfigError
 from appliance.installer import InstallError
 from appliance.installer import bundle as bundles
@@ -24,6 +26,7 @@ from appliance.installer.inventory import (
     parse_install,
     write_inventory,
 )
+from appliance.installer.localports import listening_ports
 from appliance.installer.progress import Display, Tracker, summary_table
 from appliance.installer.runner import (
     RunRequest,
@@ -34,7 +37,7 @@ from appliance.installer.runner import (
 
 
 def _configs(ctx: typer.Context) -> tuple[ApplianceConfig, InstallConfig | None]:
-    """appliance.toml and its [install] section (read here until ApplianceConfig has one)."""
+    """appliance.toml and its [install] section, whose errors read as install errors."""
     root = ctx.find_root()
     path = find_config((root.obj or {}).get("config_path"))
     if path is None:
@@ -223,6 +226,7 @@ def doctor(
             )
         )
         inv = path
+        extravars["preflight_own_ports"] = sorted(_own_ports(config))
     else:
         inv = _inventory(install_config, inventory, run_dir)
     req = RunRequest(
@@ -230,24 +234,25 @@ def doctor(
     )
     if as_json:
         result = run_playbook(req)
-        print(json.dumps({"findings": result.tracker.findings, **result.summary()}, indent=2))
-        if not result.ok or _failed(result.tracker):
+        passed = result.ok and not _failed(result.tracker)
+        summary = result.summary()
+        # "status" is the verdict the exit code gives (ansible-runner's is "successful" even
+        # when checks fail, since the role only reports); the run's own status is kept.
+        summary["ansible_status"] = summary["status"]
+        summary["status"] = "successful" if passed else "failed"
+        print(json.dumps(summary, indent=2))
+        if not passed:
             raise typer.Exit(1)
         return
     result = _run(req)
     for host in sorted(result.tracker.findings):
         console.print(f"\n[bold]{host}[/]")
-        t = table("check", "status", "detail", "fix")
+        rows: list[list[str | Text]] = []
         for f in result.tracker.findings[host]:
             color = {"ok": "green", "warn": "yellow", "fail": "red"}.get(f["status"], "")
-            # Text, not markup: details and fixes quote commands and paths with brackets.
-            t.add_row(
-                Text(f["check"]),
-                Text(f["status"], style=color),
-                Text(f["detail"]),
-                Text(f.get("fix", "")),
-            )
-        console.print(t)
+            # Plain cells, not markup: details and fixes quote commands and paths with brackets.
+            rows.append([f["check"], Text(f["status"], style=color), f["detail"], f.get("fix", "")])
+        print_table(["check", "status", "detail", "fix"], rows)
     _report(result, "doctor")
     if _failed(result.tracker):
         hosts = sorted(h for h, items in result.tracker.findings.items() if _failing(items))
@@ -257,6 +262,15 @@ def doctor(
             "-e 'preflight_accept=[<check>]' / [install.vars] when you know better.",
         )
     console.print("\n[green]Every host passes the preflight checks.[/]")
+
+
+def _own_ports(config: ApplianceConfig) -> set[int]:
+    """The ports the appliance running on this machine (its supervisor's session: Ray,
+    the gateway, the engines) listens on; none when it is not running."""
+    status = read_status(config)
+    if status is None:
+        return set()
+    return listening_ports(session_pids(int(status["pid"])))
 
 
 def _failing(items: list[dict[str, Any]]) -> bool:
@@ -300,17 +314,23 @@ def bundle(
 ) -> None:
     """Write an offline bundle: wheels, playbooks, repository configuration, engine images.
 
-    `appliance install --offline BUNDLE` then installs from it alone.
+    `appliance install --offline BUNDLE` then installs from it alone. The directory of
+    OUTPUT is created when it does not exist.
     """
+    config = _configs(ctx)[0]
     images = list(image)
-    default_images = _configs(ctx)[0].home_dir / "images"
+    default_images = config.home_dir / "images"
     if not images and default_images.is_dir():
         images = sorted(default_images.glob("*.tar"))
     for path in [*images, *(p for p in (cuda_key, toolkit_key, wheel) if p)]:
         if not path.is_file():
             raise InstallError(f"{path}: no such file", hint="Check the path.")
+    # Before the minute of downloads: an image that is not an archive fails here.
+    wanted = {e: ref for e in ENGINE_IMAGES if (ref := config.engines.of(e).image)}
+    missing = bundles.missing_images(wanted, images)
+    output = _bundle_path(output)
     spec = bundles.BundleSpec(
-        output=output.resolve(),
+        output=output,
         pythons=tuple(python),
         cuda_url=cuda_mirror.rstrip("/"),
         toolkit_url=toolkit_mirror.rstrip("/"),
@@ -320,9 +340,65 @@ def bundle(
         wheel=wheel,
         pip_args=list(pip_arg),
     )
+    started = time.monotonic()
     with console.status("Writing the bundle...") as status:
-        path = bundles.create_bundle(spec, lambda msg: status.update(msg))
+
+        def step(msg: str) -> None:
+            # A line per step (what a log or a pipe keeps); the spinner for what pip does.
+            console.print(
+                f"[{time.monotonic() - started:3.0f}s] {msg}", markup=False, soft_wrap=True
+            )
+            status.update(msg)
+
+        try:
+            path = bundles.create_bundle(spec, step, lambda line: status.update(line[:100]))
+        except OSError as exc:
+            raise InstallError(
+                f"cannot write the bundle {output}: {exc}",
+                hint="Check the free space and the permissions of its directory.",
+            ) from None
     size = path.stat().st_size / 2**20
     console.print(
-        f"Wrote {path} ({size:.0f} MiB). Install with: appliance install --offline {path}"
+        f"Wrote {path} ({size:.0f} MiB) in {time.monotonic() - started:.0f}s. "
+        f"Install with: appliance install --offline {path}",
+        soft_wrap=True,
     )
+    if missing:
+        names = ", ".join(f"{engine} ({ref})" for engine, ref in missing.items())
+        console.print(
+            Text.assemble(
+                ("warning:", "yellow"),
+                f" the bundle holds no image for {names}: offline hosts whose "
+                '[engines] runner is "container" cannot start those engines.',
+            )
+        )
+        console.print(
+            f"Build and save them with `images/build.sh --save {default_images} "
+            f"{' '.join(missing)}` (or `docker save --output FILE IMAGE`), then run "
+            "`appliance bundle` again, or pass each file with --image FILE.",
+            markup=False,
+        )
+
+
+# The engines that run from container images (the CPU engine always runs as a process).
+ENGINE_IMAGES = ("vllm", "trtllm")
+
+
+def _bundle_path(output: Path) -> Path:
+    """The bundle file to write, its directory created when missing."""
+    path = output.resolve()
+    if path.is_dir():
+        raise InstallError(
+            f"{output} is a directory",
+            hint=f"Name the bundle file, e.g. {output / 'appliance-bundle.tar'}.",
+        )
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise InstallError(
+                f"cannot create the directory {path.parent}: {exc.strerror}",
+                hint="Pick a bundle path in a directory you can write to.",
+            ) from None
+        console.print(f"Created the directory {path.parent}.", markup=False)
+    return path

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from appliance.cli.common import config_of, console, table
+from appliance.cli.common import config_of, console, print_table
 from appliance.errors import ApplianceError
 from appliance.state import State
 
@@ -24,17 +24,18 @@ def create(ctx: typer.Context, name: str = typer.Argument(..., help="A name for 
 @app.command("list")
 def list_keys(ctx: typer.Context) -> None:
     """List keys (names and prefixes; never the keys themselves)."""
-    rows_table = table("name", "prefix", "created", "revoked")
-    for key in State(config_of(ctx).state_db).list_keys():
-        rows_table.add_row(
+    rows = [
+        [
             key.name,
             key.prefix + "...",
             time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at)),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at))
             if key.revoked_at
             else "",
-        )
-    console.print(rows_table)
+        ]
+        for key in State(config_of(ctx).state_db).list_keys()
+    ]
+    print_table(["name", "prefix", "created", "revoked"], rows)
 
 
 @app.command("revoke")

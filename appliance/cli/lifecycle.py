@@ -15,7 +15,7 @@ import typer
 
 from appliance.catalog import load_catalog
 from appliance.cli.common import config_of, console, print_json
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, EngineConfig
 from appliance.control.runtime import (
     clear_status,
     last_supervisor_pid,
@@ -284,6 +284,10 @@ def show_config(
     """Print the effective configuration and where it came from."""
     config = config_of(ctx)
     data = config.model_dump(mode="json")
+    # What the engines are run with: the defaults EnginesConfig.of fills in, not null.
+    for engine, field in type(config.engines).model_fields.items():
+        if field.annotation is EngineConfig:
+            data["engines"][engine] = config.engines.of(engine).model_dump(mode="json")
     data["resolved"] = {
         "source": str(config.source) if config.source else "embedded default",
         "home": str(config.home_dir),

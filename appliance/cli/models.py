@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from appliance.catalog import load_catalog
-from appliance.cli.common import config_of, console, print_json, table
+from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.control.runtime import read_status
 from appliance.deploy import add_model, remove_model
 from appliance.errors import StoreError
@@ -61,12 +61,14 @@ def add(
     sha256s and installed atomically with a manifest (`appliance model verify`).
     """
     config = config_of(ctx)
+    name = load_catalog(config.catalog).get(name).name  # any case; the catalog's spelling
     # The download draws its own progress bar, so no spinner runs beside it.
     console.print(f"Adding {name}...")
     result = add_model(
         config,
         name,
-        lambda step: console.print(f"  {step}"),
+        # Soft wrap: the terminal wraps these long lines, so paths in them stay whole.
+        lambda step: console.print(f"  {step}", soft_wrap=True),
         source=source,
         progress=True,
         replicas=replicas,
@@ -77,8 +79,13 @@ def add(
         f"Added {name}: engine {plan.engine}, precision {plan.precision}, "
         f"{plan.replicas} replica(s), tensor parallel {plan.tensor_parallel}."
     )
+    installed = Store(config.store_dir).get(name)
+    size = _gib(installed.total_bytes)
     console.print(
-        "Weights installed in the store." if result.built else "Weights already in the store."
+        f"Weights installed in the store: {installed.path} ({size})."
+        if result.built
+        else f"Weights already in the store: {installed.path} ({size}).",
+        soft_wrap=True,
     )
     if read_status(config) is not None:
         console.print(
@@ -99,7 +106,8 @@ def list_models(
     catalog = load_catalog(config.catalog)
     deployed = {d.model: d for d in State(config.state_db).deployments()}
     store = Store(config.store_dir)
-    live = (read_status(config) or {}).get("models", {})
+    live_status = read_status(config)
+    live = (live_status or {}).get("models", {})
     names = catalog.names() if all_ else list(deployed)
     rows: list[dict[str, Any]] = []
     for name in names:
@@ -124,20 +132,24 @@ def list_models(
             "`appliance model add NAME` adds one."
         )
         return
-    rows_table = table("model", "kind", "params", "engines", "added", "in store", "healthy")
+    # The healthy count exists only while the appliance runs; a column of blanks otherwise.
+    running = live_status is not None
+    headers = ["model", "kind", "params", "engines", "added", "in store"]
+    lines = []
     for r in rows:
-        params = _params(r["params_b"])
         healthy = r["healthy_replicas"]
-        rows_table.add_row(
+        line = [
             r["name"],
             r["kind"] or "?",
-            params,
+            _params(r["params_b"]),
             ",".join(r["engines"]),
             "yes" if r["added"] else "",
             "yes" if r["in_store"] else "",
-            "" if healthy is None else str(healthy),
-        )
-    console.print(rows_table)
+        ]
+        if running:
+            line.append("" if healthy is None else str(healthy))
+        lines.append(line)
+    print_table([*headers, "healthy"] if running else headers, lines)
 
 
 @app.command("show")
@@ -149,6 +161,7 @@ def show(
     """Show a model: catalog facts, its plan, its files in the store and its replicas."""
     config = config_of(ctx)
     entry = load_catalog(config.catalog).get(name)
+    name = entry.name
     dep = State(config.state_db).deployment(name)
     store = Store(config.store_dir)
     installed = store.get(name) if store.is_installed(name) else None
@@ -218,6 +231,7 @@ def remove(
     Refuses while the running appliance is serving the model, unless --force.
     """
     config = config_of(ctx)
+    name = load_catalog(config.catalog).canonical(name)
     was_deployed, removed = remove_model(config, name, keep_weights, force)
     if not was_deployed and not removed:
         raise StoreError(
@@ -231,6 +245,7 @@ def remove(
 def verify(ctx: typer.Context, name: str = typer.Argument(..., help="Model name.")) -> None:
     """Check every file of a model in the store against its sha256 manifest."""
     config = config_of(ctx)
+    name = load_catalog(config.catalog).canonical(name)
     with console.status(f"Hashing {name}..."):
         report = Store(config.store_dir).verify(name)
     if report.ok:

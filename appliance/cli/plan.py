@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from appliance.catalog import ModelEntry, load_catalog
-from appliance.cli.common import config_of, console, print_json, table
+from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.config import ApplianceConfig
 from appliance.engines import LaunchSpec, get_adapter
 from appliance.engines.runner import engine_command
@@ -92,7 +92,7 @@ def show(report: PlanReport) -> None:
         f"{report.context} tokens, workload {w.input_tokens}:{w.output_tokens}"
     )
     if report.candidates:
-        console.print(_candidates(report))
+        _candidates(report)
         for note in dict.fromkeys(c.note for c in report.candidates if c.note):
             console.print(f"Note: {note}.")
         console.print(
@@ -123,8 +123,8 @@ def show(report: PlanReport) -> None:
     console.print(plan.explanation)
 
 
-def _candidates(report: PlanReport) -> object:
-    t = table(
+def _candidates(report: PlanReport) -> None:
+    headers = (
         "",
         "precision",
         "GPUs",
@@ -139,10 +139,12 @@ def _candidates(report: PlanReport) -> object:
         "output tok/s",
         "per user",
     )
+    rows = []
     for c in report.candidates:
         mark = "→" if c is report.chosen else ("" if c.fits else "✗")
-        t.add_row(mark, c.precision, str(c.gpus), _group(c), *_memory(c), *_speed(c))
-    return t
+        rows.append([mark, c.precision, str(c.gpus), _group(c), *_memory(c), *_speed(c)])
+    # Mark, precision and GPUs name a candidate: a narrow terminal repeats them per table.
+    print_table(headers, rows, keys=3)
 
 
 def _group(c: Candidate) -> str:

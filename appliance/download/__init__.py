@@ -44,7 +44,7 @@ import http.client
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ from pydantic import ValidationError
 from appliance.catalog import ModelEntry
 from appliance.download.fetch import fetch_all, present_bytes
 from appliance.download.files import RemoteFile, has_weights, select_files
-from appliance.download.local import check_space, install_from_path
+from appliance.download.local import check_space, human_size, install_from_path
 from appliance.download.remote import (
     HttpStatus,
     Remote,
@@ -81,6 +81,7 @@ class _Plan:
     identity: str  # the manifest's source, e.g. hf:org/repo@<commit>
     remote: Remote
     files: list[RemoteFile]
+    where: str  # for people: "org/repo@main on https://hub", or the directory's URL
 
 
 def download_model(
@@ -91,8 +92,12 @@ def download_model(
     source: str | None = None,
     progress: bool = True,
     workers: int = 4,
+    announce: Callable[[str], None] = lambda _: None,
 ) -> InstalledModel:
-    """Fetch ``entry``'s ``precision`` weights (or those at ``source``) into ``store``."""
+    """Fetch ``entry``'s ``precision`` weights (or those at ``source``) into ``store``.
+
+    ``announce`` is told how much will move, from where and to where, before it moves.
+    """
     name = validate_name(entry.name)
     if store.is_installed(name):
         raise StoreError(
@@ -100,9 +105,9 @@ def download_model(
             hint=f"To reinstall it, run `appliance model remove {name}` first.",
         )
     if source is not None and not source.startswith(("http://", "https://")):
-        return install_from_path(name, Path(source), store, progress=progress)
+        return install_from_path(name, Path(source), store, progress=progress, announce=announce)
     plan = _url_plan(entry, precision, source) if source else _hub_plan(entry, precision)
-    return _download(name, plan, store, progress=progress, workers=workers)
+    return _download(name, plan, store, progress=progress, workers=workers, announce=announce)
 
 
 def clean_downloads(store: Store, name: str | None = None) -> list[Path]:
@@ -154,7 +159,7 @@ def _hub_plan(entry: ModelEntry, precision: str, endpoint: str | None = None) ->
         for path in select_files(listed)
     ]
     _require_weights(files, f"{weights.repo}@{revision} on {remote.base}")
-    return _Plan(f"hf:{weights.repo}@{commit}", remote, files)
+    return _Plan(f"hf:{weights.repo}@{commit}", remote, files, f"{weights.repo} on {remote.base}")
 
 
 def _tree_file(entry: Any) -> tuple[str, tuple[int, str | None]] | None:
@@ -190,7 +195,7 @@ def _url_plan(entry: ModelEntry, precision: str, url: str) -> _Plan:
     ]
     _require_weights(files, base)
     digest = hashlib.sha256(raw).hexdigest()[:16]
-    return _Plan(f"url:{base}#manifest-sha256-{digest}", directory, files)
+    return _Plan(f"url:{base}#manifest-sha256-{digest}", directory, files, base)
 
 
 def _read_manifest(directory: Remote) -> tuple[Manifest, bytes] | None:
@@ -223,7 +228,13 @@ def _require_weights(files: list[RemoteFile], where: str) -> None:
 
 
 def _download(
-    name: str, plan: _Plan, store: Store, *, progress: bool, workers: int
+    name: str,
+    plan: _Plan,
+    store: Store,
+    *,
+    progress: bool,
+    workers: int,
+    announce: Callable[[str], None],
 ) -> InstalledModel:
     store.root.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(plan.identity.encode()).hexdigest()[:16]
@@ -235,7 +246,13 @@ def _download(
     with _locked(work, name):
         (work / _SOURCE).write_text(plan.identity + "\n")
         total = sum(f.size for f in plan.files)
-        check_space(store.root, total - present_bytes(work, plan.files), name)
+        present = present_bytes(work, plan.files)
+        check_space(store.root, total - present, name)
+        resumed = f", {human_size(present)} of it already here" if present else ""
+        announce(
+            f"downloading {human_size(total)} ({len(plan.files)} files{resumed}) from "
+            f"{plan.where} into {store.path(name)}"
+        )
         fetch_all(plan.remote, plan.files, work, workers=workers, progress=progress, label=name)
 
         def build(dest: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from appliance.errors import StoreError
 from appliance.store import MANIFEST, FileEntry, InstalledModel, Manifest, Store
 
 
-def install_from_path(name: str, path: Path, store: Store, *, progress: bool) -> InstalledModel:
+def install_from_path(
+    name: str,
+    path: Path,
+    store: Store,
+    *,
+    progress: bool,
+    announce: Callable[[str], None] = lambda _: None,
+) -> InstalledModel:
     """Hard-link (same filesystem) or copy the needed files of ``path`` into the store."""
     src = path.expanduser().resolve()
     if not src.is_dir():
@@ -37,6 +45,11 @@ def install_from_path(name: str, path: Path, store: Store, *, progress: bool) ->
     link = _same_filesystem(src, store.root)
     sizes = {rel: listed[rel].stat().st_size for rel in wanted}
     check_space(store.root, 0 if link else sum(sizes.values()), name)
+    how = "hard-linking" if link else "copying"
+    announce(
+        f"{how} {human_size(sum(sizes.values()))} ({len(wanted)} files) from {src} into "
+        f"{store.path(name)}"
+    )
 
     def build(dest: Path) -> None:
         with progress_meter(progress, name, sum(sizes.values()), 0) as bar:

@@ -24,6 +24,8 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,12 +67,23 @@ class BundleSpec:
     pip_args: list[str] = field(default_factory=list)  # e.g. --index-url of a PyPI mirror
 
 
-def _run(argv: list[str], what: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None) -> None:
+    """Run a pip command, passing each line of its output on as it comes (pip download
+    of two Python versions takes a minute: the caller shows what it is doing)."""
+    tail: deque[str] = deque(maxlen=50)
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            tail.append(line)
+            if on_line is not None and line:
+                on_line(line)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-1500:]
+        text = "\n".join(tail).strip()[-1500:]
         raise InstallError(
-            f"{what} failed: {tail}",
+            f"{what} failed: {text}",
             hint="Check that the package index is reachable (or pass its mirror with "
             "--pip-arg=--index-url=URL).",
         )
@@ -163,8 +176,78 @@ def _repos(spec: BundleSpec, root: Path) -> dict[str, Any]:
     return repos
 
 
-def create_bundle(spec: BundleSpec, log: Any = print) -> Path:
-    """Build the bundle tarball at spec.output; returns its path."""
+def image_names(archive: Path) -> set[str]:
+    """The image references an archive holds: RepoTags of `docker save` (and podman's
+    docker-archive), or the name annotations of an OCI archive's index.json, normalized
+    as docker prints them (no docker.io/, library/ or localhost/ in front)."""
+    try:
+        with tarfile.open(archive) as tar:
+            manifest = _tar_json(tar, "manifest.json")
+            index = _tar_json(tar, "index.json")
+    except (tarfile.TarError, OSError) as exc:
+        raise InstallError(
+            f"{archive} is not an image archive: {exc}",
+            hint="Pass a file written by `docker save` or `podman save` (images/build.sh --save).",
+        ) from None
+    if manifest is None and index is None:
+        raise InstallError(
+            f"{archive} is not an image archive: it has neither manifest.json nor index.json",
+            hint="Pass a file written by `docker save` or `podman save` (images/build.sh --save).",
+        )
+    names: set[str] = set()
+    for item in manifest if isinstance(manifest, list) else []:
+        if isinstance(item, dict):
+            names.update(t for t in item.get("RepoTags") or [] if isinstance(t, str))
+    entries = index.get("manifests") or [] if isinstance(index, dict) else []
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("annotations"), dict):
+            continue
+        annotations = item["annotations"]
+        for key in ("io.containerd.image.name", "org.opencontainers.image.ref.name"):
+            ref = annotations.get(key)
+            # OCI ref.name is often only the tag ("0.29.0"); a full name has a / or a :.
+            if isinstance(ref, str) and ("/" in ref or ":" in ref):
+                names.add(ref)
+    return {_short_name(n) for n in names}
+
+
+def _tar_json(tar: tarfile.TarFile, name: str) -> Any:
+    try:
+        member = tar.extractfile(name)
+    except KeyError:
+        return None
+    if member is None:
+        return None
+    try:
+        return json.loads(member.read())
+    except ValueError:
+        return None
+
+
+def _short_name(ref: str) -> str:
+    for prefix in ("docker.io/library/", "docker.io/", "localhost/"):
+        if ref.startswith(prefix):
+            return ref.removeprefix(prefix)
+    return ref
+
+
+def missing_images(wanted: dict[str, str], archives: list[Path]) -> dict[str, str]:
+    """The engines (engine -> image) whose image none of the archives holds."""
+    held: set[str] = set()
+    for archive in archives:
+        held |= image_names(archive)
+    return {engine: image for engine, image in wanted.items() if _short_name(image) not in held}
+
+
+def create_bundle(
+    spec: BundleSpec,
+    log: Callable[[str], None] = print,
+    detail: Callable[[str], None] | None = None,
+) -> Path:
+    """Build the bundle tarball at spec.output; returns its path.
+
+    `log` gets one line per step, `detail` (when given) pip's output lines as they come.
+    """
     with tempfile.TemporaryDirectory(dir=spec.output.parent) as tmp:
         root = Path(tmp) / TOP
         wheels = root / "wheels"
@@ -177,8 +260,9 @@ def create_bundle(spec: BundleSpec, log: Any = print) -> Path:
             shutil.copyfile(wheel, wheels / wheel.name)
             wheel = wheels / wheel.name
         for python in spec.pythons:
-            log(f"Downloading the dependencies for Python {python}")
+            log(f"Downloading the dependencies for Python {python} (pip download)")
             platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+            before = len(list(wheels.iterdir()))
             _run(
                 [
                     sys.executable, "-m", "pip", "download", "--dest", str(wheels),
@@ -186,7 +270,10 @@ def create_bundle(spec: BundleSpec, log: Any = print) -> Path:
                     *platforms, *spec.pip_args, str(wheel),
                 ],
                 f"downloading wheels for Python {python}",
+                detail,
             )  # fmt: skip
+            added = len(list(wheels.iterdir())) - before
+            log(f"{added} more wheel(s) for Python {python}, {len(list(wheels.iterdir()))} in all")
         shutil.copytree(
             playbooks_dir(),
             root / "playbooks",
@@ -196,7 +283,7 @@ def create_bundle(spec: BundleSpec, log: Any = print) -> Path:
         if spec.images:
             (root / "images").mkdir()
             for image in spec.images:
-                log(f"Adding the image {image.name}")
+                log(f"Adding the image {image.name} ({image.stat().st_size / 2**20:.0f} MiB)")
                 shutil.copyfile(image, root / "images" / image.name)
         files = {
             str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
@@ -212,7 +299,7 @@ def create_bundle(spec: BundleSpec, log: Any = print) -> Path:
             "files": files,
         }
         (root / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        log(f"Writing {spec.output}")
+        log(f"Writing {spec.output} ({len(files)} files)")
         partial = spec.output.with_name(f".{spec.output.name}.partial")
         # Wheels are compressed already; gzip only when the name asks for it.
         if spec.output.name.endswith((".tar.gz", ".tgz")):

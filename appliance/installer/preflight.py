@@ -345,7 +345,11 @@ def findings(facts: HostFacts, settings: dict[str, Any]) -> list[Finding]:
         )
 
     ports = [int(p) for p in settings.get("ports", [])]
-    busy = sorted(set(ports) & set(facts.listening))
+    # Ports the appliance running on the host holds itself (doctor --local finds them).
+    own = sorted(
+        set(ports) & set(facts.listening) & {int(p) for p in settings.get("own_ports") or []}
+    )
+    busy = sorted(set(ports) & set(facts.listening) - set(own))
     if busy and not settings.get("appliance_installed", False):
         add(
             Finding(
@@ -357,7 +361,11 @@ def findings(facts: HostFacts, settings: dict[str, Any]) -> list[Finding]:
             )
         )
     else:
-        add(Finding("ports", "ok", f"{', '.join(map(str, ports)) or 'none'} available"))
+        free = [p for p in ports if p not in own]
+        detail = f"{', '.join(map(str, free)) or 'none'} available"
+        if own:
+            detail += f"; {', '.join(map(str, own))} held by the appliance running here"
+        add(Finding("ports", "ok", detail))
 
     if facts.time_synced is True:
         add(Finding("time_sync", "ok", "clock synchronized"))

@@ -92,6 +92,7 @@ def evaluate(
         entry.name, cluster.describe(), "cpu", first_context, concurrency, workload or Workload()
     )
     if entry.engines == ["cpu"] or (cluster.total_gpus == 0 and "cpu" in entry.engines):
+        _cpu_options(entry, engine, replicas)
         plan = Plan("cpu", entry.default_precision, max_model_len=context or arch.max_context)
         plan = replace(plan, explanation="The CPU engine serves this model: 1 replica, no GPUs.")
         return replace(head, context=plan.max_model_len or 0, plan=plan)
@@ -120,6 +121,27 @@ def evaluate(
             first = first or report  # the longest context explains best what would fit
     assert first is not None
     return first
+
+
+def _cpu_options(entry: ModelEntry, engine: str | None, replicas: int | None) -> None:
+    """A CPU plan is one replica of the CPU engine: refuse options it would drop."""
+    why = (
+        "its catalog entry lists only the cpu engine"
+        if entry.engines == ["cpu"]
+        else "there are no GPUs to plan for"
+    )
+    if engine not in (None, "cpu"):
+        raise PlanError(
+            f"{entry.name} is served by the CPU engine ({why}), not by {engine}",
+            hint="Leave out --engine (or pass --engine cpu); a GPU engine needs a catalog "
+            "entry that lists it and a host with GPUs.",
+        )
+    if replicas not in (None, 1):
+        raise PlanError(
+            f"{entry.name} gets one CPU-engine replica ({why}); --replicas {replicas} "
+            "cannot be honoured",
+            hint="Leave out --replicas: the CPU engine runs one replica per model.",
+        )
 
 
 def _engine(entry: ModelEntry, engine: str | None) -> str:

@@ -8,12 +8,13 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from appliance.installer import bundle as bundles
-from tests.installer.testhosts import CACHE, debian_root, require_root
+from tests.installer.testhosts import CACHE, debian_root, require_root, require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def debian() -> Path:
     require_root()
+    # What every test host needs: the overlay root, its mounts and loop-device disks.
+    require_tools("chroot", "mount", "umount", "losetup", "findmnt", "mountpoint")
     return debian_root()
 
 
@@ -60,19 +63,30 @@ def wheelhouse() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class BundleRun:
+    path: Path
+    output: str  # what `appliance bundle` printed
+
+
 @pytest.fixture(scope="session")
-def bundle_file(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Path:
-    """`appliance bundle` of this source tree for Python 3.11, from the local wheelhouse."""
+def bundle_run(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> BundleRun:
+    """`appliance bundle` of this source tree for Python 3.11, from the local wheelhouse,
+    into a directory that does not exist yet."""
     work = tmp_path_factory.mktemp("bundle")
-    out = work / "appliance-bundle.tar"
+    out = work / "new" / "appliance-bundle.tar"
     proc = subprocess.run(
         [
             sys.executable, "-m", "tests.installer.cli_main", "bundle", str(out),
             "--python", "3.11", "--pip-arg=--no-index", f"--pip-arg=--find-links={wheelhouse}",
         ],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
-        env={**os.environ, "APPLIANCE_HOME": str(work / "home")},
+        env={**os.environ, "APPLIANCE_HOME": str(work / "home"), "COLUMNS": "200"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"Wrote {out}" in " ".join(proc.stdout.split())
-    return out
+    return BundleRun(out, proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def bundle_file(bundle_run: BundleRun) -> Path:
+    return bundle_run.path

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.config import ApplianceConfig, GatewayConfig
 from tests.conftest import free_port
-from tests.installer.testhosts import loop_devices, netns, overlay_host, run
+from tests.installer.testhosts import loop_devices, netns, overlay_host, require_tools, run
 
 pytestmark = pytest.mark.installer
 
@@ -228,7 +228,8 @@ def test_gateway_serves_the_issued_certificate(installed: Installed) -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
-        assert reply.status_code == 200 and reply.json() == {"status": "ok"}
+        # The gateway also names its instance and address there; the status is what counts.
+        assert reply.status_code == 200 and reply.json()["status"] == "ok"
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"https://localhost:{port}/healthz", timeout=2)  # the system CAs alone
     finally:
@@ -249,6 +250,7 @@ def test_services_are_installed_and_enabled(installed: Installed) -> None:
 
 
 def test_refuses_a_disk_that_holds_a_filesystem(installed: Installed) -> None:
+    require_tools("mkfs.ext4", "blkid")
     busy = installed.disks[1]
     run("mkfs.ext4", "-q", "-L", "precious", busy)
     cli = installed.install(
@@ -290,6 +292,7 @@ def _connects(ns: str, ip: str, port: int) -> bool:
 
 
 def test_firewall_admits_users_to_the_gateway_only(installed: Installed) -> None:
+    require_tools("ip", "nft")
     rules = installed.root / "etc/appliance/firewall/rules.nft"
     pid = os.getpid()
     srv, user, peer = f"appl-srv-{pid}", f"appl-user-{pid}", f"appl-peer-{pid}"

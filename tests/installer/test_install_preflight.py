@@ -150,6 +150,18 @@ def test_ports_and_time() -> None:
     )
     # On a re-run the appliance itself holds its ports.
     assert checks(facts, appliance_installed=True)["ports"].status == "ok"
+    # doctor --local: the appliance running here holds 443 itself.
+    own = checks(facts, own_ports=[443, 8000])["ports"]
+    assert (own.status, own.detail) == (
+        "ok",
+        "6379 available; 443 held by the appliance running here",
+    )
+    both = {"rc": 0, "stdout": "LISTEN 0 511 0.0.0.0:443 0.0.0.0:*\nLISTEN 0 5 [::]:6379 [::]:*\n"}
+    other = checks(preflight.host_facts(probe("h100-hgx", ss=both)), own_ports=[443])["ports"]
+    assert (other.status, other.detail) == (
+        "fail",
+        "port(s) 6379 already in use by another service",
+    )
     unsynced = {"rc": 0, "stdout": "NTP=no\nNTPSynchronized=no\n"}
     found = checks(preflight.host_facts(probe("h100-hgx", timedatectl=unsynced)))
     assert found["time_sync"].status == "fail"

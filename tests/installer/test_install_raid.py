@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.installer.testhosts import loop_devices, overlay_host, run
+from tests.installer.testhosts import loop_devices, overlay_host, require_tools, run
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
@@ -30,6 +30,7 @@ pytestmark = [
 def test_raid0_store_on_two_disks_then_nothing_changes(
     tmp_path: Path, debian: Path, bundle_file: Path
 ) -> None:
+    require_tools("mdadm")
     with overlay_host(debian, tmp_path / "host") as root, loop_devices(tmp_path, 2) as disks:
         inventory = tmp_path / "inventory.yml"
         md_name = f"appl-test-{os.getpid()}"

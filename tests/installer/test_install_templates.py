@@ -5,7 +5,6 @@ the units and the apt pinning files by content."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from appliance.config import ApplianceConfig, GatewayConfig
+from tests.installer.testhosts import require_tools
 
 PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
 ROLES = PLAYBOOKS / "roles"
@@ -131,11 +131,10 @@ def test_ray_units_for_head_and_worker(rendered: Path) -> None:
         assert all(line.endswith("\\") for line in exec_lines[:-1])
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("nft") is None, reason="nft -c needs root and nftables"
-)
+@pytest.mark.skipif(os.geteuid() != 0, reason="nft --check needs root (CAP_NET_ADMIN)")
 @pytest.mark.parametrize("host", ["gpu01", "gpu02"])
 def test_firewall_rules_pass_nft_check(rendered: Path, host: str) -> None:
+    require_tools("nft")
     proc = subprocess.run(
         ["nft", "--check", "--file", str(rendered / host / "firewall.nft")],
         capture_output=True,

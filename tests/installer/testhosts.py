@@ -40,7 +40,65 @@ def run(
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: chroot, overlay mounts, loop devices and network namespaces")
+        pytest.skip(
+            "needs root: chroot, overlay mounts, loop devices and network namespaces "
+            "(run the tests as root to include the installer tests)"
+        )
+
+
+# The programs the installer tests run on this machine (not inside the test host, whose
+# packages the playbooks install), with the Debian package of each. A Debian 12 container
+# or minimal install has coreutils, mount and util-linux but often not the others.
+HOST_TOOLS = {
+    "chroot": "coreutils",
+    "mount": "mount",
+    "umount": "mount",
+    "losetup": "mount",
+    "findmnt": "util-linux",
+    "mountpoint": "util-linux",
+    "blkid": "util-linux",
+    "debootstrap": "debootstrap",
+    "ip": "iproute2",
+    "nft": "nftables",
+    "mkfs.ext4": "e2fsprogs",
+    "mdadm": "mdadm",
+}
+# Set to 1 to have missing tools skip their tests instead of being installed.
+NO_INSTALL_ENV = "APPLIANCE_TEST_NO_INSTALL"
+_apt_updated = False
+
+
+def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    return run("apt-get", *args, check=False, timeout=900, env=env)
+
+
+def require_tools(*tools: str) -> None:
+    """Make sure these programs exist: installed with apt-get when this runs as root on a
+    machine with apt (unless $APPLIANCE_TEST_NO_INSTALL=1), else the test is skipped with
+    the reason and the package to install."""
+    global _apt_updated
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if not missing:
+        return
+    packages = sorted({HOST_TOOLS[tool] for tool in missing})
+    names = ", ".join(f"{tool} (Debian package {HOST_TOOLS[tool]})" for tool in missing)
+    how = f"apt-get install {' '.join(packages)}"
+    if os.environ.get(NO_INSTALL_ENV) == "1":
+        pytest.skip(f"needs {names}; {NO_INSTALL_ENV}=1 forbids installing it: run `{how}`")
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"needs {names}; run `{how}`, or run the tests as root where apt-get is")
+    args = ("install", "-y", "--no-install-recommends", *packages)
+    proc = _apt_get(*args)
+    if proc.returncode != 0 and not _apt_updated:
+        # A fresh machine may have no package lists yet.
+        _apt_updated = True
+        _apt_get("update")
+        proc = _apt_get(*args)
+    still = [tool for tool in missing if shutil.which(tool) is None]
+    if still:
+        tail = (proc.stderr or proc.stdout).strip()[-600:]
+        pytest.skip(f"needs {names}; `{how}` did not provide {', '.join(still)}: {tail}")
 
 
 def mirror_reachable() -> bool:
@@ -58,8 +116,7 @@ def debian_root() -> Path:
         return root
     if not mirror_reachable():
         pytest.skip(f"the Debian mirror {MIRROR} is unreachable; cannot debootstrap a test host")
-    if shutil.which("debootstrap") is None:
-        run("apt-get", "install", "-y", "--no-install-recommends", "debootstrap", timeout=600)
+    require_tools("debootstrap")
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = CACHE / f".{SUITE}.partial"
     if partial.exists():
