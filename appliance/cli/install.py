@@ -151,7 +151,11 @@ def install(
     config, install_config = _configs(ctx)
     run_dir = new_run_dir(config.home_dir)
     inv = _inventory(install_config, inventory, run_dir)
-    extravars: dict[str, Any] = {"tls_ca_dir": str(config.home_dir / "ca")}
+    extravars: dict[str, Any] = {
+        "tls_ca_dir": str(config.home_dir / "ca"),
+        # The cluster's, not the control machine's own embedded appliance's.
+        "ray_cluster_token_source": str(config.home_dir / "cluster" / "ray-auth-token"),
+    }
     playbooks: Path | None = None
     if offline is not None:
         opened = bundles.open_bundle(offline, run_dir / "bundle")

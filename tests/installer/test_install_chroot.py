@@ -243,10 +243,45 @@ def test_services_are_installed_and_enabled(installed: Installed) -> None:
         assert (wants / unit).is_symlink(), f"{unit} is not enabled"
     ray = (installed.root / "etc/systemd/system/appliance-ray.service").read_text()
     assert "--head --port=6379" in ray and f"--node-ip-address={SERVER_IP}" in ray
-    assert "Restart=on-failure" in ray
     supervisor = (installed.root / "etc/systemd/system/appliance.service").read_text()
     assert "ExecStart=/opt/appliance/venv/bin/appliance up --foreground" in supervisor
     assert "Requires=appliance-ray.service" in supervisor
+    for unit in (ray, supervisor):
+        # Back after any exit, a kill -9 included, and never given up on.
+        assert "Restart=always" in unit and "StartLimitIntervalSec=0" in unit
+
+
+def test_unit_files_pass_systemd_analyze_verify(installed: Installed) -> None:
+    require_tools("systemd-analyze")
+    units = [
+        f"/etc/systemd/system/{name}"
+        for name in ("appliance.service", "appliance-ray.service", "appliance-firewall.service")
+    ]
+    # --root: executables, users and paths are resolved inside the installed host.
+    result = run("systemd-analyze", "verify", f"--root={installed.root}", *units, check=False)
+    output = result.stdout + result.stderr
+    ours = [line for line in output.splitlines() if "appliance" in line]
+    assert result.returncode == 0 and not ours, output
+
+
+def test_ray_runs_with_the_clusters_own_token(installed: Installed) -> None:
+    token = installed.root / "var/lib/appliance/ray-auth-token"
+    kept = installed.home / "cluster" / "ray-auth-token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    owner = installed.chroot("stat", "-c", "%U", "/var/lib/appliance/ray-auth-token").stdout
+    assert owner.strip() == "appliance"
+    assert token.read_text() == kept.read_text() and len(kept.read_text()) == 64
+    ray = (installed.root / "etc/systemd/system/appliance-ray.service").read_text()
+    assert "Environment=RAY_AUTH_MODE=token" in ray
+    assert "Environment=RAY_AUTH_TOKEN_PATH=/var/lib/appliance/ray-auth-token" in ray
+    # The installed supervisor reads the same file, and refuses to run Ray without it.
+    config = ApplianceConfig.model_validate({"home": "/var/lib/appliance"})
+    from appliance.control.runtime import ray_token_path
+
+    assert ray_token_path(config) == Path("/var/lib/appliance/ray-auth-token")
+    assert kept.read_text() not in "\n".join(
+        p.read_text(errors="replace") for p in (installed.home / "installs").rglob("stdout")
+    ), "the token reached the install's logs"
 
 
 def test_refuses_a_disk_that_holds_a_filesystem(installed: Installed) -> None:

@@ -124,7 +124,9 @@ def test_ray_units_for_head_and_worker(rendered: Path) -> None:
     assert "--node-ip-address=10.0.0.12" in worker
     for unit in (head, worker):
         assert "--min-worker-port=10002 --max-worker-port=10999" in unit
-        assert "Restart=on-failure" in unit
+        assert "Restart=always" in unit and "StartLimitIntervalSec=0" in unit
+        assert "Environment=RAY_AUTH_MODE=token" in unit
+        assert "Environment=RAY_AUTH_TOKEN_PATH=/var/lib/appliance/ray-auth-token" in unit
         assert "User=appliance" in unit
         # systemd joins the continued lines: no line may end without its backslash.
         exec_lines = unit.split("ExecStart=", 1)[1].split("ExecStop=")[0].strip().splitlines()

@@ -62,6 +62,7 @@ HOST_TOOLS = {
     "nft": "nftables",
     "mkfs.ext4": "e2fsprogs",
     "mdadm": "mdadm",
+    "systemd-analyze": "systemd",
 }
 # Set to 1 to have missing tools skip their tests instead of being installed.
 NO_INSTALL_ENV = "APPLIANCE_TEST_NO_INSTALL"
