@@ -194,7 +194,8 @@ class Supervisor:
                     "%s failed, keeping the last good state: %s",
                     name,
                     what,
-                    exc_info=not isinstance(exc, OSError | sqlite3.Error),
+                    # Our own errors and I/O say all there is; anything else needs its trace.
+                    exc_info=not isinstance(exc, OSError | sqlite3.Error | ApplianceError),
                 )
                 failing = _Failing(what)
             failing.count += 1

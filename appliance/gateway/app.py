@@ -102,6 +102,10 @@ class KeyChecker:
     def enabled(self) -> bool:
         return self._load is not None
 
+    async def prime(self) -> None:
+        if self._load is not None:
+            await self._refresh()
+
     async def _refresh(self) -> None:
         assert self._load is not None
         if time.monotonic() - self._loaded_at > self._reload_s:
@@ -264,7 +268,10 @@ class Gateway:
             skip_auto_headers=("User-Agent",),
             trace_configs=[_trace_reuse()],
         )
+        # Read at start, not at the first request: a disk that fills later must find
+        # the keys and records already in hand.
         await self.book.refresh(force=True)
+        await self.keys.prime()
 
     async def shutdown(self) -> None:
         if self.session is not None:
