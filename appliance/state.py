@@ -1,8 +1,10 @@
 """Appliance state in one embedded SQLite file: deployed models and API keys.
 
 Each call opens a short-lived connection so that the CLI, the supervisor and the
-gateway can share the file safely (WAL mode). API keys are stored as SHA-256 digests;
-the key itself is shown once, at creation, and never stored or logged.
+gateway can share the file safely (WAL mode). API keys are stored as SHA-256 digests
+with their policy (appliance.keys); the key itself is shown once, at creation or
+rotation, and never stored or logged. Every change to keys bumps `keys_version`, which
+gateways poll twice a second: a revocation takes effect within a second everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError
+from appliance.keys import KEY_PREFIX, KeyPolicy, KeyRecord, validate_key_name
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -35,15 +38,20 @@ CREATE TABLE IF NOT EXISTS api_keys (
     prefix      TEXT NOT NULL,
     digest      TEXT NOT NULL UNIQUE,
     created_at  REAL NOT NULL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    policy      TEXT NOT NULL DEFAULT '{}',
+    rotated_at  REAL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name        TEXT PRIMARY KEY,
+    value       INTEGER NOT NULL
 );
 -- A name is taken only while its key is active: revoking frees it for a new key.
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name)
     WHERE revoked_at IS NULL;
 """
 
-KEY_PREFIX = "sk-app-"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -65,6 +73,16 @@ def _migrate(conn: sqlite3.Connection) -> None:
             INSERT INTO api_keys SELECT id, name, prefix, digest, created_at, revoked_at
                 FROM api_keys_v0;
             DROP TABLE api_keys_v0;
+            """
+        )
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(api_keys)").fetchall()}
+    if columns and "policy" not in columns:
+        # 1 -> 2: keys carry a policy (scope, models, limits, expiry); old keys get the
+        # default one, which is what they could do before.
+        conn.executescript(
+            """
+            ALTER TABLE api_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}';
+            ALTER TABLE api_keys ADD COLUMN rotated_at REAL;
             """
         )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -101,12 +119,14 @@ class Deployment:
     added_at: float
 
 
-@dataclass(frozen=True)
-class ApiKey:
-    name: str
-    prefix: str
-    created_at: float
-    revoked_at: float | None
+def _expired(policy: KeyPolicy, now: float) -> bool:
+    return policy.expires_at is not None and now >= policy.expires_at
+
+
+def _no_active_key(name: str) -> ApplianceError:
+    return ApplianceError(
+        f"no active key named {name!r}", hint="`appliance key list` shows the keys."
+    )
 
 
 def key_digest(key: str) -> str:
@@ -170,20 +190,49 @@ class State:
 
     # API keys.
 
-    def create_key(self, name: str) -> str:
+    def _bump_keys(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO meta(name, value) VALUES ('keys_version', 1) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+        )
+
+    def create_key(self, name: str, policy: KeyPolicy | None = None) -> str:
         """Create a key and return it; only its digest is kept."""
+        validate_key_name(name)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:
             with self._connect() as conn:
                 conn.execute(
-                    "INSERT INTO api_keys(name, prefix, digest, created_at) VALUES (?, ?, ?, ?)",
-                    (name, key[: len(KEY_PREFIX) + 4], key_digest(key), time.time()),
+                    "INSERT INTO api_keys(name, prefix, digest, created_at, policy) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        key[: len(KEY_PREFIX) + 4],
+                        key_digest(key),
+                        time.time(),
+                        (policy or KeyPolicy()).model_dump_json(exclude_defaults=True),
+                    ),
                 )
+                self._bump_keys(conn)
         except sqlite3.IntegrityError:
             raise ApplianceError(
                 f"an API key named {name!r} already exists",
                 hint="Pick another name, or revoke it first with `appliance key revoke NAME`.",
             ) from None
+        return key
+
+    def rotate_key(self, name: str) -> str:
+        """A new key for the active key `name`, same policy; the old one stops working."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._connect() as conn:
+            cur = conn.execute(
+                "UPDATE api_keys SET prefix = ?, digest = ?, rotated_at = ? "
+                "WHERE name = ? AND revoked_at IS NULL",
+                (key[: len(KEY_PREFIX) + 4], key_digest(key), time.time(), name),
+            )
+            if cur.rowcount == 0:
+                raise _no_active_key(name)
+            self._bump_keys(conn)
         return key
 
     def revoke_key(self, name: str) -> bool:
@@ -192,19 +241,56 @@ class State:
                 "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
                 (time.time(), name),
             )
+            if cur.rowcount:
+                self._bump_keys(conn)
             return cur.rowcount > 0
 
-    def list_keys(self) -> list[ApiKey]:
+    def delete_key(self, name: str, force: bool = False) -> int:
+        """Forget every key named `name` that no longer works (all of them with `force`);
+        returns how many. Usage records keep the name."""
+        now = time.time()
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT name, prefix, created_at, revoked_at FROM api_keys ORDER BY id"
+                "SELECT id, revoked_at, policy FROM api_keys WHERE name = ?", (name,)
             ).fetchall()
-        return [ApiKey(*r) for r in rows]
+            if not rows:
+                raise ApplianceError(
+                    f"no API key named {name!r}", hint="`appliance key list` shows the keys."
+                )
+            live = [
+                r[0]
+                for r in rows
+                if r[1] is None and not _expired(KeyPolicy.model_validate_json(r[2]), now)
+            ]
+            if live and not force:
+                raise ApplianceError(
+                    f"the key {name!r} is active; deleting it would cut off whoever uses it",
+                    hint=f"Revoke it first (`appliance key revoke {name}`), or delete it at "
+                    "once with --force.",
+                )
+            conn.execute("DELETE FROM api_keys WHERE name = ?", (name,))
+            self._bump_keys(conn)
+        return len(rows)
+
+    def key_records(self) -> list[KeyRecord]:
+        """Every key, in creation order (active, revoked and expired)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT id, name, prefix, digest, created_at, revoked_at, rotated_at, policy "
+                "FROM api_keys ORDER BY id"
+            ).fetchall()
+        return [
+            KeyRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], KeyPolicy.model_validate_json(r[7]))
+            for r in rows
+        ]
+
+    def keys_version(self) -> int:
+        """Changes whenever a key is created, rotated, revoked or deleted."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE name = 'keys_version'").fetchone()
+        return int(row[0]) if row else 0
 
     def active_key_digests(self) -> dict[str, str]:
-        """digest -> key name, for every key that is not revoked."""
-        with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT digest, name FROM api_keys WHERE revoked_at IS NULL"
-            ).fetchall()
-        return {digest: name for digest, name in rows}
+        """digest -> key name, for every key that is neither revoked nor expired."""
+        now = time.time()
+        return {k.digest: k.name for k in self.key_records() if k.state(now) == "active"}

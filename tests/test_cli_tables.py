@@ -135,11 +135,11 @@ def test_key_list_keeps_every_column(tmp_path: Path, width: int) -> None:
     text = cli(home, width, "key", "list")
     fits(text, width)
     tokens = text.split()
-    for header in ("name", "prefix", "created", "revoked"):
+    for header in ("name", "prefix", "state", "scope", "models", "limits", "expires", "created"):
         assert header in tokens
-    assert long_name in tokens and "bob" in tokens
-    (bob,) = [key for key in state.list_keys() if key.name == "bob"]
+    assert long_name in tokens and "bob" in tokens and "revoked" in tokens
+    (bob,) = [key for key in state.key_records() if key.name == "bob"]
     assert f"{bob.prefix}..." in tokens
-    # Created and revoked: each date whole, twice for bob, once for the others.
+    # Created: each date whole, once per key.
     dates = [t for t in tokens if len(t) == 10 and t[4] == "-" and t[7] == "-"]
-    assert len(dates) == 4
+    assert len(dates) == 3

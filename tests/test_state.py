@@ -24,7 +24,7 @@ def state_bytes(state: State) -> bytes:
 def test_a_new_state_is_empty_and_creates_its_directory(state: State) -> None:
     assert not state.path.parent.exists()
     assert state.deployments() == []
-    assert state.list_keys() == []
+    assert state.key_records() == []
     assert state.active_key_digests() == {}
     assert state.path.is_file()
 
@@ -98,7 +98,7 @@ def test_list_keys_shows_names_and_short_prefixes(state: State) -> None:
     key = state.create_key("ci")
     state.create_key("ops")
 
-    keys = state.list_keys()
+    keys = state.key_records()
 
     assert [k.name for k in keys] == ["ci", "ops"]
     assert key.startswith(keys[0].prefix)
@@ -113,7 +113,7 @@ def test_duplicate_key_name_is_an_appliance_error(state: State) -> None:
         state.create_key("ci")
     assert "'ci'" in info.value.message
     assert info.value.hint
-    assert len(state.list_keys()) == 1
+    assert len(state.key_records()) == 1
 
 
 def test_revoke_key(state: State) -> None:
@@ -126,7 +126,7 @@ def test_revoke_key(state: State) -> None:
 
     assert state.active_key_digests() == {key_digest(kept): "new"}
     assert key_digest(revoked) not in state.active_key_digests()
-    old = next(k for k in state.list_keys() if k.name == "old")
+    old = next(k for k in state.key_records() if k.name == "old")
     assert old.revoked_at is not None
 
 
@@ -162,7 +162,7 @@ def test_a_state_file_from_before_name_reuse_is_migrated(tmp_path: Path) -> None
     assert state.active_key_digests() == {"d1": "ci"}
     assert state.revoke_key("ci")
     state.create_key("ci")  # the old UNIQUE(name) would refuse this
-    assert sorted(k.name for k in state.list_keys()) == ["ci", "ci"]
+    assert sorted(k.name for k in state.key_records()) == ["ci", "ci"]
 
 
 def test_the_state_file_is_private(state: State) -> None:

@@ -1,48 +1,204 @@
-"""`appliance key create|list|revoke`: API keys for the endpoint."""
+"""`appliance key create|list|show|rotate|revoke|delete`: API keys for the endpoint."""
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 import typer
 
-from appliance.cli.common import config_of, console, print_table
+from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.errors import ApplianceError
+from appliance.keys import DATA_CLASSES, KeyPolicy, KeyRecord, describe_time, parse_expiry
 from appliance.state import State
 
-app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app = typer.Typer(
+    help="Create, list, show, rotate, revoke and delete API keys.", no_args_is_help=True
+)
 
 
-@app.command("create")
-def create(ctx: typer.Context, name: str = typer.Argument(..., help="A name for the key.")) -> None:
-    """Create a key and print it once; only its digest is stored."""
-    key = State(config_of(ctx).state_db).create_key(name)
-    console.print(f"Created key {name!r}. It is shown only now:")
+def _state(ctx: typer.Context) -> State:
+    return State(config_of(ctx).state_db)
+
+
+def _record(ctx: typer.Context, name: str) -> KeyRecord:
+    records = [k for k in _state(ctx).key_records() if k.name == name]
+    if not records:
+        raise ApplianceError(f"no API key named {name!r}", hint="`appliance key list` shows them.")
+    # The active one if there is one, else the newest.
+    active = [k for k in records if k.state() == "active"]
+    return (active or records)[-1]
+
+
+def _as_json(key: KeyRecord) -> dict[str, Any]:
+    return {
+        "name": key.name,
+        "prefix": key.prefix,
+        "state": key.state(),
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+        "rotated_at": key.rotated_at,
+        **key.policy.model_dump(mode="json"),
+    }
+
+
+def _limits(policy: KeyPolicy) -> str:
+    parts = [
+        f"{value} {unit}"
+        for value, unit in (
+            (policy.rpm, "rpm"),
+            (policy.tpm, "tpm"),
+            (policy.concurrency, "at once"),
+            (policy.max_tokens, "max_tokens"),
+            (policy.max_prompt_tokens, "prompt tokens"),
+        )
+        if value is not None
+    ]
+    return ", ".join(parts) or "none"
+
+
+def _show_secret(name: str, key: str, what: str) -> None:
+    console.print(f"{what} key {name!r}. It is shown only now:")
+    # Plain print: no wrapping or markup may touch the secret.
     print(key)
 
 
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="A name for the key: who or what it is for."),
+    models: str | None = typer.Option(
+        None, "--models", help="Comma-separated models the key may call (default: every model)."
+    ),
+    rpm: int | None = typer.Option(None, "--rpm", min=1, help="Requests per minute."),
+    tpm: int | None = typer.Option(
+        None, "--tpm", min=1, help="Tokens per minute, prompt and completion together."
+    ),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", min=1, help="Requests in flight at once."
+    ),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="Largest max_tokens of one request."
+    ),
+    max_prompt_tokens: int | None = typer.Option(
+        None, "--max-prompt-tokens", min=1, help="Largest prompt of one request, in tokens."
+    ),
+    data_class: str = typer.Option(
+        "internal",
+        "--data-class",
+        help=f"The most sensitive data the key may send: {', '.join(DATA_CLASSES)}.",
+    ),
+    expires: str | None = typer.Option(
+        None, "--expires", help="When the key stops working: 90d, 12h, 2w, or a date."
+    ),
+    admin: bool = typer.Option(False, "--admin", help="Admin scope: also the admin API."),
+) -> None:
+    """Create a key and print it once; only its digest is stored."""
+    if data_class not in DATA_CLASSES:
+        raise ApplianceError(
+            f"unknown data class {data_class!r}",
+            hint=f"Use one of: {', '.join(DATA_CLASSES)}.",
+        )
+    chosen = tuple(m.strip() for m in models.split(",") if m.strip()) if models else None
+    if models is not None and not chosen:
+        raise ApplianceError("--models names no model", hint="Give names separated by commas.")
+    policy = KeyPolicy.model_validate(
+        {
+            "scope": "admin" if admin else "user",
+            "models": chosen,
+            "rpm": rpm,
+            "tpm": tpm,
+            "concurrency": concurrency,
+            "max_tokens": max_tokens,
+            "max_prompt_tokens": max_prompt_tokens,
+            "data_class": data_class,
+            "expires_at": parse_expiry(expires) if expires else None,
+        },
+        strict=False,
+    )
+    key = _state(ctx).create_key(name, policy)
+    _show_secret(name, key, "Created")
+
+
 @app.command("list")
-def list_keys(ctx: typer.Context) -> None:
-    """List keys (names and prefixes; never the keys themselves)."""
+def list_keys(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List keys: names, prefixes, state and policy (never the keys themselves)."""
+    keys = _state(ctx).key_records()
+    if as_json:
+        print_json([_as_json(k) for k in keys])
+        return
     rows = [
         [
             key.name,
             key.prefix + "...",
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at)),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at))
-            if key.revoked_at
-            else "",
+            key.state(),
+            key.policy.scope,
+            ",".join(key.policy.models) if key.policy.models else "all",
+            _limits(key.policy),
+            describe_time(key.policy.expires_at) or "never",
+            describe_time(key.created_at),
         ]
-        for key in State(config_of(ctx).state_db).list_keys()
+        for key in keys
     ]
-    print_table(["name", "prefix", "created", "revoked"], rows)
+    print_table(
+        ["name", "prefix", "state", "scope", "models", "limits", "expires", "created"], rows
+    )
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The key's name."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show one key's state and policy."""
+    key = _record(ctx, name)
+    if as_json:
+        print_json(_as_json(key))
+        return
+    policy = key.policy
+    rows = [
+        ["prefix", key.prefix + "..."],
+        ["state", key.state()],
+        ["scope", policy.scope],
+        ["models", ", ".join(policy.models) if policy.models else "every model"],
+        ["limits", _limits(policy)],
+        ["data class", policy.data_class],
+        ["expires", describe_time(policy.expires_at) or "never"],
+        ["created", describe_time(key.created_at)],
+        ["rotated", describe_time(key.rotated_at) or "never"],
+        ["revoked", describe_time(key.revoked_at) or "no"],
+    ]
+    console.print(f"[bold]{key.name}[/]")
+    print_table(["", ""], rows)
+
+
+@app.command("rotate")
+def rotate(ctx: typer.Context, name: str = typer.Argument(..., help="The key's name.")) -> None:
+    """Replace an active key's secret, keeping its name and policy; the old secret stops
+    working within a second."""
+    key = _state(ctx).rotate_key(name)
+    _show_secret(name, key, "Rotated")
 
 
 @app.command("revoke")
 def revoke(ctx: typer.Context, name: str = typer.Argument(..., help="The key's name.")) -> None:
-    """Revoke a key; the gateway rejects it within seconds."""
-    if not State(config_of(ctx).state_db).revoke_key(name):
+    """Revoke a key; every gateway refuses it within a second."""
+    if not _state(ctx).revoke_key(name):
         raise ApplianceError(
             f"no active key named {name!r}", hint="`appliance key list` shows the keys."
         )
     console.print(f"Revoked {name!r}.")
+
+
+@app.command("delete")
+def delete(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The key's name."),
+    force: bool = typer.Option(False, "--force", help="Delete it even while it is active."),
+) -> None:
+    """Forget a revoked or expired key (usage records keep its name)."""
+    count = _state(ctx).delete_key(name, force=force)
+    console.print(f"Deleted {count} key(s) named {name!r}.")

@@ -23,7 +23,8 @@ from appliance.catalog import load_catalog
 from appliance.config import GatewayConfig, load_config
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
-from appliance.gateway.app import GatewaySettings, KeyChecker, create_app
+from appliance.gateway.app import GatewaySettings, create_app
+from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook
 from appliance.gateway.replicas import RayRegistrySource, ReplicaTable, StaticSource
 from appliance.gateway.server import bind, bound_address, guarded_protocol
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     state = State(config.state_db)
     keys = KeyChecker(None)
     if gc.require_api_key and not args.no_auth:
-        keys = KeyChecker(state.active_key_digests)
+        keys = KeyChecker(state.key_records, state.keys_version)
 
     def modalities(model: str) -> list[str]:
         return list(catalog.get(model).modalities) if model in catalog else []

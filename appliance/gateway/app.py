@@ -22,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
-import hashlib
 import logging
 import re
-import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -43,10 +42,12 @@ from starlette.routing import Route
 
 from appliance.config import GatewayLimits
 from appliance.gateway import validate
+from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook, ModelInfo
 from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
+from appliance.keys import KeyRecord
 
 log = logging.getLogger("appliance.gateway")
 
@@ -87,67 +88,6 @@ class GatewaySettings:
             max_tokens=lim.max_tokens,
             max_json_depth=lim.max_json_depth,
         )
-
-
-class KeyChecker:
-    """API keys by SHA-256 digest, reloaded from the state file every few seconds."""
-
-    def __init__(self, load: Callable[[], dict[str, str]] | None, reload_s: float = 5.0) -> None:
-        self._load = load
-        self._reload_s = reload_s
-        self._digests: dict[str, str] = {}
-        self._loaded_at = float("-inf")
-
-    @property
-    def enabled(self) -> bool:
-        return self._load is not None
-
-    async def prime(self) -> None:
-        if self._load is not None:
-            await self._refresh()
-
-    async def _refresh(self) -> None:
-        assert self._load is not None
-        if time.monotonic() - self._loaded_at > self._reload_s:
-            try:
-                self._digests = await asyncio.to_thread(self._load)
-            except Exception as exc:
-                # A locked or full disk: keep serving with the last good digests.
-                log.warning("API keys not readable, keeping the last ones: %r", exc)
-            self._loaded_at = time.monotonic()
-
-    async def name(self, authorization: str | None) -> str | None:
-        """The key's name, or None when the header carries no valid key."""
-        if self._load is None:
-            return None
-        await self._refresh()
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return None
-        return self._digests.get(hashlib.sha256(key.strip().encode()).hexdigest())
-
-    async def check(self, authorization: str | None) -> str | None:
-        """The key's name; raises 401 when the key is missing or unknown."""
-        if self._load is None:
-            return None
-        await self._refresh()
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise GatewayError(
-                401,
-                "No API key provided. Send it as 'Authorization: Bearer <key>'; an admin "
-                "creates keys with `appliance key create NAME`.",
-                code="invalid_api_key",
-            )
-        name = self._digests.get(hashlib.sha256(key.strip().encode()).hexdigest())
-        if name is None:
-            # Never echo the key back: it may be a real secret sent to the wrong place.
-            raise GatewayError(
-                401,
-                "Incorrect API key provided. Ask the appliance admin for a valid key.",
-                code="invalid_api_key",
-            )
-        return name
 
 
 class ModelRewriter:
@@ -293,19 +233,20 @@ class Gateway:
         ready = self._ready()
         body: dict[str, Any] = {"ready": ready, "instance": self.settings.instance}
         # Which models exist is for key holders only.
-        if not self.keys.enabled or await self.keys.name(request.headers.get("authorization")):
+        if not self.keys.enabled or await self.keys.key(request.headers.get("authorization")):
             body["models"] = self.table.counts()
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def models(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
         try:
-            await self.keys.check(request.headers.get("authorization"))
+            key = await self.keys.check(request.headers.get("authorization"))
         except GatewayError as err:
             return error_response(err, request_id)
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "appliance"}
             for m in self.table.models
+            if key is None or key.policy.allows(m)
         ]
         return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
@@ -313,8 +254,8 @@ class Gateway:
         request_id = uuid.uuid4().hex
         name = request.path_params["model"]
         try:
-            await self.keys.check(request.headers.get("authorization"))
-            if not self.table.knows(name):
+            key = await self.keys.check(request.headers.get("authorization"))
+            if not self.table.knows(name) or (key is not None and not key.policy.allows(name)):
                 raise self._not_found(name)
         except GatewayError as err:
             return error_response(err, request_id)
@@ -388,7 +329,7 @@ class Gateway:
         request_id: str,
     ) -> None:
         authorization = headers.get(b"authorization")
-        await self.keys.check(authorization.decode("latin-1") if authorization else None)
+        key = await self.keys.check(authorization.decode("latin-1") if authorization else None)
         raw = await self._read_body(headers, receive)
         body = validate.parse_body(raw)
         await self.book.refresh()
@@ -403,11 +344,22 @@ class Gateway:
         extensions = info.extensions if info is not None else _VLLM_EXTENSIONS
         checked = check(body, self.caps, extensions)
         model = checked.model
+        if key is not None and not key.policy.allows(model):
+            raise _not_allowed(key, model)
         if not self.table.loaded:
             raise self._unavailable(model)
         if not self.table.knows(model):
             raise self._not_found(model)
+        if key is not None:
+            checked = _within_key_caps(key, checked)
         prompt_tokens = await self._check_context(checked, info)
+        most = key.policy.max_prompt_tokens if key is not None else None
+        if most is not None and prompt_tokens is not None and prompt_tokens > most:
+            raise _key_cap(
+                f"This request's prompt has {prompt_tokens} tokens; the key "
+                f"'{key.name if key else ''}' allows at most {most}.",
+                "messages" if checked.messages is not None else "prompt",
+            )
         # From here on a client that leaves cancels the work: watch for it.
         task = asyncio.current_task()
         assert task is not None
@@ -730,6 +682,43 @@ def _text_chars(messages: list[dict[str, Any]]) -> int:
         elif isinstance(content, list):
             total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
     return total
+
+
+def _not_allowed(key: KeyRecord, model: str) -> GatewayError:
+    allowed = ", ".join(key.policy.models or ())
+    return GatewayError(
+        403,
+        f"The API key '{key.name}' may not use the model '{model}' (it may use: {allowed}). "
+        "Ask the appliance admin to extend the key's models.",
+        type="permission_error",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
+def _key_cap(message: str, param: str) -> GatewayError:
+    return GatewayError(400, message, param=param, code="key_limit_exceeded")
+
+
+def _within_key_caps(key: KeyRecord, checked: validate.Checked) -> validate.Checked:
+    """The key's max_tokens cap: a larger ask is refused, a missing one is set to the cap
+    (the engine would otherwise generate up to the end of the context)."""
+    cap = key.policy.max_tokens
+    if cap is None:
+        return checked
+    if checked.max_tokens is not None:
+        if checked.max_tokens > cap:
+            param = (
+                "max_completion_tokens" if "max_completion_tokens" in checked.body else "max_tokens"
+            )
+            raise _key_cap(
+                f"This request asks for {checked.max_tokens} tokens; the key '{key.name}' "
+                f"allows at most {cap}.",
+                param,
+            )
+        return checked
+    field = "max_completion_tokens" if checked.messages is not None else "max_tokens"
+    return dataclasses.replace(checked, max_tokens=cap, body={**checked.body, field: cap})
 
 
 def _context_error(
