@@ -303,6 +303,38 @@ class ModelOverride(Section):
     )
 
 
+class ModelPrice(Section):
+    input_per_million: float = Field(
+        0.0, ge=0, description="Price of a million prompt tokens, in your currency."
+    )
+    output_per_million: float = Field(
+        0.0, ge=0, description="Price of a million completion tokens."
+    )
+
+
+class GovernanceConfig(Section):
+    usage_retention_days: int = Field(
+        400, ge=1, le=36500, description="Usage rows older than this are pruned (daily)."
+    )
+    audit_retention_days: int = Field(
+        400,
+        ge=1,
+        le=36500,
+        description="Audit records older than this are pruned (daily); the chain keeps "
+        "verifying from the last pruned record's hash.",
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description="Per model: what a million tokens cost, for `appliance usage` cost columns.",
+    )
+    gpu_hour_price: float | None = Field(
+        None,
+        ge=0,
+        description="What one GPU-hour costs; `appliance usage` then shares each model's "
+        "GPU-hours among the keys by their tokens.",
+    )
+
+
 class ApplianceConfig(Section):
     home: FilePath | None = Field(
         None,
@@ -321,6 +353,7 @@ class ApplianceConfig(Section):
         default_factory=dict, description="Per-model engine overrides, keyed by catalog name."
     )
     install: InstallConfig = InstallConfig()
+    governance: GovernanceConfig = GovernanceConfig()
 
     # Where this configuration came from; None for the embedded default.
     source: FilePath | None = Field(None, exclude=True)

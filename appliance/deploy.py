@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.audit import admin_event
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.config import ApplianceConfig
 from appliance.control.runtime import read_status
@@ -94,7 +95,13 @@ def add_model(
     plan = plan_model(entry, free_cluster(config, replanning=entry.name), **options)
     on_step("installing weights")
     built = fetch_weights(entry, Store(config.store_dir), plan.precision, source, progress, on_step)
-    State(config.state_db).add_deployment(entry.name, plan.engine, plan.to_dict())
+    detail = {"engine": plan.engine, "precision": plan.precision, "replicas": plan.replicas}
+    State(config.state_db).add_deployment(
+        entry.name,
+        plan.engine,
+        plan.to_dict(),
+        audit=admin_event("model added", entry.name, detail),
+    )
     return AddResult(entry, plan, built)
 
 
@@ -112,7 +119,9 @@ def remove_model(
             f"{name} is being served right now ({live['healthy_replicas']} healthy replica(s))",
             hint=f"Run `appliance model remove {name} --force` to stop serving it and remove it.",
         )
-    was_deployed = State(config.state_db).remove_deployment(name)
+    was_deployed = State(config.state_db).remove_deployment(
+        name, audit=admin_event("model removed", name, {"keep_weights": keep_weights})
+    )
     store = Store(config.store_dir)
     removed = False
     if not keep_weights and store.is_installed(name):

@@ -86,14 +86,22 @@ _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_expiry(text: str, now: float | None = None) -> float:
-    """'90d', '12h', '2w', '1d12h', or an ISO date ('2027-03-01'): the Unix time it means."""
-    now = time.time() if now is None else now
+def parse_duration(text: str) -> float | None:
+    """'90d', '12h', '2w', '1d12h' in seconds; None when the text is not a duration."""
     compact = text.strip().lower()
     if compact and _DURATION.sub("", compact).strip() == "":
         seconds = sum(int(n) * _UNITS[unit] for n, unit in _DURATION.findall(compact))
         if seconds > 0:
-            return now + seconds
+            return float(seconds)
+    return None
+
+
+def parse_expiry(text: str, now: float | None = None) -> float:
+    """'90d', '12h', '2w', '1d12h', or an ISO date ('2027-03-01'): the Unix time it means."""
+    now = time.time() if now is None else now
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return now + seconds
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.audit import GENESIS, record_hash
 from appliance.errors import ApplianceError
 from appliance.keys import KEY_PREFIX, KeyPolicy, KeyRecord, validate_key_name
 
@@ -46,12 +47,53 @@ CREATE TABLE IF NOT EXISTS meta (
     name        TEXT PRIMARY KEY,
     value       INTEGER NOT NULL
 );
+-- One row per request (appliance.ledger). `id` is the row's own, so moving a spool
+-- file twice (after a crash) adds nothing.
+CREATE TABLE IF NOT EXISTS usage (
+    id                  TEXT PRIMARY KEY,
+    ts                  REAL NOT NULL,
+    request_id          TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    key                 TEXT,
+    model               TEXT,
+    replica             TEXT,
+    client              TEXT,
+    stream              INTEGER NOT NULL DEFAULT 0,
+    status              INTEGER NOT NULL,
+    error               TEXT,
+    prompt_tokens       INTEGER,
+    completion_tokens   INTEGER,
+    ttft_ms             REAL,
+    duration_ms         REAL
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage(ts);
+-- Append-only; each record carries the hash of the one before (appliance.audit).
+CREATE TABLE IF NOT EXISTS audit (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    ts          REAL NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    target      TEXT,
+    detail      TEXT NOT NULL,
+    source      TEXT,
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    hash        TEXT NOT NULL,
+    pruned      INTEGER NOT NULL
+);
 -- A name is taken only while its key is active: revoking frees it for a new key.
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name)
     WHERE revoked_at IS NULL;
 """
 
 SCHEMA_VERSION = 2
+# An audit record (appliance.audit.admin_event), written in the same transaction as the
+# change it records: the change and its record land together or not at all.
+Event = dict[str, Any]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -119,6 +161,34 @@ class Deployment:
     added_at: float
 
 
+def _chain(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> None:
+    """Append audit records after the last one, inside the caller's write transaction."""
+    row = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None:
+        row = conn.execute("SELECT hash FROM audit_anchor").fetchone()
+    prev = row[0] if row else GENESIS
+    for event in events:
+        if conn.execute("SELECT 1 FROM audit WHERE id = ?", (event["id"],)).fetchone():
+            continue
+        digest = record_hash(prev, event)
+        conn.execute(
+            "INSERT INTO audit(id, ts, actor, action, target, detail, source, "
+            "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event["id"],
+                event["ts"],
+                event["actor"],
+                event["action"],
+                event.get("target"),
+                json.dumps(event.get("detail") or {}, sort_keys=True),
+                event.get("source"),
+                prev,
+                digest,
+            ),
+        )
+        prev = digest
+
+
 def _expired(policy: KeyPolicy, now: float) -> bool:
     return policy.expires_at is not None and now >= policy.expires_at
 
@@ -166,17 +236,23 @@ class State:
 
     # Deployments: the models the appliance should be serving.
 
-    def add_deployment(self, model: str, engine: str, plan: dict[str, Any]) -> None:
+    def add_deployment(
+        self, model: str, engine: str, plan: dict[str, Any], audit: Event | None = None
+    ) -> None:
         with self._connect() as conn:
             conn.execute(
                 "INSERT INTO deployments(model, engine, plan, added_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(model) DO UPDATE SET engine=excluded.engine, plan=excluded.plan",
                 (model, engine, json.dumps(plan, sort_keys=True), time.time()),
             )
+            _chain(conn, [audit] if audit else [])
 
-    def remove_deployment(self, model: str) -> bool:
+    def remove_deployment(self, model: str, audit: Event | None = None) -> bool:
         with self._connect() as conn:
-            return conn.execute("DELETE FROM deployments WHERE model = ?", (model,)).rowcount > 0
+            removed = conn.execute("DELETE FROM deployments WHERE model = ?", (model,)).rowcount
+            if removed:
+                _chain(conn, [audit] if audit else [])
+            return removed > 0
 
     def deployments(self) -> list[Deployment]:
         with self._connect() as conn:
@@ -196,7 +272,9 @@ class State:
             "ON CONFLICT(name) DO UPDATE SET value = value + 1"
         )
 
-    def create_key(self, name: str, policy: KeyPolicy | None = None) -> str:
+    def create_key(
+        self, name: str, policy: KeyPolicy | None = None, audit: Event | None = None
+    ) -> str:
         """Create a key and return it; only its digest is kept."""
         validate_key_name(name)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -214,6 +292,7 @@ class State:
                     ),
                 )
                 self._bump_keys(conn)
+                _chain(conn, [audit] if audit else [])
         except sqlite3.IntegrityError:
             raise ApplianceError(
                 f"an API key named {name!r} already exists",
@@ -221,7 +300,7 @@ class State:
             ) from None
         return key
 
-    def rotate_key(self, name: str) -> str:
+    def rotate_key(self, name: str, audit: Event | None = None) -> str:
         """A new key for the active key `name`, same policy; the old one stops working."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self._connect() as conn:
@@ -233,9 +312,10 @@ class State:
             if cur.rowcount == 0:
                 raise _no_active_key(name)
             self._bump_keys(conn)
+            _chain(conn, [audit] if audit else [])
         return key
 
-    def revoke_key(self, name: str) -> bool:
+    def revoke_key(self, name: str, audit: Event | None = None) -> bool:
         with self._connect() as conn:
             cur = conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
@@ -243,9 +323,10 @@ class State:
             )
             if cur.rowcount:
                 self._bump_keys(conn)
+                _chain(conn, [audit] if audit else [])
             return cur.rowcount > 0
 
-    def delete_key(self, name: str, force: bool = False) -> int:
+    def delete_key(self, name: str, force: bool = False, audit: Event | None = None) -> int:
         """Forget every key named `name` that no longer works (all of them with `force`);
         returns how many. Usage records keep the name."""
         now = time.time()
@@ -270,6 +351,7 @@ class State:
                 )
             conn.execute("DELETE FROM api_keys WHERE name = ?", (name,))
             self._bump_keys(conn)
+            _chain(conn, [audit] if audit else [])
         return len(rows)
 
     def key_records(self) -> list[KeyRecord]:
@@ -294,3 +376,84 @@ class State:
         """digest -> key name, for every key that is neither revoked nor expired."""
         now = time.time()
         return {k.digest: k.name for k in self.key_records() if k.state(now) == "active"}
+
+    # The usage ledger (appliance.ledger).
+
+    _USAGE_COLUMNS = (
+        "id", "ts", "request_id", "path", "key", "model", "replica", "client", "stream",
+        "status", "error", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms",
+    )  # fmt: skip
+
+    def insert_usage(self, rows: list[dict[str, Any]]) -> None:
+        columns = self._USAGE_COLUMNS
+        sql = (
+            f"INSERT OR IGNORE INTO usage({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)})"
+        )
+        with self._connect() as conn:
+            conn.executemany(sql, [tuple(row.get(c) for c in columns) for row in rows])
+
+    def usage_rows(self, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
+        with self._connect() as conn:
+            cur = conn.execute(
+                f"SELECT {', '.join(self._USAGE_COLUMNS)} FROM usage "
+                "WHERE ts >= ? AND ts < ? ORDER BY ts",
+                (since, until if until is not None else float("inf")),
+            )
+            return [dict(zip(self._USAGE_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+
+    # The audit log (appliance.audit).
+
+    def append_audit(self, events: list[dict[str, Any]]) -> None:
+        """Append records to the chain, in order, in one write transaction (so that two
+        writers never chain from the same record). Records already there are skipped."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            _chain(conn, events)
+
+    def last_audit(self, action: str) -> dict[str, Any] | None:
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT detail FROM audit WHERE action = ? ORDER BY seq DESC LIMIT 1", (action,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def audit_records(self, since: float = 0.0) -> list[dict[str, Any]]:
+        with self._connect() as conn:
+            cur = conn.execute(
+                "SELECT seq, id, ts, actor, action, target, detail, source, prev_hash, hash "
+                "FROM audit WHERE ts >= ? ORDER BY seq",
+                (since,),
+            )
+            names = [d[0] for d in cur.description]
+            records = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        for record in records:
+            record["detail"] = json.loads(record["detail"])
+        return records
+
+    def audit_anchor(self) -> tuple[str, int]:
+        """(the hash the oldest kept record chains from, how many were pruned before it)."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT hash, pruned FROM audit_anchor").fetchone()
+        return (row[0], int(row[1])) if row else (GENESIS, 0)
+
+    def prune(self, usage_before: float, audit_before: float) -> tuple[int, int]:
+        """Drop usage rows and audit records older than the given times; the audit chain
+        keeps its anchor (the last dropped record's hash). Returns what was dropped."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            usage = conn.execute("DELETE FROM usage WHERE ts < ?", (usage_before,)).rowcount
+            last = conn.execute(
+                "SELECT seq, hash FROM audit WHERE ts < ? ORDER BY seq DESC LIMIT 1",
+                (audit_before,),
+            ).fetchone()
+            audit = 0
+            if last is not None:
+                audit = conn.execute("DELETE FROM audit WHERE seq <= ?", (last[0],)).rowcount
+                conn.execute(
+                    "INSERT INTO audit_anchor(id, hash, pruned) VALUES (1, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET hash = excluded.hash, "
+                    "pruned = pruned + excluded.pruned",
+                    (last[1], audit),
+                )
+        return usage, audit

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from appliance.gateway.app import ModelRewriter
+from appliance.gateway.relay import ModelRewriter
 from appliance.state import State
 from tests.conftest import Processes, free_port, wait_http
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import typer
 
+from appliance.audit import admin_event
 from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.errors import ApplianceError
 from appliance.keys import DATA_CLASSES, KeyPolicy, KeyRecord, describe_time, parse_expiry
@@ -115,7 +116,8 @@ def create(
         },
         strict=False,
     )
-    key = _state(ctx).create_key(name, policy)
+    detail = policy.model_dump(mode="json", exclude_defaults=True)
+    key = _state(ctx).create_key(name, policy, audit=admin_event("key created", name, detail))
     _show_secret(name, key, "Created")
 
 
@@ -179,14 +181,14 @@ def show(
 def rotate(ctx: typer.Context, name: str = typer.Argument(..., help="The key's name.")) -> None:
     """Replace an active key's secret, keeping its name and policy; the old secret stops
     working within a second."""
-    key = _state(ctx).rotate_key(name)
+    key = _state(ctx).rotate_key(name, audit=admin_event("key rotated", name))
     _show_secret(name, key, "Rotated")
 
 
 @app.command("revoke")
 def revoke(ctx: typer.Context, name: str = typer.Argument(..., help="The key's name.")) -> None:
     """Revoke a key; every gateway refuses it within a second."""
-    if not _state(ctx).revoke_key(name):
+    if not _state(ctx).revoke_key(name, audit=admin_event("key revoked", name)):
         raise ApplianceError(
             f"no active key named {name!r}", hint="`appliance key list` shows the keys."
         )
@@ -200,5 +202,6 @@ def delete(
     force: bool = typer.Option(False, "--force", help="Delete it even while it is active."),
 ) -> None:
     """Forget a revoked or expired key (usage records keep its name)."""
-    count = _state(ctx).delete_key(name, force=force)
+    event = admin_event("key deleted", name, {"force": force})
+    count = _state(ctx).delete_key(name, force=force, audit=event)
     console.print(f"Deleted {count} key(s) named {name!r}.")

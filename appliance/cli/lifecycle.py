@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ from typing import Any
 
 import typer
 
+from appliance.audit import admin_event
 from appliance.catalog import load_catalog
 from appliance.cli.common import config_of, console, print_json
 from appliance.config import ApplianceConfig, EngineConfig
@@ -41,7 +44,9 @@ def _ensure_api_key(config: ApplianceConfig) -> None:
     state = State(config.state_db)
     if not config.gateway.require_api_key or state.active_key_digests():
         return
-    key = state.create_key("default")
+    key = state.create_key(
+        "default", audit=admin_event("key created", "default", {"by": "appliance up"})
+    )
     path = key_file(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -90,6 +95,18 @@ def _progress_line(status: dict[str, Any] | None) -> str:
         n = model.get("healthy_replicas", 0)
         parts.append(f"{name}: {n} healthy" if n else f"{name}: {model.get('status', '').lower()}")
     return ", ".join(parts)
+
+
+def _audit_start(config: ApplianceConfig, state: State) -> None:
+    """The start, with the configuration it runs: a changed one is recorded as such."""
+    effective = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    digest = hashlib.sha256(effective.encode()).hexdigest()
+    detail = {"config": str(config.source or "embedded default"), "config_sha256": digest}
+    last = state.last_audit("appliance started")
+    events = [admin_event("appliance started", None, detail)]
+    if last is not None and last.get("config_sha256") != digest:
+        events.insert(0, admin_event("configuration changed", detail["config"], detail))
+    state.append_audit(events)
 
 
 def _stop_leftovers(config: ApplianceConfig) -> None:
@@ -142,6 +159,7 @@ def up(
         argv += ["--config", str(config.source.resolve())]
     env = {**os.environ, **supervisor_env(config)}
     _stop_leftovers(config)
+    _audit_start(config, state)
     if foreground:
         # systemd and containers supervise this process directly (and keep its output).
         os.execve(sys.executable, argv, env)

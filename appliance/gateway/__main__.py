@@ -22,12 +22,14 @@ from pydantic import ValidationError
 from appliance.catalog import load_catalog
 from appliance.config import GatewayConfig, load_config
 from appliance.errors import ApplianceError
-from appliance.gateway import INSTANCE_ENV
+from appliance.gateway import INSTANCE_ENV, WORKER_ENV
 from appliance.gateway.app import GatewaySettings, create_app
 from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook
+from appliance.gateway.limits import SharedLimits
 from appliance.gateway.replicas import RayRegistrySource, ReplicaTable, StaticSource
 from appliance.gateway.server import bind, bound_address, guarded_protocol
+from appliance.ledger import Mover, Spool
 from appliance.state import State
 
 log = logging.getLogger("appliance.gateway")
@@ -112,7 +114,17 @@ def main(argv: list[str] | None = None) -> None:
         instance=os.environ.get(INSTANCE_ENV, ""),
         listen=f"{gc.scheme}://{host}:{port}",
     )
-    app = create_app(table, keys, settings, on_shutdown=src.stop, book=book)
+    worker = int(os.environ.get(WORKER_ENV, "0"))
+    quota = SharedLimits(config.run_dir / "gateway-limits", worker)
+    spool = Spool(config.home_dir / "ledger", f"gateway-{worker}")
+    mover = Mover(spool, state)
+    mover.start()
+
+    def stop() -> None:
+        src.stop()
+        mover.stop()
+
+    app = create_app(table, keys, settings, on_shutdown=stop, book=book, quota=quota, spool=spool)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

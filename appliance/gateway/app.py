@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import re
+import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -45,9 +46,12 @@ from appliance.gateway import validate
 from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook, ModelInfo
 from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
+from appliance.gateway.limits import SharedLimits, limited
+from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
 from appliance.keys import KeyRecord
+from appliance.ledger import Spool, UsageRow, refusal_line
 
 log = logging.getLogger("appliance.gateway")
 
@@ -65,6 +69,8 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # thread, where encoding releases the GIL (see tokens.py).
 INLINE_COUNT_CHARS = 16 * 1024
 _VLLM_EXTENSIONS = validate.extensions_for("vllm")
+# Refusals the audit log keeps besides the 4xx ones: the gateway shedding load.
+_REFUSALS = {"model_overloaded", "too_many_connections"}
 
 
 @dataclass(frozen=True)
@@ -88,28 +94,6 @@ class GatewaySettings:
             max_tokens=lim.max_tokens,
             max_json_depth=lim.max_json_depth,
         )
-
-
-class ModelRewriter:
-    """Swaps the engine's name for the model with the public one, event by event."""
-
-    def __init__(self, engine_model: str, public: str) -> None:
-        self.old = orjson.dumps(engine_model)
-        self.new = orjson.dumps(public)
-        self.pending = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self.pending + chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self.pending = data
-            return b""
-        self.pending = data[cut + 2 :]
-        return data[: cut + 2].replace(self.old, self.new)
-
-    def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
-        return rest.replace(self.old, self.new)
 
 
 def _engine_error_body(status: int, raw: bytes) -> GatewayError:
@@ -177,8 +161,12 @@ class Gateway:
         keys: KeyChecker,
         settings: GatewaySettings,
         book: DeploymentBook | None = None,
+        quota: SharedLimits | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.table = table
+        self.quota = quota
+        self.spool = spool
         self.keys = keys
         self.settings = settings
         self.limits = settings.limits
@@ -307,17 +295,41 @@ class Gateway:
             await _send_error(send, err, request_id)
             return
         self.in_flight += 1
+        client = scope.get("client")
+        row = UsageRow(request_id, path, client=client[0] if client else None)
         try:
-            await self._handle(headers, receive, send, path, check, request_id)
+            await self._handle(headers, receive, send, path, check, row)
         except _ClientGone:
-            pass
+            row.status, row.error = 499, "client_closed_request"
         except GatewayError as err:
+            row.status, row.error = err.status, err.code
+            self._emit(row, err)  # before the answer: see ledger.py
             await _send_error(send, err, request_id)
         except Exception:
             log.exception("request %s failed", request_id)
-            await _send_error(send, internal_error(request_id), request_id)
+            failure = internal_error(request_id)
+            row.status, row.error = failure.status, failure.code
+            self._emit(row)
+            await _send_error(send, failure, request_id)
         finally:
             self.in_flight -= 1
+            self._emit(row)
+
+    def _emit(self, row: UsageRow, err: GatewayError | None = None) -> None:
+        """Write the request's ledger row (once), and an audit record if it was refused."""
+        if self.spool is None or row.duration_ms is not None:
+            return
+        row.duration_ms = round((time.time() - row.ts) * 1000, 3)
+        self.spool.write(row.to_json())
+        if err is not None and (400 <= err.status < 500 or err.code in _REFUSALS):
+            detail = {"status": err.status, "code": err.code, "path": row.path}
+            if row.model:
+                detail["model"] = row.model
+            self.spool.write(
+                refusal_line(
+                    row.key or "anonymous", "request refused", row.model, detail, row.client
+                )
+            )
 
     async def _handle(
         self,
@@ -326,10 +338,12 @@ class Gateway:
         send: Send,
         path: str,
         check: Check,
-        request_id: str,
+        row: UsageRow,
     ) -> None:
+        request_id = row.request_id
         authorization = headers.get(b"authorization")
         key = await self.keys.check(authorization.decode("latin-1") if authorization else None)
+        row.key = key.name if key is not None else None
         raw = await self._read_body(headers, receive)
         body = validate.parse_body(raw)
         await self.book.refresh()
@@ -343,7 +357,8 @@ class Gateway:
         # A model without a record yet (static replicas): the fake engine speaks vLLM.
         extensions = info.extensions if info is not None else _VLLM_EXTENSIONS
         checked = check(body, self.caps, extensions)
-        model = checked.model
+        model = row.model = checked.model
+        row.stream = checked.stream
         if key is not None and not key.policy.allows(model):
             raise _not_allowed(key, model)
         if not self.table.loaded:
@@ -360,10 +375,15 @@ class Gateway:
                 f"'{key.name if key else ''}' allows at most {most}.",
                 "messages" if checked.messages is not None else "prompt",
             )
+        row.prompt_tokens = prompt_tokens
+        exchange = _Exchange(row)
+        grant = None
+        if key is not None and self.quota is not None and limited(key):
+            grant = self.quota.admit(key, prompt_tokens)
+            exchange.headers.update(grant.headers)
         # From here on a client that leaves cancels the work: watch for it.
         task = asyncio.current_task()
         assert task is not None
-        exchange = _Exchange()
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
         try:
             await self._forward(send, request_id, path, checked, info, raw, body, exchange)
@@ -371,9 +391,14 @@ class Gateway:
             if not exchange.gone:
                 raise
             task.uncancel()
-            log.debug("client left request %s (%s prompt tokens)", request_id, prompt_tokens)
+            raise _ClientGone from None
         finally:
             watcher.cancel()
+            if grant is not None:
+                assert key is not None and self.quota is not None
+                self.quota.release(grant)
+                if row.completion_tokens:
+                    self.quota.settle(key, row.completion_tokens)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes
@@ -541,15 +566,22 @@ class Gateway:
         exchange: _Exchange,
     ) -> None:
         model = checked.model
+        forwarded = checked.body
+        options = forwarded.get("stream_options")
+        if checked.stream and not (isinstance(options, dict) and options.get("include_usage")):
+            # The ledger needs the usage; the tap hides it from a client that did not ask.
+            forwarded = {**forwarded, "stream_options": {**(options or {}), "include_usage": True}}
+            exchange.hide_usage = True
         tried: set[str] = set()
         while True:
             replica = await self._acquire(model, info, frozenset(tried))
+            exchange.row.replica = replica.replica_id
             try:
                 payload: dict[str, Any] | None = None
                 if replica.rewrites_request:
-                    payload = {**checked.body, "model": replica.engine_model}
-                elif checked.body is not body:
-                    payload = checked.body
+                    payload = {**forwarded, "model": replica.engine_model}
+                elif forwarded is not body:
+                    payload = forwarded
                 try:
                     data = raw if payload is None else orjson.dumps(payload)
                 except orjson.JSONEncodeError:
@@ -600,8 +632,8 @@ class Gateway:
                     raw = raw.replace(
                         orjson.dumps(replica.response_model), orjson.dumps(checked.model)
                     )
-                exchange.answered = True
-                await _send_whole(send, 200, raw, request_id)
+                self._answered(exchange, usage_of(raw))
+                await _send_whole(send, 200, raw, request_id, exchange.headers)
                 return
             await send(
                 {
@@ -611,6 +643,7 @@ class Gateway:
                         (b"content-type", b"text/event-stream; charset=utf-8"),
                         (b"cache-control", b"no-cache"),
                         (b"x-request-id", request_id.encode()),
+                        *((k.encode(), v.encode()) for k, v in exchange.headers.items()),
                     ],
                 }
             )
@@ -638,16 +671,19 @@ class Gateway:
         rewriter = (
             ModelRewriter(replica.response_model, model) if replica.rewrites_response else None
         )
+        tap = StreamTap(rewriter, exchange.hide_usage)
         tail = b""
+        started = time.monotonic()
         try:
-            async for chunk in upstream.content.iter_any():
-                if rewriter is not None:
-                    chunk = rewriter.feed(chunk)
-                    if not chunk:
-                        continue
+            async for piece in upstream.content.iter_any():
+                chunk = tap.feed(piece)
+                if not chunk:
+                    continue
+                if exchange.row.ttft_ms is None:
+                    exchange.row.ttft_ms = round((time.monotonic() - started) * 1000, 3)
                 tail = chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if rewriter is not None and (rest := rewriter.flush()):
+            if rest := tap.flush():
                 tail = rest
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -661,15 +697,29 @@ class Gateway:
                     code="engine_error",
                 )
             )
-            exchange.answered = True
+            exchange.row.status, exchange.row.error = 502, "engine_error"
+            self._answered(exchange, tap.usage, status=502)
             await send({"type": "http.response.body", "body": event, "more_body": False})
             return False
         # Some engines (transformers serve) end the stream without OpenAI's terminator;
         # clients other than the openai package wait for it.
         last = b"" if tail.rstrip().endswith(b"data: [DONE]") else SSE_DONE
-        exchange.answered = True
+        self._answered(exchange, tap.usage)
         await send({"type": "http.response.body", "body": last, "more_body": False})
         return True
+
+    def _answered(
+        self, exchange: _Exchange, usage: dict[str, Any] | None, status: int = 200
+    ) -> None:
+        """Just before the last byte: the row is complete and written (ledger.py)."""
+        exchange.answered = True
+        row = exchange.row
+        row.status = status
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            row.prompt_tokens = prompt if isinstance(prompt, int) else row.prompt_tokens
+            row.completion_tokens = completion if isinstance(completion, int) else None
+        self._emit(row)
 
 
 def _text_chars(messages: list[dict[str, Any]]) -> int:
@@ -748,9 +798,12 @@ def _context_error(
 class _Exchange:
     """One request's relation to its client once the body is in."""
 
-    __slots__ = ("answered", "gone")
+    __slots__ = ("answered", "gone", "headers", "hide_usage", "row")
 
-    def __init__(self) -> None:
+    def __init__(self, row: UsageRow) -> None:
+        self.row = row
+        self.headers: dict[str, str] = {}  # the key's rate-limit headers
+        self.hide_usage = False  # the engine was asked for usage the client did not want
         # Set just before the last part of the answer is sent: uvicorn's `receive` says
         # "disconnect" for a finished answer too, which must not cancel anything.
         self.answered = False
@@ -803,8 +856,12 @@ def create_app(
     settings: GatewaySettings | None = None,
     on_shutdown: Callable[[], None] | None = None,
     book: DeploymentBook | None = None,
+    quota: SharedLimits | None = None,
+    spool: Spool | None = None,
 ) -> GatewayApp:
-    gateway = Gateway(table, keys or KeyChecker(None), settings or GatewaySettings(), book)
+    gateway = Gateway(
+        table, keys or KeyChecker(None), settings or GatewaySettings(), book, quota, spool
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
