@@ -6,6 +6,7 @@ admin would, the state file shared with the gateway.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     try:
         engine = procs.start(
             "-m", "appliance.engines.fake", "--port", str(engine_port), "--model", MODEL,
-            "--tokens", "8", "--delay-ms", "1",
+            "--tokens", "200", "--delay-ms", "5",
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{engine_port}/health", proc=engine)
         upstream = f"http://127.0.0.1:{engine_port}"
@@ -201,3 +202,158 @@ def test_bad_key_options_are_clear_errors(gw: Setup) -> None:
         result = gw.cli("key", "create", *args)
         assert result.returncode == 1 and words in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+# Limits, with the headers OpenAI clients read.
+
+
+def _post(gw: Setup, key: str, **extra: object) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return httpx.post(
+        gw.base + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json=body | extra,
+        timeout=30,
+    )
+
+
+def test_requests_per_minute_is_a_bucket_that_refills(gw: Setup) -> None:
+    key = gw.create("rpm-limited", "--rpm", "60")  # a minute's worth, refilled 1 a second
+    started = time.monotonic()
+    answers = []
+    while len(answers) < 200:
+        answers.append(_post(gw, key))
+        if answers[-1].status_code == 429:
+            break
+    elapsed = time.monotonic() - started
+    served = [a for a in answers if a.status_code == 200]
+    # The full bucket, plus what refilled while these ran: never more.
+    assert 60 <= len(served) <= 60 + elapsed + 1, (len(served), elapsed)
+    remaining = [int(a.headers["x-ratelimit-remaining-requests"]) for a in served]
+    assert served[0].headers["x-ratelimit-limit-requests"] == "60" and remaining[0] >= 58
+    assert min(remaining) == 0
+    refused = answers[-1]
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+    assert refused.headers["retry-after"] == "1" and "x-ratelimit-reset-requests" in refused.headers
+    time.sleep(1.1)
+    assert _post(gw, key).status_code == 200  # refilled
+
+
+def test_tokens_per_minute_counts_prompt_and_completion(gw: Setup) -> None:
+    key = gw.create("tpm-limited", "--tpm", "100")
+    statuses = [_post(gw, key, max_tokens=8).status_code for _ in range(12)]
+    # Each request takes its prompt tokens at admission and its 8 completion tokens after.
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    refused = _post(gw, key, max_tokens=8)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "tokens"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "100"
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_requests_in_flight_per_key(gw: Setup) -> None:
+    # Without max_tokens the fake engine streams 200 tokens 5 ms apart: a second to hold.
+    key = gw.create("one-at-a-time", "--concurrency", "1")
+    headers = {"authorization": f"Bearer {key}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream(
+        "POST", gw.base + "/v1/chat/completions", headers=headers, json=body, timeout=30
+    ) as held:
+        assert held.status_code == 200
+        chunks = held.iter_bytes()
+        next(chunks)
+        second = _post(gw, key)
+        assert second.status_code == 429
+        assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
+        for _ in chunks:
+            pass
+    assert _post(gw, key).status_code == 200  # the slot came back
+
+
+# The ledger and the audit log.
+
+
+def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("not within the time")
+
+
+def test_every_request_has_its_usage_row_with_the_usage_the_client_got(gw: Setup) -> None:
+    key = gw.create("ledgered")
+    got = []
+    with gw.client(key) as client:
+        for i in range(3):
+            reply = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x" * (i + 1)}], max_tokens=3
+            )
+            assert reply.usage is not None
+            got.append((reply.usage.prompt_tokens, reply.usage.completion_tokens))
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+        )
+        chunks = list(stream)
+    # The client did not ask for usage in the stream, and sees none...
+    assert all(c.usage is None for c in chunks)
+
+    def rows() -> list[dict[str, object]]:
+        return [r for r in gw.state.usage_rows() if r["key"] == "ledgered"]
+
+    _wait_for(lambda: len(rows()) == 4)
+    ledger = rows()
+    # ...but the ledger has it: the gateway asked the engine for it.
+    assert [(r["prompt_tokens"], r["completion_tokens"]) for r in ledger[:3]] == got
+    assert ledger[3]["completion_tokens"] == 5 and ledger[3]["stream"] == 1
+    for row in ledger:
+        assert row["status"] == 200 and row["model"] == MODEL and row["replica"]
+        assert row["duration_ms"] > 0 and row["request_id"]
+    assert ledger[3]["ttft_ms"] is not None
+
+
+def test_refused_requests_are_audited_with_why_and_never_the_key(gw: Setup) -> None:
+    secret = gw.create("refused-once", "--models", OTHER)
+    with pytest.raises(openai.PermissionDeniedError):
+        gw.ask(secret)  # MODEL is not allowed
+
+    def refusals() -> list[dict[str, object]]:
+        return [
+            r
+            for r in gw.state.audit_records()
+            if r["action"] == "request refused" and r["actor"] == "refused-once"
+        ]
+
+    _wait_for(lambda: bool(refusals()))
+    (record,) = refusals()
+    assert record["detail"]["code"] == "model_not_allowed"  # type: ignore[index]
+    assert record["target"] == MODEL and record["source"] == "127.0.0.1"
+    created = [
+        r
+        for r in gw.state.audit_records()
+        if r["action"] == "key created" and r["target"] == "refused-once"
+    ]
+    assert created and created[0]["detail"]["models"] == [OTHER]  # type: ignore[index]
+    # Secrets never reach the audit log, the ledger or the logs.
+    everything = json.dumps(gw.state.audit_records()) + json.dumps(gw.state.usage_rows())
+    assert secret not in everything and secret[7:] not in everything
+    verified = gw.cli("audit", "verify")
+    assert verified.returncode == 0 and "The audit log verifies" in verified.stdout
+
+
+def test_usage_report_by_key_and_model(gw: Setup) -> None:
+    key = gw.create("reported")
+    for _ in range(2):
+        gw.ask(key)
+    _wait_for(lambda: len([r for r in gw.state.usage_rows() if r["key"] == "reported"]) == 2)
+    by_key = gw.cli("usage", "--by", "key", "--json")
+    assert by_key.returncode == 0, by_key.stderr
+    rows = {r["key"]: r for r in json.loads(by_key.stdout)["rows"]}
+    assert rows["reported"]["requests"] == 2 and rows["reported"]["completion_tokens"] == 4
+    as_csv = gw.cli("usage", "--by", "model", "--csv")
+    assert as_csv.stdout.splitlines()[0].startswith("model,requests,errors")
+    table = gw.cli("usage", "--by", "day")
+    assert table.returncode == 0 and time.strftime("%Y-%m-%d") in table.stdout
