@@ -145,6 +145,13 @@ class GatewayConfig(Section):
     refresh_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often the replica table is re-read from Ray."
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="Gateway processes sharing the port (SO_REUSEPORT). Unset: this host's "
+        "cores, at most 8.",
+    )
     watchdog_s: float = Field(
         20.0,
         ge=2,
@@ -175,6 +182,10 @@ class GatewayConfig(Section):
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert else "http"
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or max(1, min(8, os.cpu_count() or 1))
 
     @property
     def is_loopback(self) -> bool:

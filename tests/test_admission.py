@@ -96,7 +96,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     key = home_with_model(home)
     config = tmp / "appliance.toml"
     engine_port, port = free_port(), free_port()
-    config.write_text(f'home = "{home}"\n[gateway]\nport = {port}\n{LIMITS}')
+    # One worker: these tests pin exact per-process semantics (test_workers.py shares).
+    config.write_text(f'home = "{home}"\n[gateway]\nport = {port}\nworkers = 1\n{LIMITS}')
     procs = Processes(tmp)
     try:
         # 20 tokens x 50 ms: a request holds its replica for about a second.

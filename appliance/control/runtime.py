@@ -138,6 +138,14 @@ def die_with_parent() -> Callable[[], None]:
     return preexec
 
 
+def die_with_parent_now(parent: int) -> None:
+    """In a forked child: SIGTERM when `parent` dies; exit at once if it already has."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

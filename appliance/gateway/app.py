@@ -210,7 +210,7 @@ class Gateway:
 
     def _ready(self) -> bool:
         """Ready: the replica table is loaded and every model has a healthy replica."""
-        return self.table.loaded and all(self.table.counts().values())
+        return self.table.loaded and all(self.table.healthy_counts().values())
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse(
@@ -222,7 +222,7 @@ class Gateway:
         body: dict[str, Any] = {"ready": ready, "instance": self.settings.instance}
         # Which models exist is for key holders only.
         if not self.keys.enabled or await self.keys.key(request.headers.get("authorization")):
-            body["models"] = self.table.counts()
+            body["models"] = self.table.healthy_counts()
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def models(self, request: Request) -> Response:
@@ -858,17 +858,28 @@ def create_app(
     book: DeploymentBook | None = None,
     quota: SharedLimits | None = None,
     spool: Spool | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> GatewayApp:
     gateway = Gateway(
         table, keys or KeyChecker(None), settings or GatewaySettings(), book, quota, spool
     )
 
+    async def beat() -> None:
+        # The event loop proves it runs: a worker that stops beating is restarted.
+        assert heartbeat is not None
+        while True:
+            heartbeat()
+            await asyncio.sleep(1.0)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.startup()
+        beating = asyncio.ensure_future(beat()) if heartbeat is not None else None
         try:
             yield
         finally:
+            if beating is not None:
+                beating.cancel()
             await gateway.shutdown()
             if on_shutdown is not None:
                 on_shutdown()

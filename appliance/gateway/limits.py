@@ -5,12 +5,10 @@ worth and refills continuously); requests in flight are counted. Prompt tokens a
 from the tokens bucket at admission, completion tokens when the engine reports them, so a
 long answer makes the key's next requests wait rather than failing the answer.
 
-The state lives in one memory-mapped file of fixed slots, one per key (found by the key's
-id, open addressing), each slot guarded by a byte-range lock (`fcntl.lockf`): N gateway
-processes admit against one set of buckets, at the cost of a lock and unlock per request.
-The file is preallocated, so writing to it never meets a full disk. In-flight counts are
-kept per worker: a worker that dies takes its count with it, because the worker started
-in its place zeroes that column first.
+The state is a `SharedTable` (shared.py), a slot per key: N gateway processes admit
+against one set of buckets, at the cost of a lock and unlock per request. In-flight counts
+are kept per worker: a worker that dies takes its count with it, because the worker
+started in its place zeroes that column first.
 
 A request over a limit is 429 with Retry-After and OpenAI's x-ratelimit-* headers; every
 admitted request carries those headers too.
@@ -18,26 +16,19 @@ admitted request carries those headers too.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
-import mmap
-import os
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.gateway.errors import GatewayError
+from appliance.gateway.shared import WORKERS_MAX, SharedTable
 from appliance.keys import KeyRecord
 
-WORKERS_MAX = 8
 SLOTS = 4096
 # key id, rpm tokens, rpm refilled at, tpm tokens, tpm refilled at, in flight per worker
 _SLOT = struct.Struct(f"<q4d{WORKERS_MAX}i")
-_HEADER = 64  # room for a format marker
-_MAGIC = b"appliance-limits-1"
 
 
 def _duration(seconds: float) -> str:
@@ -63,67 +54,16 @@ def limited(key: KeyRecord) -> bool:
 
 class SharedLimits:
     def __init__(self, path: Path, worker: int = 0) -> None:
-        if not 0 <= worker < WORKERS_MAX:
-            raise ValueError(f"worker index {worker} is outside 0..{WORKERS_MAX - 1}")
+        self.table = SharedTable(path, _SLOT, SLOTS, worker)
         self.worker = worker
-        path.parent.mkdir(parents=True, exist_ok=True)
-        size = _HEADER + SLOTS * _SLOT.size
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        with self._locked(0, _HEADER):
-            if os.fstat(self._fd).st_size < size:
-                os.posix_fallocate(self._fd, 0, size)
-                os.pwrite(self._fd, _MAGIC, 0)
-        self._map = mmap.mmap(self._fd, size)
-        self._slots: dict[int, int] = {}  # key id -> slot offset, once found
-        self._zero_my_column()
+        self.table.zero_column(5 + worker)
 
     def close(self) -> None:
-        self._map.close()
-        os.close(self._fd)
-
-    @contextlib.contextmanager
-    def _locked(self, offset: int, length: int) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, length, offset)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, length, offset)
-
-    def _read(self, offset: int) -> list[float]:
-        return list(_SLOT.unpack_from(self._map, offset))
-
-    def _write(self, offset: int, values: list[float]) -> None:
-        _SLOT.pack_into(
-            self._map, offset, int(values[0]), *values[1:5], *(int(v) for v in values[5:])
-        )
-
-    def _zero_my_column(self) -> None:
-        column = 5 + self.worker
-        for i in range(SLOTS):
-            offset = _HEADER + i * _SLOT.size
-            with self._locked(offset, _SLOT.size):
-                values = self._read(offset)
-                if values[0] and values[column]:
-                    values[column] = 0
-                    self._write(offset, values)
+        self.table.close()
 
     def _slot(self, key_id: int) -> int:
-        """The slot of a key, claimed on first use (full buckets)."""
-        found = self._slots.get(key_id)
-        if found is not None:
-            return found
-        start = hash(key_id) % SLOTS
-        for step in range(SLOTS):
-            offset = _HEADER + ((start + step) % SLOTS) * _SLOT.size
-            with self._locked(offset, _SLOT.size):
-                owner = _SLOT.unpack_from(self._map, offset)[0]
-                if owner == 0:
-                    self._write(offset, [key_id, -1.0, 0.0, -1.0, 0.0] + [0] * WORKERS_MAX)
-                    owner = key_id
-            if owner == key_id:
-                self._slots[key_id] = offset
-                return offset
-        raise RuntimeError("the shared limits table is full")
+        # A new slot: tokens -1 at time 0 mean "a full bucket" (see _refill).
+        return self.table.slot(key_id, [-1.0, 0.0, -1.0, 0.0] + [0] * WORKERS_MAX)
 
     @staticmethod
     def _refill(tokens: float, at: float, capacity: int, now: float) -> float:
@@ -144,8 +84,8 @@ class SharedLimits:
             )
         offset = self._slot(key.id)
         now = time.monotonic()
-        with self._locked(offset, _SLOT.size):
-            values = self._read(offset)
+        with self.table.locked(offset, _SLOT.size):
+            values = self.table.read(offset)
             rpm_tokens = tpm_tokens = 0.0
             if policy.rpm is not None:
                 rpm_tokens = self._refill(values[1], values[2], policy.rpm, now)
@@ -185,7 +125,7 @@ class SharedLimits:
                 values[1] -= 1 if policy.rpm is not None else 0
                 values[3] -= need if policy.tpm is not None else 0
                 values[5 + self.worker] += 1
-            self._write(offset, values)
+            self.table.write(offset, values)
         headers = self._headers(key, values, now)
         if refusal is not None:
             refusal.headers.update(headers)
@@ -211,18 +151,18 @@ class SharedLimits:
             return
         offset = self._slot(key.id)
         now = time.monotonic()
-        with self._locked(offset, _SLOT.size):
-            values = self._read(offset)
+        with self.table.locked(offset, _SLOT.size):
+            values = self.table.read(offset)
             values[3] = self._refill(values[3], values[4], key.policy.tpm, now) - completion_tokens
             values[4] = now
-            self._write(offset, values)
+            self.table.write(offset, values)
 
     def release(self, grant: Grant) -> None:
         offset = self._slot(grant.key_id)
-        with self._locked(offset, _SLOT.size):
-            values = self._read(offset)
+        with self.table.locked(offset, _SLOT.size):
+            values = self.table.read(offset)
             values[5 + self.worker] = max(0, values[5 + self.worker] - 1)
-            self._write(offset, values)
+            self.table.write(offset, values)
 
 
 def _too_many(message: str, kind: str, code: str, wait_s: float) -> GatewayError:

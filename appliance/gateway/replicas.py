@@ -9,13 +9,18 @@ healthy replicas of the model, ties broken in turn.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
+import struct
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from appliance.gateway.shared import WORKERS_MAX, SharedTable
 
 log = logging.getLogger("appliance.gateway")
 
@@ -50,21 +55,121 @@ class Overloaded(Exception):
         self.reason = reason
 
 
+class LocalCounts:
+    """Requests in flight per replica, for one gateway process."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def total(self, replica_id: str) -> int:
+        return self._counts.get(replica_id, 0)
+
+    def try_acquire(self, replica_id: str, capacity: int | None) -> bool:
+        held = self._counts.get(replica_id, 0)
+        if capacity is not None and held >= capacity:
+            return False
+        self._counts[replica_id] = held + 1
+        return True
+
+    def release(self, replica_id: str) -> None:
+        left = self._counts.get(replica_id, 1) - 1
+        if left > 0:
+            self._counts[replica_id] = left
+        else:
+            self._counts.pop(replica_id, None)
+
+    # Requests waiting in line for a model: the same counts, under another name.
+    def try_wait(self, model: str, bound: int) -> bool:
+        return self.try_acquire("\0wait:" + model, bound)
+
+    def done_waiting(self, model: str) -> None:
+        self.release("\0wait:" + model)
+
+    def waiting(self, model: str) -> int:
+        return self.total("\0wait:" + model)
+
+
+_COUNTS = struct.Struct(f"<q{WORKERS_MAX}i")
+
+
+def _owner(replica_id: str) -> int:
+    # A stable, non-zero 63-bit id for the shared table (Python's hash() is per process).
+    return int.from_bytes(hashlib.sha1(replica_id.encode()).digest()[:8], "little") >> 1 | 1
+
+
+class SharedCounts:
+    """Requests in flight per replica across every gateway worker on the host: the
+    capacity check and the increment are one locked step, so N workers together keep a
+    replica at its max_num_seqs."""
+
+    def __init__(self, table: SharedTable) -> None:
+        self.table = table
+        self.column = 1 + table.worker
+        table.zero_column(self.column)
+
+    def _offset(self, replica_id: str) -> int:
+        return self.table.slot(_owner(replica_id), [0] * WORKERS_MAX)
+
+    def total(self, replica_id: str) -> int:
+        # Read without the lock: for choosing, a count a moment old is good enough.
+        return int(sum(_COUNTS.unpack_from(self.table.map, self._offset(replica_id))[1:]))
+
+    def try_acquire(self, replica_id: str, capacity: int | None) -> bool:
+        offset = self._offset(replica_id)
+        with self.table.locked(offset, _COUNTS.size):
+            values = self.table.read(offset)
+            if capacity is not None and sum(values[1:]) >= capacity:
+                return False
+            values[self.column] += 1
+            self.table.write(offset, values)
+        return True
+
+    def release(self, replica_id: str) -> None:
+        offset = self._offset(replica_id)
+        with self.table.locked(offset, _COUNTS.size):
+            values = self.table.read(offset)
+            values[self.column] = max(0, values[self.column] - 1)
+            self.table.write(offset, values)
+
+    # Requests waiting in line for a model, across workers: the bound holds for all.
+    def try_wait(self, model: str, bound: int) -> bool:
+        return self.try_acquire("\0wait:" + model, bound)
+
+    def done_waiting(self, model: str) -> None:
+        self.release("\0wait:" + model)
+
+    def waiting(self, model: str) -> int:
+        return self.total("\0wait:" + model)
+
+
+def shared_record() -> struct.Struct:
+    return _COUNTS
+
+
+def shared_counts(path: Path, worker: int) -> SharedCounts:
+    return SharedCounts(SharedTable(path, _COUNTS, 4096, worker))
+
+
 class ReplicaTable:
     """Live replicas by model, with what only the gateway knows: requests in flight per
-    replica, replicas that just refused a connection, and requests waiting for room.
+    replica (across every worker, with SharedCounts), replicas that just refused a
+    connection, and requests waiting for room.
 
     A replica takes at most `capacity` requests at once (its plan's max_num_seqs): more
     would only queue inside the engine, where they cannot be routed elsewhere and hold
     memory. Beyond that, requests wait here in arrival order, at most `queue_per_replica`
     per healthy replica and at most `timeout_s` each; past either bound, `Overloaded`.
+    A waiter is woken by a release in its own worker, and looks again every
+    `RECHECK_S` for room another worker freed.
     """
 
-    def __init__(self) -> None:
+    RECHECK_S = 0.05
+
+    def __init__(self, counts: LocalCounts | SharedCounts | None = None) -> None:
         self.loaded = False
         self.models: tuple[str, ...] = ()
         self._by_model: dict[str, tuple[Replica, ...]] = {}
-        self.in_flight: dict[str, int] = {}
+        self.counts = counts or LocalCounts()
         self._failed_until: dict[str, float] = {}
         self._turn = itertools.count()
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
@@ -93,24 +198,27 @@ class ReplicaTable:
             if self._failed_until.get(r.replica_id, 0.0) <= now
         ]
 
-    def pick(
-        self,
-        model: str,
-        exclude: frozenset[str] = frozenset(),
-        capacity: int | None = None,
-    ) -> Replica | None:
-        """The least loaded healthy replica with room; ties taken in turn."""
-        candidates = [
-            r
+    def in_flight(self, replica: Replica) -> int:
+        return self.counts.total(replica.replica_id)
+
+    def _take(self, model: str, exclude: frozenset[str], capacity: int | None) -> Replica | None:
+        """The least loaded healthy replica with room, acquired; ties taken in turn."""
+        loads = [
+            (self.counts.total(r.replica_id), r)
             for r in self.healthy(model)
             if r.replica_id not in exclude
-            and (capacity is None or self.in_flight.get(r.replica_id, 0) < capacity)
         ]
-        if not candidates:
+        loads = [(n, r) for n, r in loads if capacity is None or n < capacity]
+        if not loads:
             return None
-        least = min(self.in_flight.get(r.replica_id, 0) for r in candidates)
-        tied = [r for r in candidates if self.in_flight.get(r.replica_id, 0) == least]
-        return tied[next(self._turn) % len(tied)]
+        least = min(n for n, _ in loads)
+        tied = [r for n, r in loads if n == least]
+        first = next(self._turn) % len(tied)
+        # Another worker may take the room first: try the others before giving up.
+        for replica in tied[first:] + tied[:first] + [r for n, r in loads if n != least]:
+            if self.counts.try_acquire(replica.replica_id, capacity):
+                return replica
+        return None
 
     async def admit(
         self,
@@ -127,19 +235,32 @@ class ReplicaTable:
         self._loop = asyncio.get_running_loop()
         waiters = self._waiters.setdefault(model, deque())
         if not waiters:
-            replica = self.pick(model, exclude, capacity)
+            replica = self._take(model, exclude, capacity)
             if replica is not None:
-                self.acquire(replica)
                 return replica
         healthy = [r for r in self.healthy(model) if r.replica_id not in exclude]
         if not healthy:
             return None
-        if len(waiters) >= queue_per_replica * len(healthy):
+        if not self.counts.try_wait(model, queue_per_replica * len(healthy)):
             raise Overloaded(
                 model,
-                f"all {len(healthy)} replicas of '{model}' are busy and {len(waiters)} "
-                "requests are already waiting",
+                f"all {len(healthy)} replicas of '{model}' are busy and "
+                f"{self.counts.waiting(model)} requests are already waiting",
             )
+        try:
+            return await self._wait(model, capacity, timeout_s, exclude, waiters)
+        finally:
+            self.counts.done_waiting(model)
+
+    async def _wait(
+        self,
+        model: str,
+        capacity: int | None,
+        timeout_s: float,
+        exclude: frozenset[str],
+        waiters: deque[asyncio.Future[None]],
+    ) -> Replica | None:
+        assert self._loop is not None
         deadline = time.monotonic() + timeout_s
         first = False  # a waiter that was woken but lost the race keeps its place
         while True:
@@ -148,28 +269,38 @@ class ReplicaTable:
                 waiters.appendleft(fut)
             else:
                 waiters.append(fut)
+            left = deadline - time.monotonic()
             try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with asyncio.timeout(max(0.0, min(left, self.RECHECK_S))):
                     await fut
-            except BaseException as exc:
+            except TimeoutError:
                 if fut in waiters:
                     waiters.remove(fut)
-                elif fut.done() and not fut.cancelled():
-                    self._wake(model)  # woken, but leaving (timed out, cancelled): pass it on
-                if isinstance(exc, TimeoutError):
+                if left <= self.RECHECK_S:
                     raise Overloaded(
                         model, f"no replica of '{model}' had room within {timeout_s:g} seconds"
                     ) from None
+            except BaseException:
+                if fut in waiters:
+                    waiters.remove(fut)
+                elif fut.done() and not fut.cancelled():
+                    self._wake(model)  # woken, but leaving (cancelled): pass it on
                 raise
-            replica = self.pick(model, exclude, capacity)
+            replica = self._take(model, exclude, capacity)
             if replica is not None:
-                self.acquire(replica)
-                if waiters and self.pick(model, exclude, capacity) is not None:
+                if waiters and self._take_possible(model, exclude, capacity):
                     self._wake(model)
                 return replica
             if not [r for r in self.healthy(model) if r.replica_id not in exclude]:
                 return None
             first = True
+
+    def _take_possible(self, model: str, exclude: frozenset[str], capacity: int | None) -> bool:
+        return any(
+            capacity is None or self.counts.total(r.replica_id) < capacity
+            for r in self.healthy(model)
+            if r.replica_id not in exclude
+        )
 
     def _wake(self, model: str) -> None:
         waiters = self._waiters.get(model)
@@ -187,21 +318,17 @@ class ReplicaTable:
         return len(self._waiters.get(model, ()))
 
     def acquire(self, replica: Replica) -> None:
-        self.in_flight[replica.replica_id] = self.in_flight.get(replica.replica_id, 0) + 1
+        self.counts.try_acquire(replica.replica_id, None)
 
     def release(self, replica: Replica) -> None:
-        left = self.in_flight.get(replica.replica_id, 1) - 1
-        if left > 0:
-            self.in_flight[replica.replica_id] = left
-        else:
-            self.in_flight.pop(replica.replica_id, None)
+        self.counts.release(replica.replica_id)
         if self._waiters.get(replica.model):
             self._wake(replica.model)
 
     def mark_failed(self, replica: Replica) -> None:
         self._failed_until[replica.replica_id] = time.monotonic() + FAILED_BACKOFF_S
 
-    def counts(self) -> dict[str, int]:
+    def healthy_counts(self) -> dict[str, int]:
         return {m: len(self.healthy(m)) for m in self.models}
 
 

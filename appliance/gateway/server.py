@@ -24,7 +24,7 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -59,36 +59,68 @@ def raw_error(
     return b"".join([*lines, b"\r\n", body])
 
 
-def guarded_protocol(limits: GatewayLimits, retry_after_s: int) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with the guards above, for one server's limits."""
-    per_client: dict[str, int] = {}
+class Counter(Protocol):
+    """Counts by name with a cap (LocalCounts, or SharedCounts across worker processes)."""
+
+    def try_acquire(self, name: str, capacity: int | None) -> bool: ...
+
+    def release(self, name: str) -> None: ...
+
+
+class _Local:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def try_acquire(self, name: str, capacity: int | None) -> bool:
+        held = self.counts.get(name, 0)
+        if capacity is not None and held >= capacity:
+            return False
+        self.counts[name] = held + 1
+        return True
+
+    def release(self, name: str) -> None:
+        self.counts[name] = max(0, self.counts.get(name, 1) - 1)
+
+
+_ALL = "\0connections"
+
+
+def guarded_protocol(
+    limits: GatewayLimits, retry_after_s: int, counter: Counter | None = None, workers: int = 1
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the guards above, for one server's limits.
+
+    The cap on all connections holds across every worker process when `counter` is
+    shared. The per-client cap is each worker's share of it (the kernel spreads one
+    client's connections over the workers evenly): counting every client address in
+    shared memory would let a scan of addresses fill the table."""
+    counts = counter or _Local()
+    local = _Local()
+    per_client = -(-limits.max_connections_per_client // workers)  # ceiling
     busy = {"retry-after": str(retry_after_s)}
 
     class GuardedProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
-        _counted: str | None = None  # the client address this connection counts against
+        _held: tuple[str, ...] = ()  # what this connection counts against
         _refusal: bytes | None = None  # the answer for a connection over a cap
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             host = self.client[0] if self.client else None
-            if len(self.connections) > limits.max_connections:
+            if not counts.try_acquire(_ALL, limits.max_connections):
                 self._refuse(
                     f"The gateway holds its maximum of {limits.max_connections} connections; "
                     f"retry in {retry_after_s} seconds."
                 )
-            elif host is not None and limits.max_connections_per_client:
-                held = per_client.get(host, 0)
-                if held >= limits.max_connections_per_client:
-                    self._refuse(
-                        f"This client holds its maximum of {limits.max_connections_per_client} "
-                        "connections to the gateway; reuse connections (keep-alive) or close "
-                        "some."
-                    )
-                else:
-                    per_client[host] = held + 1
-                    self._counted = host
+            elif host is not None and per_client and not local.try_acquire(host, per_client):
+                counts.release(_ALL)
+                self._refuse(
+                    f"This client holds its maximum of {limits.max_connections_per_client} "
+                    "connections to the gateway; reuse connections (keep-alive) or close some."
+                )
+            else:
+                self._held = (host,) if host is not None and per_client else ()
             timeout = REFUSED_GRACE_S if self._refusal else limits.header_timeout_s
             self._arm(timeout)
 
@@ -124,13 +156,11 @@ def guarded_protocol(limits: GatewayLimits, retry_after_s: int) -> type[HttpTool
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._counted is not None:
-                left = per_client.get(self._counted, 1) - 1
-                if left > 0:
-                    per_client[self._counted] = left
-                else:
-                    per_client.pop(self._counted, None)
-                self._counted = None
+            if self._refusal is None:
+                counts.release(_ALL)
+                for name in self._held:
+                    local.release(name)
+            self._held = ()
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
@@ -192,11 +222,16 @@ def guarded_protocol(limits: GatewayLimits, retry_after_s: int) -> type[HttpTool
     return GuardedProtocol
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, or a ConfigError that says what holds the address."""
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, or a ConfigError that says what holds the address.
+
+    With `reuse_port`, every gateway worker binds its own socket in one SO_REUSEPORT
+    group and the kernel spreads new connections over them evenly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=2048)
+        sock = socket.create_server(
+            (host, port), family=family, backlog=2048, reuse_port=reuse_port
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
