@@ -169,11 +169,21 @@ class EngineReplica:
             )
         except OSError as exc:
             program = self.command.argv[0]
+            if Plan.from_dict(self.spec.plan).on_cpu:
+                hint = (
+                    "`appliance up` installs vLLM's CPU build before it starts the replicas; "
+                    "run it again, or set engines.vllm.command in appliance.toml to the Python "
+                    "of a virtualenv that has vLLM."
+                )
+            else:
+                hint = (
+                    f"Install it in its own virtualenv and set engines.{self.spec.engine}"
+                    ".command in appliance.toml, or run engines in containers (engines.runner "
+                    '= "container").'
+                )
             raise EngineError(
                 f"cannot start the {self.spec.engine} engine: {program}: {exc.strerror}",
-                hint=f"Install it in its own virtualenv and set engines.{self.spec.engine}"
-                ".command in appliance.toml, or run engines in containers (engines.runner = "
-                '"container").',
+                hint=hint,
             ) from None
 
     def _dead_error(self) -> EngineError:

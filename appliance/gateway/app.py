@@ -705,8 +705,8 @@ class Gateway:
             exchange.answered = True
             await send({"type": "http.response.body", "body": event, "more_body": False})
             return False
-        # Some engines (transformers serve) end the stream without OpenAI's terminator;
-        # clients other than the openai package wait for it.
+        # An engine may end the stream without OpenAI's terminator (the first CPU engine,
+        # transformers serve, did); clients other than the openai package wait for it.
         last = b"" if tail.rstrip().endswith(b"data: [DONE]") else SSE_DONE
         exchange.answered = True
         await send({"type": "http.response.body", "body": last, "more_body": False})
