@@ -409,7 +409,7 @@ def bundle(
         )
 
 
-# The engines that run from container images (the CPU engine always runs as a process).
+# The engines that run from container images (CPU plans always run as a process).
 ENGINE_IMAGES = ("vllm", "trtllm")
 
 
