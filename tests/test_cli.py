@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -437,3 +438,29 @@ def test_adding_a_model_again_plans_with_its_own_gpus_free(
     trt = cli("model", "add", model, "--engine", "trtllm")
     assert trt.code == 0, trt.text
     assert State(load_config().state_db).deployment(model).plan["engine"] == "trtllm"  # type: ignore[union-attr]
+
+
+def test_up_plans_again_what_an_earlier_version_planned_for_its_cpu_engine(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A home from before vLLM on the CPU: a `cpu` deployment and a head_dim-16 build."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from appliance import tinymodel
+    from appliance.cli.lifecycle import _replan_retired_engines
+    from appliance.store import Store
+
+    config = load_config()
+    store = Store(config.store_dir)
+    store.install(
+        TINY, lambda d: (d / "config.json").write_text("{}"), source="builtin:tiny-random-llama"
+    )
+    old = {"engine": "cpu", "precision": "fp32", "replicas": 1, "max_model_len": 2048}
+    State(config.state_db).add_deployment(TINY, "cpu", old)
+    _replan_retired_engines(config)
+    [dep] = State(config.state_db).deployments()
+    assert dep.plan["engine"] == "vllm" and dep.plan["gpus_per_replica"] == 0
+    assert store.get(TINY).manifest.source == tinymodel.SOURCE  # rebuilt, head_dim 64
+    assert json.loads((store.path(TINY) / "config.json").read_text())["head_dim"] == 64
+    _replan_retired_engines(config)  # nothing left to do: no second rebuild
+    assert store.get(TINY).manifest.source == tinymodel.SOURCE
