@@ -429,9 +429,9 @@ def test_remove_refuses_a_model_being_served(appliance: Appliance) -> None:
 def test_engine_killed_mid_request_then_replaced(appliance: Appliance) -> None:
     client = appliance.client(timeout=120)
     [engine_pid] = appliance.engine_pids()
-    # vLLM is three processes in one group: API server, engine core, worker.
+    # vLLM is several processes in one group: the API server, its engine core and helpers.
     group = _group_members(engine_pid)
-    assert len(group) >= 3, group
+    assert len(group) >= 2, group
     outcome: dict[str, BaseException | None] = {}
 
     def whole_request() -> None:

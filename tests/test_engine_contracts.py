@@ -13,6 +13,7 @@ live page as well). trtllm-serve's contract was read from its source (see its he
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -397,6 +398,7 @@ def test_a_cpu_plan_gets_vllms_cpu_flags_and_environment() -> None:
     assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert launch.env["OMP_NUM_THREADS"] == "1"
     assert launch.env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    assert launch.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # no separate worker
     assert launch.env["HF_HUB_OFFLINE"] == "1"
     assert launch.secret_env == {}  # no key in this spec; the replica passes one
 
@@ -450,6 +452,9 @@ def test_every_vllm_command_line_parses_with_vllms_own_parser(
         text=True,
         timeout=300,
         check=False,
+        # The weights paths do not exist here; in offline mode vLLM would resolve each as a
+        # Hub repo id (and fail), whatever the flags. Nothing is downloaded either way.
+        env={**os.environ, "HF_HUB_OFFLINE": "0"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     verdicts = json.loads(result.stdout.splitlines()[-1])
