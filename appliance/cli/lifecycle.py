@@ -345,6 +345,8 @@ def show_config(
         "home": str(config.home_dir),
         "store": str(config.store_dir),
         "state_db": str(config.state_db),
+        # Where CPU plans' engine is (or will be) installed: engines.env_dir resolved.
+        "cpu_engine": str(CpuEngineEnv.of(config.engines).root),
     }
     if as_json:
         print_json(data)
