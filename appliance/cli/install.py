@@ -206,17 +206,20 @@ def _print_engine_env(info: dict[str, Any], command: str | None) -> None:
     where = info["path"]
     if command:
         console.print(
-            f"CPU engine: engines.vllm.command = {command} (the appliance's own is unused)"
+            f"CPU engine: engines.vllm.command = {command} (the appliance's own is unused)",
+            soft_wrap=True,
         )
     elif info["ready"]:
         console.print(
             f"CPU engine: {info['package']} installed in {where} "
-            f"(on {info.get('installed_at', '?')}, in {info.get('install_seconds', '?')}s)"
+            f"(on {info.get('installed_at', '?')}, in {info.get('install_seconds', '?')}s)",
+            soft_wrap=True,  # the terminal wraps it, so the path stays whole
         )
     else:
         console.print(
             f"CPU engine: {info['package']} is not installed yet; `appliance up` installs it "
-            f"into {where} when a model runs on the CPU."
+            f"into {where} when a model runs on the CPU.",
+            soft_wrap=True,
         )
 
 
