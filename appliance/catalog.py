@@ -31,7 +31,7 @@ from appliance.config import read_toml
 from appliance.errors import CatalogError
 
 Precision = Literal["bf16", "fp8", "nvfp4", "mxfp4", "int4-awq", "int4-gptq", "fp32"]
-Engine = Literal["cpu", "vllm", "trtllm"]
+Engine = Literal["vllm", "trtllm"]
 Modality = Literal["text", "image"]
 
 PACKAGED_CATALOG = Path(__file__).resolve().parent / "models.toml"
@@ -284,8 +284,10 @@ class ModelEntry(_Strict):
             raise ValueError("list at least one engine")
         if len(set(value)) != len(value):
             raise ValueError("an engine is listed twice")
-        if info.data.get("builtin") and value != ["cpu"]:
-            raise ValueError("builtin models are served by the cpu engine only: engines = ['cpu']")
+        if info.data.get("builtin") and value != ["vllm"]:
+            raise ValueError(
+                "builtin models run on the CPU with vLLM's CPU build: engines = ['vllm']"
+            )
         return value
 
     @field_validator("sources")

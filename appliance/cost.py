@@ -468,7 +468,7 @@ def planned_throughput(entry: ModelEntry, cluster: Cluster, i: CostInputs) -> Pl
     """The throughput the planner predicts for `entry` on `cluster` at the workload shape of
     `i`, all replicas together: the plan `appliance plan --workload IN:OUT` shows.
 
-    PlanError when nothing fits; CostError when the plan has no prediction (the CPU engine).
+    PlanError when nothing fits; CostError when the plan has no prediction (a CPU plan).
     """
     workload = Workload(i.mean_input_tokens, i.mean_output_tokens)
     report = evaluate(entry, cluster, workload=workload)

@@ -55,17 +55,25 @@ def fetch_weights(
 
     `announce` hears what is about to happen (size, source, destination) before it does.
     """
+    builtin = entry.builtin == "tiny-random-llama" and source is None
+    if builtin and store.is_installed(entry.name):
+        from appliance import tinymodel
+
+        if store.get(entry.name).manifest.source != tinymodel.SOURCE:
+            # An older build of the builtin (another shape): replaced, never served.
+            announce(f"replacing the older build of {entry.name} in {store.path(entry.name)}")
+            store.remove(entry.name)
     if store.is_installed(entry.name):
         announce(f"the weights are already in {store.path(entry.name)}")
         return False
-    if entry.builtin == "tiny-random-llama" and source is None:
+    if builtin:
         from appliance import tinymodel
 
         announce(
             f"building {entry.name} locally (nothing is downloaded; {_params(entry)} "
             f"parameters, {entry.architecture.dtype}) into {store.path(entry.name)}"
         )
-        store.install(entry.name, tinymodel.build, source="builtin:tiny-random-llama")
+        store.install(entry.name, tinymodel.build, source=tinymodel.SOURCE)
         return True
     from appliance.download import download_model
 

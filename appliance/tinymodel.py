@@ -19,9 +19,18 @@ from typing import Any
 
 from appliance.errors import StoreError
 
+# The store's source string for this build. A new shape is a new version, so a store
+# holding an older build (head_dim 16, which vLLM's CPU kernels reject) is rebuilt.
+SOURCE = "builtin:tiny-random-llama@2"
 SEED = 0
 VOCAB_SIZE = 512
 MAX_POSITIONS = 2048
+HIDDEN_SIZE = 128
+INTERMEDIATE_SIZE = 256
+NUM_LAYERS = 2
+NUM_HEADS = 2
+NUM_KV_HEADS = 1
+HEAD_DIM = 64
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -29,22 +38,52 @@ START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
+# Hermes-style tool-call tags, as vLLM's `hermes` tool parser looks for them: single
+# tokens, so a call is cheap to emit and easy to find.
+TOOL_CALL = "<tool_call>"
+END_TOOL_CALL = "</tool_call>"
 # The trainer gives special tokens the first ids, in this order.
-SPECIAL_TOKENS = (BOS, EOS, START_HEADER, END_HEADER, EOT, PAD)
+SPECIAL_TOKENS = (BOS, EOS, START_HEADER, END_HEADER, EOT, PAD, TOOL_CALL, END_TOOL_CALL)
 
-# Llama-3 layout. Content may be a string or a list of OpenAI-style parts, because
-# OpenAI clients send both and servers pass them through to the template as given.
+# Llama-3 layout with Hermes-style tools (the catalog's tool_parser is `hermes`): the
+# tools go into the system turn as JSON inside <tools></tools>; an assistant's calls are
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>; a tool's answer is a `tool`
+# turn. Content may be a string or a list of OpenAI-style parts, because OpenAI clients
+# send both and servers pass them through to the template as given. Arguments may be a
+# JSON string (OpenAI's wire format, as the gateway renders it to count tokens) or a
+# mapping (vLLM parses them before rendering).
 CHAT_TEMPLATE = (
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{- content | trim }}"
+    "{%- elif content -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
     "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if message['content'] is string %}"
-    "{{- message['content'] | trim }}"
-    "{%- else %}"
-    "{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] | trim }}{%- endif %}"
-    "{%- endfor %}"
+    "{%- set loop_messages = messages %}"
+    "{%- if tools %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- text(messages[0]['content']) + '\\n\\n' }}"
+    "{%- set loop_messages = messages[1:] %}"
     "{%- endif %}"
+    "{{- 'You may call functions. Their signatures are in <tools></tools>:\\n<tools>\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    '{{- \'</tools>\\nTo call one, answer <tool_call>{"name": NAME, "arguments": '
+    "ARGUMENTS}</tool_call>.<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- text(message['content']) }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- set function = call['function'] %}"
+    "{{- '<tool_call>{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' }}"
+    "{%- if function['arguments'] is string %}{{- function['arguments'] }}"
+    "{%- else %}{{- function['arguments'] | tojson }}{%- endif %}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor %}"
     "{{- '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
@@ -70,6 +109,9 @@ CORPUS = (
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5\n",
     '{"model": "tiny-random-llama", "messages": [{"role": "user", "content": "hi"}]}',
     "system user assistant tool function message content role name stream usage",
+    '<tools>{"type": "function", "function": {"name": "get_weather", "parameters": {}}}</tools>',
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+    '{"answer": true, "items": [1, 2, 3], "text": null, "score": 0.5}',
     "GPUs, memory, throughput, latency, queue depth, replicas, health checks, and logs.",
     "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday make a week.",
     "January, February, March, April, May, June, July, August, September, October.",
@@ -138,12 +180,14 @@ def _write_model(dest: Path, *, token_id: Any) -> None:
 
     bos, eos, eot, pad = (token_id(t) for t in (BOS, EOS, EOT, PAD))
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        # head_dim 64: vLLM's CPU attention kernels reject 16 ("Unsupported CPU attention
+        # configuration"); two query heads share one KV head, so the KV cache stays small.
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
         vocab_size=VOCAB_SIZE,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
@@ -158,8 +202,8 @@ def _write_model(dest: Path, *, token_id: Any) -> None:
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config)
     # A chat turn ends with <|eot_id|>, plain text with <|end_of_text|>: stop on both.
-    # do_sample stays off, so a prompt always gets the same reply (transformers serve
-    # stays greedy even when a request sets a temperature): tests can rely on it.
+    # No sampling defaults: vLLM reads this file for them, and a request's own
+    # temperature/top_p/seed must decide (temperature 0 gives the same reply every time).
     GenerationConfig(bos_token_id=bos, eos_token_id=[eos, eot], pad_token_id=pad).save_pretrained(
         dest
     )

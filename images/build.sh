@@ -29,11 +29,18 @@ if ! "$cli" version >/dev/null 2>&1; then
 fi
 
 version=$(python3 -c "import tomllib; print(tomllib.load(open('$root/pyproject.toml','rb'))['project']['version'])")
+# The engine versions are pinned in one place, appliance/versions.py (read, not imported:
+# building images needs no appliance environment).
+pin() {
+    python3 -c "import re,sys; print(re.search(r'^$1 = \"([^\"]+)\"', open('$root/appliance/versions.py').read(), re.M).group(1))"
+}
+vllm_version=$(pin VLLM)
+trtllm_version=$(pin TRTLLM)
 tag_of() {
     case "$1" in
         control-plane) echo "appliance/control-plane:$version" ;;
-        vllm) echo "appliance/engine-vllm:0.29.0" ;;
-        trtllm) echo "appliance/engine-trtllm:1.3.0rc5" ;;
+        vllm) echo "appliance/engine-vllm:$vllm_version" ;;
+        trtllm) echo "appliance/engine-trtllm:$trtllm_version" ;;
     esac
 }
 
@@ -46,8 +53,12 @@ for image in "${images[@]}"; do
         python3 -m pip wheel --no-deps --wheel-dir "$context/dist" "$root" >/dev/null
     fi
     echo "building $tag"
-    "$cli" build --file "$context/Containerfile" --tag "$tag" \
-        --build-arg "APPLIANCE_VERSION=$version" "$context"
+    args=(--build-arg "APPLIANCE_VERSION=$version")
+    if [ "$image" = vllm ]; then
+        args+=(--build-arg "VLLM_VERSION=$vllm_version"
+               --build-arg "VLLM_IMAGE=docker.io/vllm/vllm-openai:v$vllm_version")
+    fi
+    "$cli" build --file "$context/Containerfile" --tag "$tag" "${args[@]}" "$context"
     if [ -n "$save" ]; then
         mkdir -p "$save"
         out="$save/$(echo "$tag" | tr '/:' '__').tar"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import catalog
+from appliance import catalog, tinymodel
 from appliance.catalog import Catalog, ModelEntry, load_catalog
 from appliance.errors import CatalogError
 
@@ -103,7 +103,7 @@ def test_entry_invariants(entry: ModelEntry) -> None:
     assert arch.sliding_window_layers <= arch.num_layers
     assert entry.engines and len(set(entry.engines)) == len(entry.engines)
     if entry.builtin:
-        assert entry.engines == ["cpu"] and not entry.sources
+        assert entry.engines == ["vllm"] and not entry.sources
     else:
         assert entry.default_precision in entry.sources
         assert all("/" in source.repo for source in entry.sources.values())
@@ -128,14 +128,22 @@ def test_tiny_random_llama_matches_what_the_store_builds() -> None:
         arch.max_context,
         arch.dtype,
     )
-    assert shapes == ("llama", 64, 128, 2, 4, 2, 16, 512, 2048, "float32")
+    t = tinymodel
+    assert shapes == (
+        "llama",
+        *(t.HIDDEN_SIZE, t.INTERMEDIATE_SIZE, t.NUM_LAYERS, t.NUM_HEADS, t.NUM_KV_HEADS),
+        *(t.HEAD_DIM, t.VOCAB_SIZE, t.MAX_POSITIONS, "float32"),
+    )
+    assert arch.head_dim >= 32, "vLLM's CPU attention kernels reject smaller heads"
     assert (tiny.builtin, tiny.engines, tiny.default_precision) == (
         "tiny-random-llama",
-        ["cpu"],
+        ["vllm"],
         "fp32",
     )
+    assert tiny.tool_parser == "hermes"  # the template's tool-call format
     assert tiny.license == "apache-2.0" and tiny.precisions == ["fp32"]
-    h, i, v, q, kv = 64, 128, 512, 4 * 16, 2 * 16
+    h, i, v = t.HIDDEN_SIZE, t.INTERMEDIATE_SIZE, t.VOCAB_SIZE
+    q, kv = t.NUM_HEADS * t.HEAD_DIM, t.NUM_KV_HEADS * t.HEAD_DIM
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
     untied_params = 2 * v * h + arch.num_layers * per_layer + h
     assert arch.params_total_b * 1e9 == pytest.approx(untied_params)
@@ -317,7 +325,11 @@ def test_bad_model_name(tmp_path: Path) -> None:
         ('repo = "org/toy"', 'repo = "toy"', "toy.sources.bf16.repo: 'toy' is not a Hub"),
         ("bf16 = {", "fp16 = {", "toy.sources.fp16.[key]"),
         ('kind = "chat"', 'kind = "embedding"\ntool_parser = "hermes"', "toy.tool_parser"),
-        ('kind = "chat"', 'kind = "chat"\nbuiltin = "tiny-random-llama"', "toy.engines: builtin"),
+        (
+            'engines = ["vllm"]',
+            'builtin = "tiny-random-llama"\nengines = ["trtllm"]',
+            "toy.engines: builtin models run on the CPU",
+        ),
         ('kind = "chat"', 'kind = "chat"\nbuiltin = "huge"', "toy.builtin: the store has no"),
         ("vocab_size = 512\n", "", "toy.architecture.vocab_size: missing required key"),
         ('[toy.sources]\nbf16 = { repo = "org/toy" }\n', "", "toy.sources: name at least one"),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import __version__, deploy
+from appliance import __version__, deploy, versions
 from appliance.catalog import load_catalog
 from appliance.cli import main
 from appliance.config import load_config
@@ -90,7 +91,7 @@ def test_model_list_all_lists_the_catalog(cli: Cli) -> None:
     assert [r["name"] for r in rows] == load_catalog().names()
     assert not any(r["added"] or r["in_store"] for r in rows)
     tiny = next(r for r in rows if r["name"] == TINY)
-    assert tiny["engines"] == ["cpu"]
+    assert tiny["engines"] == ["vllm"]
     assert tiny["kind"] == "chat"
 
 
@@ -118,7 +119,7 @@ def test_model_add_unknown_name(cli: Cli, name: str, expected: str) -> None:
     ("args", "expected"),
     [
         (["--replicas", "2"], "--replicas 2 cannot be honoured"),
-        (["--engine", "vllm"], "served by the CPU engine"),
+        (["--engine", "trtllm"], "runs on the CPU with vLLM's CPU build, not with trtllm"),
     ],
 )
 def test_model_add_refuses_options_a_cpu_plan_would_drop(
@@ -138,7 +139,7 @@ def test_model_names_are_taken_in_any_case(cli: Cli) -> None:
     assert added.code == 0, added.text
     assert f"Added {TINY}:" in added.text
     assert [d.model for d in State(load_config().state_db).deployments()] == [TINY]
-    assert cli("model", "show", "TINY-random-llama", "--json").json()["plan"]["engine"] == "cpu"
+    assert cli("model", "show", "TINY-random-llama", "--json").json()["plan"]["engine"] == "vllm"
     assert cli("model", "verify", "Tiny-Random-Llama").code == 0
     assert cli("plan", "LLAMA-4-SCOUT", "--gpus", "8xH100-80GB", "--json").json()["model"] == (
         "llama-4-scout"
@@ -163,7 +164,7 @@ def test_model_lifecycle_with_the_tiny_model(cli: Cli) -> None:
 
     added = cli("model", "add", TINY)
     assert added.code == 0, added.text
-    assert "engine cpu" in added.text
+    assert "engine vllm, precision fp32, 1 replica(s), on the CPU." in added.text
     store = load_config().store_dir / TINY
     # Before it starts: what it installs, that nothing is downloaded, and where it goes.
     assert f"building {TINY} locally (nothing is downloaded;" in added.text
@@ -181,12 +182,15 @@ def test_model_lifecycle_with_the_tiny_model(cli: Cli) -> None:
     shown = cli("model", "show", TINY, "--json")
     assert shown.code == 0, shown.text
     data = shown.json()
-    assert data["plan"]["engine"] == "cpu"
+    assert data["plan"]["engine"] == "vllm"
     assert data["plan"]["gpus_per_replica"] == 0
     assert data["catalog"]["name"] == TINY
     assert data["store"]["files"] > 0
     assert data["live"] is None
-    assert "Plan: engine cpu" in cli("model", "show", TINY).text
+    assert (
+        "Plan: engine vllm, precision fp32, 1 replica(s), on the CPU"
+        in cli("model", "show", TINY).text
+    )
 
     verified = cli("model", "verify", TINY)
     assert verified.code == 0, verified.text
@@ -249,7 +253,7 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
         "gateway": {"ready": True, "pid": os.getpid(), "restarts": 0},
         "models": {
             TINY: {
-                "engine": "cpu",
+                "engine": "vllm",
                 "status": "RUNNING",
                 "healthy_replicas": 1,
                 "replicas": [
@@ -258,6 +262,7 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
                         "url": "http://127.0.0.1:9",
                         "healthy": True,
                         "fresh": True,
+                        "load": {"running": 2.0, "waiting": 1.0, "kv_cache_usage": 0.25},
                     }
                 ],
             }
@@ -274,6 +279,8 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
     assert "http://127.0.0.1:8000/v1" in table.text
     assert TINY in table.text
     assert "ready" in table.text
+    # The engine's own load figures, as the replica read them from its metrics.
+    assert "running 2, waiting 1, KV cache 25% used" in table.text
 
 
 def test_down_when_not_running(cli: Cli) -> None:
@@ -289,21 +296,22 @@ def test_config_shows_the_embedded_default(cli: Cli, appliance_home: Path) -> No
     assert data["resolved"]["source"] == "embedded default"
     assert data["resolved"]["home"] == str(appliance_home)
     assert data["gateway"]["port"] == 8000
+    assert data["resolved"]["cpu_engine"].endswith(f"/engines/vllm-cpu-{versions.VLLM}")
 
 
 def test_config_shows_the_engine_settings_in_effect(cli: Cli, tmp_path: Path) -> None:
     engines = cli("config", "--json").json()["engines"]
-    assert engines["vllm"]["image"] == "appliance/engine-vllm:0.29.0"
-    assert engines["trtllm"]["image"] == "appliance/engine-trtllm:1.3.0rc5"
-    assert engines["cpu"]["image"] is None  # the CPU engine has no image
+    assert engines["vllm"]["image"] == f"appliance/engine-vllm:{versions.VLLM}"
+    assert engines["trtllm"]["image"] == f"appliance/engine-trtllm:{versions.TRTLLM}"
+    assert "cpu" not in engines  # vLLM's CPU build has no table of its own
     # A table that sets one key keeps the other keys' defaults.
     path = tmp_path / "site.toml"
     path.write_text('[engines]\nrunner = "container"\n[engines.vllm]\ngpu_memory_fraction = 0.8\n')
     vllm = cli("--config", str(path), "config", "--json").json()["engines"]["vllm"]
     assert vllm["gpu_memory_fraction"] == 0.8
-    assert vllm["image"] == "appliance/engine-vllm:0.29.0"
+    assert vllm["image"] == f"appliance/engine-vllm:{versions.VLLM}"
     assert vllm["chat_template_dir"] == "/vllm-workspace/examples"
-    assert "appliance/engine-vllm:0.29.0" in cli("--config", str(path), "config").out
+    assert f"appliance/engine-vllm:{versions.VLLM}" in cli("--config", str(path), "config").out
 
 
 def test_config_file_given_with_the_option(cli: Cli, tmp_path: Path) -> None:
@@ -431,3 +439,29 @@ def test_adding_a_model_again_plans_with_its_own_gpus_free(
     trt = cli("model", "add", model, "--engine", "trtllm")
     assert trt.code == 0, trt.text
     assert State(load_config().state_db).deployment(model).plan["engine"] == "trtllm"  # type: ignore[union-attr]
+
+
+def test_up_plans_again_what_an_earlier_version_planned_for_its_cpu_engine(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A home from before vLLM on the CPU: a `cpu` deployment and a head_dim-16 build."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from appliance import tinymodel
+    from appliance.cli.lifecycle import _replan_retired_engines
+    from appliance.store import Store
+
+    config = load_config()
+    store = Store(config.store_dir)
+    store.install(
+        TINY, lambda d: (d / "config.json").write_text("{}"), source="builtin:tiny-random-llama"
+    )
+    old = {"engine": "cpu", "precision": "fp32", "replicas": 1, "max_model_len": 2048}
+    State(config.state_db).add_deployment(TINY, "cpu", old)
+    _replan_retired_engines(config)
+    [dep] = State(config.state_db).deployments()
+    assert dep.plan["engine"] == "vllm" and dep.plan["gpus_per_replica"] == 0
+    assert store.get(TINY).manifest.source == tinymodel.SOURCE  # rebuilt, head_dim 64
+    assert json.loads((store.path(TINY) / "config.json").read_text())["head_dim"] == 64
+    _replan_retired_engines(config)  # nothing left to do: no second rebuild
+    assert store.get(TINY).manifest.source == tinymodel.SOURCE

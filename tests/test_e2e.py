@@ -1,11 +1,19 @@
-"""The whole appliance on this machine: CLI, Ray, Serve, the CPU engine and the gateway.
+"""The whole appliance on this machine: CLI, Ray, Serve, vLLM on the CPU and the gateway.
 
-`model add tiny-random-llama`, `up`, then the official openai client; an engine killed
-mid-request; `down` leaves nothing running. One appliance serves the whole module.
+`model add tiny-random-llama`, `up`, then the official openai client: the API as vLLM
+honours it through the gateway (n, stop, logprobs, echo, seed, JSON mode and schemas,
+tools), the engine's own load in status, a cancelled stream stopping generation in the
+engine, an engine killed mid-request; `down` leaves nothing running. One appliance
+serves the whole module.
+
+The model's weights are random, so its replies can end early on one of its end-of-turn
+tokens: tests that count tokens ask for `ignore_eos` (a vLLM extension the gateway lets
+through), and tests that compare replies use temperature 0 or a seed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -19,11 +27,30 @@ import openai
 import pytest
 
 from appliance.control.runtime import pid_alive, session_pids
+from appliance.engines import get_adapter
+from appliance.engines.base import prometheus_sums
 from tests.conftest import ApplianceUnderTest
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "tiny-random-llama"
+HELLO = [{"role": "user", "content": "Hello"}]
+# Random weights may end a reply on an end-of-turn token: counted replies ignore them.
+FULL_LENGTH = {"ignore_eos": True}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 class Appliance(ApplianceUnderTest):
@@ -38,6 +65,16 @@ class Appliance(ApplianceUnderTest):
     def engine_pids(self) -> list[int]:
         replicas = self.status()["models"][MODEL]["replicas"]
         return [r["pid"] for r in replicas if r["healthy"] and r["fresh"]]
+
+    def engine_url(self) -> str:
+        replicas = self.status()["models"][MODEL]["replicas"]
+        [url] = [r["url"] for r in replicas if r["healthy"] and r["fresh"]]
+        return str(url)
+
+    def engine_metric(self, name: str) -> float:
+        """One figure from the engine's own /metrics (open without the engine's key)."""
+        text = httpx.get(self.engine_url() + "/metrics", timeout=10).text
+        return prometheus_sums(text, {name}).get(name, 0.0)
 
 
 def _ask(client: openai.OpenAI) -> str:
@@ -71,7 +108,10 @@ def test_lists_the_model(appliance: Appliance) -> None:
 
 def test_chat_non_streaming(appliance: Appliance) -> None:
     resp = appliance.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi there"}], max_tokens=6
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi there"}],
+        max_tokens=6,
+        extra_body=FULL_LENGTH,
     )
     assert resp.model == MODEL
     assert resp.choices[0].message.role == "assistant"
@@ -87,6 +127,7 @@ def test_chat_streaming_with_usage(appliance: Appliance) -> None:
             max_tokens=6,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=FULL_LENGTH,
         )
     )
     assert all(c.model == MODEL for c in chunks)
@@ -108,12 +149,14 @@ def test_streams_end_with_done(appliance: Appliance) -> None:
     events = [e for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
     assert events.count(b"data: [DONE]") == 1
-    assert MODEL.encode() in events[0] and b"@main" not in raw
+    assert MODEL.encode() in events[0]
 
 
 def test_completions(appliance: Appliance) -> None:
     client = appliance.client()
-    whole = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5)
+    whole = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=5, extra_body=FULL_LENGTH
+    )
     assert whole.model == MODEL and whole.choices[0].text
     assert whole.usage is not None and whole.usage.completion_tokens == 5
     parts = list(
@@ -141,6 +184,232 @@ def test_error_cases(appliance: Appliance) -> None:
     assert malformed.json()["error"]["code"] == "invalid_json"
 
 
+# The API, honoured: what the engine does with each field is checked in its answer.
+
+
+def test_n_gives_that_many_choices(appliance: Appliance) -> None:
+    resp = appliance.client().chat.completions.create(
+        model=MODEL, messages=HELLO, n=3, max_tokens=4, temperature=1.0, seed=3
+    )
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert len({c.message.content for c in resp.choices}) > 1  # sampled, not copied
+
+
+def test_seed_makes_sampling_repeatable(appliance: Appliance) -> None:
+    def sample(seed: int) -> str:
+        resp = appliance.client().chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=12,
+            temperature=1.0,
+            seed=seed,
+            extra_body=FULL_LENGTH,
+        )
+        return resp.choices[0].message.content or ""
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_stop_ends_the_reply_before_the_stop_string(appliance: Appliance) -> None:
+    client = appliance.client()
+    ask: dict[str, Any] = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 24}
+    full = client.chat.completions.create(**ask, extra_body=FULL_LENGTH)
+    text = full.choices[0].message.content or ""
+    stop = text[6:9]  # some text in the middle of the greedy reply
+    assert len(text) > 9 and stop.strip(), text
+    cut = client.chat.completions.create(**ask, stop=[stop], extra_body=FULL_LENGTH)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_logprobs_with_top_alternatives(appliance: Appliance) -> None:
+    resp = appliance.client().chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=3, logprobs=True, top_logprobs=2,
+        extra_body=FULL_LENGTH,
+    )  # fmt: skip
+    logprobs = resp.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert len(logprobs.content) == 3
+    for token in logprobs.content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 2
+
+
+def test_echo_repeats_the_prompt(appliance: Appliance) -> None:
+    client = appliance.client()
+    resp = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, echo=True)
+    assert resp.choices[0].text.startswith("Once upon")
+    # Chat: vLLM's echo, continuing the last (assistant) message.
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[*HELLO, {"role": "assistant", "content": "Well then"}],
+        max_tokens=3,
+        extra_body={"echo": True, "add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert (chat.choices[0].message.content or "").startswith("Well then")
+
+
+def test_json_schema_is_followed(appliance: Appliance) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    resp = appliance.client().chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=60,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "schema": schema, "strict": True},
+        },
+    )
+    assert resp.choices[0].finish_reason == "stop"
+    assert json.loads(resp.choices[0].message.content or "") in (
+        {"answer": "yes"},
+        {"answer": "no"},
+    )
+
+
+def test_json_object_mode_answers_json(appliance: Appliance) -> None:
+    resp = appliance.client().chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=40, response_format={"type": "json_object"}
+    )
+    content = resp.choices[0].message.content or ""
+    # Random weights rarely close the object within the budget; what they write is JSON's.
+    assert content.lstrip().startswith("{"), content
+    if resp.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+def test_a_required_tool_call_is_parsed_into_tool_calls(appliance: Appliance) -> None:
+    resp = appliance.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        max_tokens=60,
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")  # strict schema
+
+
+def test_a_named_tool_choice_calls_that_tool_and_streams(appliance: Appliance) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        appliance.client().chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Weather?"}],
+            max_tokens=60,
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice=named,  # type: ignore[arg-type]
+            stream=True,
+        )
+    )
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas and deltas[0].function is not None
+    assert deltas[0].function.name == "get_weather"
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+    assert json.loads(arguments)["city"] in ("Paris", "Rome")
+
+
+def test_a_tool_call_and_its_result_go_back_to_the_model(appliance: Appliance) -> None:
+    """The conversation after a call renders through the model's template (its token
+    count in the gateway too) and gets an answer."""
+    call = {
+        "id": "call-1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    resp = appliance.client().chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": "call-1", "content": "sunny, 21 C"},
+        ],
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="auto",
+        max_tokens=4,
+        extra_body=FULL_LENGTH,
+    )
+    assert resp.usage is not None and resp.usage.prompt_tokens > 50  # tools + history
+    assert resp.choices[0].message.content or resp.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"suffix": "The end."}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+    ],
+)
+def test_what_the_engine_would_not_honour_is_a_400(
+    appliance: Appliance, kwargs: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        appliance.client().completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=3, **kwargs
+        )
+    assert info.value.body["param"] == param  # type: ignore[index]
+
+
+# Load, from the engine.
+
+
+def test_the_engine_publishes_the_metrics_the_adapter_reads(appliance: Appliance) -> None:
+    text = httpx.get(appliance.engine_url() + "/metrics", timeout=10).text
+    names = get_adapter("vllm").load_metrics
+    assert names is not None
+    assert set(names) <= set(prometheus_sums(text, set(names)))
+    for name in ("vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_count"):
+        assert name in text
+
+
+def test_status_shows_the_engines_load(appliance: Appliance) -> None:
+    [replica] = appliance.status()["models"][MODEL]["replicas"]
+    load = replica["load"]
+    assert set(load) == {"running", "waiting", "kv_cache_usage"}
+    assert 0 <= load["kv_cache_usage"] <= 1
+    assert "KV cache" in appliance.cli("status").stdout
+
+
+def test_a_cancelled_stream_stops_generating_in_the_engine(appliance: Appliance) -> None:
+    running = "vllm:num_requests_running"
+    generated = "vllm:generation_tokens_total"
+    assert appliance.engine_metric(running) == 0
+    before = appliance.engine_metric(generated)
+    stream = appliance.client(timeout=60).chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=2000, stream=True, extra_body=FULL_LENGTH
+    )
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    seen = _wait_for(lambda: appliance.engine_metric(running) == 1, 10)
+    assert seen, "the engine runs the request"
+    stream.close()  # the client goes away mid-answer
+    assert _wait_for(lambda: appliance.engine_metric(running) == 0, 10), "still generating"
+    # Stopped, not finished: far fewer than the 2000 tokens asked for were generated.
+    time.sleep(1)
+    made = appliance.engine_metric(generated) - before
+    assert made < 1500, made
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_status_reports_a_healthy_replica(appliance: Appliance) -> None:
     status = appliance.status()
     assert status["endpoint"] == appliance.base
@@ -160,19 +429,29 @@ def test_remove_refuses_a_model_being_served(appliance: Appliance) -> None:
 def test_engine_killed_mid_request_then_replaced(appliance: Appliance) -> None:
     client = appliance.client(timeout=120)
     [engine_pid] = appliance.engine_pids()
+    # vLLM is several processes in one group: the API server, its engine core and helpers.
+    group = _group_members(engine_pid)
+    assert len(group) >= 2, group
     outcome: dict[str, BaseException | None] = {}
 
     def whole_request() -> None:
         try:
             client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2000
+                model=MODEL,
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=2000,
+                extra_body=FULL_LENGTH,
             )
             outcome["whole"] = None
         except BaseException as exc:
             outcome["whole"] = exc
 
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2000, stream=True
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2000,
+        stream=True,
+        extra_body=FULL_LENGTH,
     )
     chunks = iter(stream)
     next(chunks)
@@ -198,6 +477,21 @@ def test_engine_killed_mid_request_then_replaced(appliance: Appliance) -> None:
             time.sleep(1)
     assert answered, appliance.status()
     assert engine_pid not in appliance.engine_pids()
+    # Nothing of the killed engine keeps running (its engine core would keep computing).
+    assert _wait_for(lambda: not [p for p in group if pid_alive(p)], 30), group
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
 
 
 def test_down_leaves_nothing_running(appliance: Appliance) -> None:

@@ -1,26 +1,35 @@
-"""Every flag the GPU engine adapters emit exists in the real engine, with a value of the
-right type, for every catalog model x GPU type x engine the planner accepts; every metric
-the adapters read is one the engine emits.
+"""Every flag the engine adapters emit exists in the real engine, with a value of the
+right type, for every catalog model x GPU type x engine the planner accepts (and the CPU
+plan of the builtin model); every metric the adapters read is one the engine emits.
 
-The contract files (tests/fixtures/contracts) were read from vLLM 0.29.0 and from
-trtllm-serve's source; see their own headers for provenance.
+vLLM is checked twice: against its own argument parser, run by the Python of the CPU build
+the appliance installs (the same argument code as the CUDA build, so GPU-only flags are
+checked too), and against the argument list read from that release
+(tests/fixtures/contracts/vllm-0.32-args.json, made by vllm_contract.py beside it). Its
+metric names come from a real run (vllm-0.32-metrics.txt; tests/test_e2e.py reads the
+live page as well). trtllm-serve's contract was read from its source (see its header).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from appliance import versions
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.config import EngineConfig, EnginesConfig
 from appliance.engines import get_adapter
 from appliance.engines.base import EngineLaunch, LaunchSpec
+from appliance.engines.cpuenv import CpuEngineEnv
 from appliance.engines.runner import engine_command
+from appliance.engines.vllm import SERVER_MODULE
 from appliance.errors import EngineError
 from appliance.gpus import GPUS
 from appliance.placement import Cluster
@@ -28,12 +37,13 @@ from appliance.planner import Plan, evaluate
 
 CONTRACTS = Path(__file__).parent / "fixtures" / "contracts"
 STORE = Path("/srv/appliance/models")
+VLLM_PROGRAM = ["python3", "-m", SERVER_MODULE]
 
-_vllm = json.loads((CONTRACTS / "vllm-0.29-args.json").read_text())
+_vllm = json.loads((CONTRACTS / "vllm-0.32-args.json").read_text())
 VLLM_FLAGS = {"--" + f.replace("_", "-") for f in _vllm["engine_args"] + _vllm["frontend_args"]}
 VLLM_METRICS = {
     line.strip()
-    for line in (CONTRACTS / "vllm-0.29-metrics.txt").read_text().splitlines()
+    for line in (CONTRACTS / "vllm-0.32-metrics.txt").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 }
 _trt = json.loads((CONTRACTS / "trtllm-serve.json").read_text())
@@ -47,7 +57,8 @@ TRT_METRICS = {
 }
 
 # The vLLM contract lists names only; these types come from the annotations of the same
-# dataclass fields (AsyncEngineArgs, FrontendArgs) in vLLM 0.29.0.
+# dataclass fields (AsyncEngineArgs, FrontendArgs) in vLLM 0.32.0 (its own parser checks
+# them for real in test_every_vllm_command_line_parses_with_vllms_own_parser).
 Check = Callable[[str], bool]
 
 
@@ -71,6 +82,7 @@ def _text(value: str) -> bool:
 
 
 VLLM_VALUES: dict[str, Check] = {
+    "--model": _text,
     "--served-model-name": _text,
     "--host": _text,
     "--port": _is_int,
@@ -86,8 +98,10 @@ VLLM_VALUES: dict[str, Check] = {
     "--tool-call-parser": _text,
     "--reasoning-parser": _text,
     "--chat-template": _text,
+    "--kv-cache-memory-bytes": _is_int,
 }
 VLLM_SWITCHES = {
+    "--enforce-eager",
     "--enable-prefix-caching",
     "--enable-expert-parallel",
     "--enable-auto-tool-choice",
@@ -115,12 +129,11 @@ def _trt_check(option: dict[str, Any]) -> Check | None:
     return _text
 
 
-def _parse(argv: list[str], program: str, switch: Callable[[str], bool]) -> dict[str, str]:
-    """Flag -> value ('' for switches) after `program serve MODEL`."""
-    assert argv[:2] == [program, "serve"], argv
-    assert argv[2].startswith(str(STORE)), "the model is served from the store"
+def _parse(argv: list[str], program: list[str], switch: Callable[[str], bool]) -> dict[str, str]:
+    """Flag -> value ('' for switches) after the program (`trtllm-serve serve MODEL`)."""
+    assert argv[: len(program)] == program, argv
+    rest = argv[len(program) :]
     flags: dict[str, str] = {}
-    rest = argv[3:]
     i = 0
     while i < len(rest):
         flag = rest[i]
@@ -134,6 +147,21 @@ def _parse(argv: list[str], program: str, switch: Callable[[str], bool]) -> dict
             flags[flag] = rest[i + 1]
             i += 2
     return flags
+
+
+def _vllm_flags(argv: list[str]) -> dict[str, str]:
+    flags = _parse(argv, VLLM_PROGRAM, lambda f: f in VLLM_SWITCHES)
+    assert flags["--model"].startswith(str(STORE)), "the model is served from the store"
+    return flags
+
+
+def _trt_flags(argv: list[str]) -> dict[str, str]:
+    assert argv[2].startswith(str(STORE)), "the model is served from the store"
+    return _parse(
+        argv[:2] + argv[3:],
+        ["trtllm-serve", "serve"],
+        lambda f: _trt_check(TRT_OPTIONS.get(f, {})) is None,
+    )
 
 
 def _launch(entry: ModelEntry, plan: Plan, engine: str) -> EngineLaunch:
@@ -183,20 +211,21 @@ def test_every_emitted_flag_exists_with_a_value_of_the_right_type(
         assert plan.spans_nodes or entry.kind == "embedding"
         return
     if engine == "vllm":
-        flags = _parse(launch.argv, "vllm", lambda f: f in VLLM_SWITCHES)
+        flags = _vllm_flags(launch.argv)
         unknown = set(flags) - VLLM_FLAGS
-        assert not unknown, f"flags vLLM 0.29 does not have: {unknown}"
+        assert not unknown, f"flags vLLM {versions.VLLM} does not have: {unknown}"
         for flag, value in flags.items():
             if flag not in VLLM_SWITCHES:
                 assert flag in VLLM_VALUES, f"no type known for {flag}"
                 assert VLLM_VALUES[flag](value), f"{flag} {value!r}"
-        assert flags["--tensor-parallel-size"] == str(plan.tensor_parallel)
-        assert flags["--pipeline-parallel-size"] == str(plan.pipeline_parallel)
+        if plan.on_cpu:  # a builtin model: vLLM's CPU build, whatever GPUs are there
+            assert "--tensor-parallel-size" not in flags and "--enforce-eager" in flags
+        else:
+            assert flags["--tensor-parallel-size"] == str(plan.tensor_parallel)
+            assert flags["--pipeline-parallel-size"] == str(plan.pipeline_parallel)
         assert flags["--served-model-name"] == model
     else:
-        flags = _parse(
-            launch.argv, "trtllm-serve", lambda f: _trt_check(TRT_OPTIONS.get(f, {})) is None
-        )
+        flags = _trt_flags(launch.argv)
         unknown = set(flags) - set(TRT_OPTIONS)
         assert not unknown, f"flags trtllm-serve does not have: {unknown}"
         for flag, value in flags.items():
@@ -252,7 +281,7 @@ def test_multi_node_plans_use_vllms_ray_executor() -> None:
     assert plan.pipeline_parallel > 1
     assert plan.spans_nodes
     launch = _launch(entry, plan, "vllm")
-    flags = _parse(launch.argv, "vllm", lambda f: f in VLLM_SWITCHES)
+    flags = _vllm_flags(launch.argv)
     assert flags["--distributed-executor-backend"] == "ray"
     assert launch.env["RAY_ADDRESS"] == "10.0.0.1:6379"
     with pytest.raises(EngineError, match="MPI"):
@@ -277,9 +306,10 @@ def _tiny_launch(gpus: int) -> tuple[LaunchSpec, EngineLaunch]:
 
 def test_process_runner_uses_the_engines_own_executable_and_only_its_gpus() -> None:
     spec, launch = _tiny_launch(2)
-    engines = EnginesConfig(vllm=EngineConfig(command="/opt/engines/vllm/bin/vllm"))
+    engines = EnginesConfig(vllm=EngineConfig(command="/opt/engines/vllm/bin/python"))
     cmd = engine_command(spec, launch, "vllm", engines, "c1", {"PATH": "/usr/bin"})
-    assert cmd.argv[0] == "/opt/engines/vllm/bin/vllm" and cmd.argv[1:] == launch.argv[1:]
+    assert cmd.argv[0] == "/opt/engines/vllm/bin/python" and cmd.argv[1:] == launch.argv[1:]
+    assert cmd.argv[1:3] == ["-m", SERVER_MODULE]
     assert cmd.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert cmd.env["HF_HUB_OFFLINE"] == "1" and cmd.stop is None
 
@@ -297,8 +327,8 @@ def test_container_runner(cli: str) -> None:
         devices = [argv[i + 1] for i, a in enumerate(argv) if a == "--device"]
         assert devices == ["nvidia.com/gpu=2", "nvidia.com/gpu=3"]
     assert f"{spec.weights}:{spec.weights}:ro" in argv
-    image = argv.index("appliance/engine-vllm:0.29.0")
-    assert argv[argv.index("--entrypoint") + 1] == "vllm"
+    image = argv.index(f"appliance/engine-vllm:{versions.VLLM}")
+    assert argv[argv.index("--entrypoint") + 1] == "python3"
     assert argv[image + 1 :] == launch.argv[1:]
     assert "CUDA_VISIBLE_DEVICES" not in cmd.env  # the container sees only its GPUs
     assert f"APPLIANCE_ENGINE_PORT={spec.port}" in argv  # for the image's HEALTHCHECK
@@ -331,5 +361,107 @@ def test_a_partial_engine_table_keeps_the_other_defaults() -> None:
     )
     settings = engines.of("vllm")
     assert settings.command == "/opt/vllm/bin/vllm"
-    assert settings.image == "appliance/engine-vllm:0.29.0"
-    assert engines.of("trtllm").image == "appliance/engine-trtllm:1.3.0rc5"
+    assert settings.image == f"appliance/engine-vllm:{versions.VLLM}"
+    assert engines.of("trtllm").image == f"appliance/engine-trtllm:{versions.TRTLLM}"
+
+
+def _cpu_launch(command: str | None = None) -> tuple[LaunchSpec, EngineLaunch, EnginesConfig]:
+    entry = load_catalog().get("tiny-random-llama")
+    plan = evaluate(entry, Cluster.parse("8xH100-80GB")).plan
+    assert plan is not None and plan.on_cpu  # a builtin model runs on the CPU anywhere
+    spec = LaunchSpec(
+        model=entry.name,
+        weights=STORE / entry.name,
+        host="127.0.0.1",
+        port=8101,
+        entry=entry,
+        plan=plan,
+        work_dir=Path("/run/e"),
+    )
+    engines = EnginesConfig(
+        runner="container", env_dir=Path("/var/cache/engines"), vllm=EngineConfig(command=command)
+    )
+    return spec, get_adapter("vllm", engines.of("vllm")).launch(spec), engines
+
+
+def test_a_cpu_plan_gets_vllms_cpu_flags_and_environment() -> None:
+    _, launch, _ = _cpu_launch()
+    flags = _vllm_flags(launch.argv)
+    assert "--enforce-eager" in flags  # no torch.compile: start-up stays cheap
+    # The KV cache is sized from the plan, not as a share of the host's memory.
+    assert "--gpu-memory-utilization" not in flags
+    kv = int(flags["--kv-cache-memory-bytes"])
+    assert 64 * 2**20 <= kv <= 256 * 2**20
+    assert flags["--max-model-len"] == "2048" and flags["--max-num-seqs"] == "8"
+    assert flags["--tool-call-parser"] == "hermes" and "--enable-auto-tool-choice" in flags
+    assert "--tensor-parallel-size" not in flags and "--kv-cache-dtype" not in flags
+    assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert launch.env["OMP_NUM_THREADS"] == "1"
+    assert launch.env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    assert launch.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # no separate worker
+    assert launch.env["HF_HUB_OFFLINE"] == "1"
+    assert launch.secret_env == {}  # no key in this spec; the replica passes one
+
+
+def test_a_cpu_plan_runs_the_appliances_own_cpu_build_as_a_process() -> None:
+    spec, launch, engines = _cpu_launch()
+    cmd = engine_command(spec, launch, "vllm", engines, "c1", {})
+    # A process even with runner = "container": the images are CUDA builds.
+    assert cmd.stop is None
+    python = Path("/var/cache/engines") / f"vllm-cpu-{versions.VLLM}" / "bin" / "python"
+    assert cmd.argv[0] == str(python) and cmd.argv[1:] == launch.argv[1:]
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == ""
+    spec, launch, engines = _cpu_launch(command="/opt/vllm/bin/python")
+    assert engine_command(spec, launch, "vllm", engines, "c1", {}).argv[0] == "/opt/vllm/bin/python"
+
+
+def _every_vllm_argv() -> list[list[str]]:
+    argvs = [_cpu_launch()[1].argv]
+    for model, _, cluster, engine in COMBOS:
+        if engine != "vllm":
+            continue
+        entry = load_catalog().get(model)
+        plan = evaluate(entry, Cluster.parse(cluster), engine=engine).plan
+        if plan is not None:
+            argvs.append(_launch(entry, plan, engine).argv)
+    return argvs
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The CPU build `appliance up` installs (installed here if this is the first use)."""
+    env = CpuEngineEnv.of(EnginesConfig())
+    env.ensure()
+    return env.python
+
+
+def test_every_vllm_command_line_parses_with_vllms_own_parser(
+    vllm_python: Path, tmp_path: Path
+) -> None:
+    argvs = _every_vllm_argv()
+    assert len(argvs) > 50
+    # vLLM opens a --chat-template it is given: the catalog's names, as stand-in files.
+    templates = {a for argv in argvs for a in argv if a.startswith("/templates/")}
+    for name in templates:
+        (tmp_path / Path(name).name).write_text("{{ messages[0]['content'] }}")
+    argvs = [[str(tmp_path / Path(a).name) if a in templates else a for a in v] for v in argvs]
+    result = subprocess.run(
+        [str(vllm_python), str(CONTRACTS / "vllm_contract.py"), "check"],
+        input=json.dumps([argv[len(VLLM_PROGRAM) :] for argv in argvs]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        # The weights paths do not exist here; in offline mode vLLM would resolve each as a
+        # Hub repo id (and fail), whatever the flags. Nothing is downloaded either way.
+        env={**os.environ, "HF_HUB_OFFLINE": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    verdicts = json.loads(result.stdout.splitlines()[-1])
+    failed = [(argv, v["error"]) for argv, v in zip(argvs, verdicts, strict=True) if not v["ok"]]
+    assert not failed, failed[:3]
+    assert {v["model"] for v in verdicts} == {_vllm_flags(a)["--model"] for a in argvs}
+
+
+def test_the_args_fixture_is_the_pinned_release() -> None:
+    assert _vllm["vllm_version"] == versions.VLLM

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance import versions
 from appliance.config import EnginesConfig
 from appliance.engines import get_adapter
 
@@ -38,18 +39,35 @@ def test_engine_labels_match_the_adapter(engine: str) -> None:
     assert f'io.appliance.engine="{engine}"' in text
     assert f'io.appliance.engine.metrics="{adapter.metrics_path}"' in text
     assert 'io.appliance.engine.health="/health"' in text
-    assert f'ENTRYPOINT ["{"vllm" if engine == "vllm" else "trtllm-serve"}"]' in text
+    entrypoint = (
+        '["python3", "-m", "vllm.entrypoints.openai.api_server"]'
+        if engine == "vllm"
+        else '["trtllm-serve"]'
+    )
+    assert f"ENTRYPOINT {entrypoint}" in text
 
 
 def test_build_script_tags_are_the_configured_images() -> None:
     script = BUILD.read_text()
     defaults = EnginesConfig()
+    # The script's own tag function, run: the tags come out as the configured images.
     for engine in ("vllm", "trtllm"):
         image = defaults.of(engine).image
-        assert image and f'echo "{image}"' in script, image
-    # The engine version in a tag is the version its Containerfile pins.
-    assert "vllm-openai:v0.29.0" in _containerfile("vllm")
-    assert "release:1.3.0rc5" in _containerfile("trtllm")
+        start, end = script.index("pin() {"), script.index("for image in")
+        tag = subprocess.run(
+            ["bash", "-c", f"root={IMAGES.parent}\n{script[start:end]}\ntag_of {engine}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert tag == image
+    # The engine version in a tag is the version its Containerfile pins: appliance.versions,
+    # which the script reads and passes on.
+    vllm = _containerfile("vllm")
+    assert f"ARG VLLM_VERSION={versions.VLLM}\n" in vllm
+    assert f"vllm-openai:v{versions.VLLM}\n" in vllm
+    assert f"release:{versions.TRTLLM}" in _containerfile("trtllm")
+    assert "appliance/versions.py" in script and "0.32" not in script
 
 
 def test_build_script_is_valid_and_explains_a_missing_engine() -> None:

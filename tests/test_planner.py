@@ -211,7 +211,7 @@ def test_moe_decode_reads_more_experts_as_the_batch_grows() -> None:
 def test_every_catalog_model_has_a_plan_on_h100_and_h200_nodes(name: str, gpus: str) -> None:
     plan = plan_model(model(name), Cluster.parse(gpus))
     assert plan.replicas >= 1
-    if plan.engine != "cpu":
+    if not plan.on_cpu:
         assert plan.gpu == gpus.split("x")[1]
         assert plan.replicas * plan.gpus_per_replica <= 8
         assert plan.explanation
@@ -267,27 +267,28 @@ def test_gpus_the_gpu_cannot_run_are_skipped() -> None:
     assert plan_model(entry, Cluster.parse("1xB200"), precision="nvfp4").precision == "nvfp4"
 
 
-def test_cpu_models_get_the_cpu_plan_anywhere() -> None:
+def test_builtin_models_get_a_vllm_cpu_plan_anywhere() -> None:
     tiny = model("tiny-random-llama")
     for cluster in (Cluster.cpu_only(), Cluster.parse("8xH200")):
         plan = plan_model(tiny, cluster)
-        assert (plan.engine, plan.gpus_per_replica, plan.replicas) == ("cpu", 0, 1)
-        assert plan.max_model_len == 2048
+        assert (plan.engine, plan.gpus_per_replica, plan.replicas) == ("vllm", 0, 1)
+        assert plan.on_cpu and plan.gpu is None and plan.placement == ()
+        assert (plan.max_model_len, plan.max_num_seqs) == (2048, 8)
+        assert "vLLM's CPU build" in plan.explanation
+    # More concurrency asked for than the default: the engine admits that many.
+    assert plan_model(tiny, Cluster.cpu_only(), concurrency=16).max_num_seqs == 16
+    assert plan_model(tiny, Cluster.cpu_only(), context=512).max_model_len == 512
 
 
 def test_cpu_plans_refuse_the_options_they_cannot_honour() -> None:
     tiny = model("tiny-random-llama")
     for cluster in (Cluster.cpu_only(), Cluster.parse("8xH200")):
-        with pytest.raises(PlanError, match=r"served by the CPU engine .* not by vllm") as err:
-            plan_model(tiny, cluster, engine="vllm")
-        assert "its catalog entry lists only the cpu engine" in err.value.message
+        with pytest.raises(PlanError, match=r"runs on the CPU .* not with trtllm") as err:
+            plan_model(tiny, cluster, engine="trtllm")
+        assert err.value.hint == "Leave out --engine (or pass --engine vllm)."
         with pytest.raises(PlanError, match="--replicas 2 cannot be honoured"):
             plan_model(tiny, cluster, replicas=2)
-        assert plan_model(tiny, cluster, engine="cpu", replicas=1).engine == "cpu"
-    # An entry that lists a GPU engine and cpu gets the CPU plan only without GPUs.
-    both = tiny.model_copy(update={"engines": ["vllm", "cpu"]})
-    with pytest.raises(PlanError, match="there are no GPUs to plan for"):
-        plan_model(both, Cluster.cpu_only(), engine="vllm")
+        assert plan_model(tiny, cluster, engine="vllm", replicas=1).on_cpu
 
 
 def test_gpu_models_without_gpus_say_where_they_would_fit() -> None:
@@ -298,7 +299,7 @@ def test_gpu_models_without_gpus_say_where_they_would_fit() -> None:
 
 
 def test_the_old_gpu_count_call_still_works() -> None:
-    assert plan_model(model("tiny-random-llama"), 0).engine == "cpu"
+    assert plan_model(model("tiny-random-llama"), 0).on_cpu
     with pytest.raises(PlanError, match="needs GPUs"):
         plan_model(model("llama-4-scout"), 0)
     with pytest.raises(PlanError, match="no figures for GPU type unknown"):

@@ -1,5 +1,5 @@
 """The control plane, tried as an operator would: kill -9 each part, wedge it, fill the disk,
-look at the open ports. The real appliance (Ray, Serve, the CPU engine, the gateway) on this
+look at the open ports. The real appliance (Ray, Serve, vLLM on the CPU, the gateway) on this
 machine, driven through its CLI, with the official openai client as the caller. Each case
 prints how long the appliance took to serve again.
 """
@@ -128,7 +128,7 @@ def test_every_port_of_the_embedded_appliance_is_on_loopback(appliance: Applianc
     assert exposed == [], exposed
 
 
-# Hostile requests against the real CPU engine.
+# Hostile requests against the real engine (vLLM on the CPU).
 
 
 def test_an_oversized_prompt_is_refused_and_the_model_stays_up(appliance: Appliance) -> None:

@@ -8,7 +8,7 @@ import pytest
 from appliance.errors import ApplianceError
 from appliance.state import KEY_PREFIX, State, key_digest
 
-PLAN = {"engine": "cpu", "precision": "fp32", "replicas": 1}
+PLAN = {"engine": "vllm", "precision": "fp32", "replicas": 1}
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_a_new_state_is_empty_and_creates_its_directory(state: State) -> None:
 
 
 def test_add_and_list_deployments(state: State) -> None:
-    state.add_deployment("zeta", "cpu", PLAN)
+    state.add_deployment("zeta", "vllm", PLAN)
     state.add_deployment("alpha", "vllm", {**PLAN, "engine": "vllm"})
 
     deployments = state.deployments()
@@ -44,7 +44,7 @@ def test_add_and_list_deployments(state: State) -> None:
 
 
 def test_adding_again_updates_the_deployment(state: State) -> None:
-    state.add_deployment("m", "cpu", PLAN)
+    state.add_deployment("m", "vllm", PLAN)
     first = state.deployment("m")
     assert first is not None
 
@@ -59,8 +59,8 @@ def test_adding_again_updates_the_deployment(state: State) -> None:
 
 
 def test_remove_deployment(state: State) -> None:
-    state.add_deployment("m", "cpu", PLAN)
-    state.add_deployment("n", "cpu", PLAN)
+    state.add_deployment("m", "vllm", PLAN)
+    state.add_deployment("n", "vllm", PLAN)
 
     assert state.remove_deployment("m") is True
     assert state.remove_deployment("m") is False
@@ -68,7 +68,7 @@ def test_remove_deployment(state: State) -> None:
 
 
 def test_state_is_shared_through_the_file(state: State) -> None:
-    state.add_deployment("m", "cpu", PLAN)
+    state.add_deployment("m", "vllm", PLAN)
     key = state.create_key("ci")
 
     other = State(state.path)

@@ -62,8 +62,9 @@ def test_config_matches_the_spec(model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     assert config.model_type == "llama"
     assert config.architectures == ["LlamaForCausalLM"]
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (64, 128, 2)
-    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (128, 256, 2)
+    # vLLM's CPU attention kernels take head_dim 32 and up (16 is rejected).
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 64)
     assert (config.vocab_size, config.max_position_embeddings) == (512, 2048)
     assert config.tie_word_embeddings is False
 
@@ -103,6 +104,49 @@ def test_chat_template_accepts_content_parts(tokenizer: Any) -> None:
     assert tokenizer.apply_chat_template(parts, tokenize=False) == tokenizer.apply_chat_template(
         MESSAGES[1:], tokenize=False
     )
+
+
+def test_chat_template_renders_tools_and_tool_calls(tokenizer: Any) -> None:
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object"}},
+    }
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    rendered = tokenizer.apply_chat_template(
+        messages, tools=[tool], tokenize=False, add_generation_prompt=True
+    )
+    # The system turn carries the user's system text, then the tools (Hermes style).
+    assert rendered.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.\n\n"
+        "You may call functions."
+    )
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
+    assert rendered.count("<|start_header_id|>system") == 1
+    # Arguments as OpenAI sends them (a JSON string) and as vLLM hands them over (parsed)
+    # render the same.
+    assert (
+        '<|start_header_id|>assistant<|end_header_id|>\n\n<tool_call>{"name": "get_weather", '
+        '"arguments": {"city": "Paris"}}</tool_call><|eot_id|>'
+    ) in rendered
+    parsed = [{**call, "function": {**call["function"], "arguments": {"city": "Paris"}}}]
+    messages[2] = {"role": "assistant", "content": None, "tool_calls": parsed}
+    again = tokenizer.apply_chat_template(
+        messages, tools=[tool], tokenize=False, add_generation_prompt=True
+    )
+    assert again == rendered
+    assert "<|start_header_id|>tool<|end_header_id|>\n\nsunny<|eot_id|>" in rendered
+    # The tool-call tags are single tokens, as vLLM's hermes parser expects.
+    for tag in (tinymodel.TOOL_CALL, tinymodel.END_TOOL_CALL):
+        assert len(tokenizer(tag, add_special_tokens=False).input_ids) == 1
 
 
 def test_generate_returns_tokens(model_dir: Path, tokenizer: Any) -> None:

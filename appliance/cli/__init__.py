@@ -21,7 +21,7 @@ app = typer.Typer(
     name="appliance",
     help="On-prem LLM serving appliance: serve catalog models behind an OpenAI-compatible "
     "endpoint.\n\nWith no appliance.toml everything runs on this machine: a local Ray, the "
-    "CPU engine and the tiny-random-llama model.",
+    "tiny-random-llama model on vLLM's CPU build.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -16,6 +16,7 @@ from appliance import __version__
 from appliance.cli.common import console, print_table
 from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
 from appliance.control.runtime import read_status, session_pids
+from appliance.engines.cpuenv import CpuEngineEnv
 from appliance.errors import ConfigError
 from appliance.installer import InstallError
 from appliance.installer import bundle as bundles
@@ -200,6 +201,28 @@ def install(
         console.print("[green]The appliance is installed.[/]")
 
 
+def _print_engine_env(info: dict[str, Any], command: str | None) -> None:
+    """The vLLM CPU build the appliance installs for CPU plans: there or not, and where."""
+    where = info["path"]
+    if command:
+        console.print(
+            f"CPU engine: engines.vllm.command = {command} (the appliance's own is unused)",
+            soft_wrap=True,
+        )
+    elif info["ready"]:
+        console.print(
+            f"CPU engine: {info['package']} installed in {where} "
+            f"(on {info.get('installed_at', '?')}, in {info.get('install_seconds', '?')}s)",
+            soft_wrap=True,  # the terminal wraps it, so the path stays whole
+        )
+    else:
+        console.print(
+            f"CPU engine: {info['package']} is not installed yet; `appliance up` installs it "
+            f"into {where} when a model runs on the CPU.",
+            soft_wrap=True,
+        )
+
+
 def doctor(
     ctx: typer.Context,
     inventory: Path | None = typer.Option(
@@ -233,6 +256,7 @@ def doctor(
         extravars["preflight_own_ports"] = sorted(_own_ports(config))
     else:
         inv = _inventory(install_config, inventory, run_dir)
+    engine_env = CpuEngineEnv.of(config.engines).describe() if local else None
     req = RunRequest(
         run_dir=run_dir, inventory=inv, extravars=extravars, tags=["preflight"], limit=limit
     )
@@ -244,10 +268,14 @@ def doctor(
         # when checks fail, since the role only reports); the run's own status is kept.
         summary["ansible_status"] = summary["status"]
         summary["status"] = "successful" if passed else "failed"
+        if engine_env is not None:
+            summary["cpu_engine"] = engine_env
         print(json.dumps(summary, indent=2))
         if not passed:
             raise typer.Exit(1)
         return
+    if engine_env is not None:
+        _print_engine_env(engine_env, config.engines.vllm.command)
     result = _run(req)
     for host in sorted(result.tracker.findings):
         console.print(f"\n[bold]{host}[/]")
@@ -384,7 +412,7 @@ def bundle(
         )
 
 
-# The engines that run from container images (the CPU engine always runs as a process).
+# The engines that run from container images (CPU plans always run as a process).
 ENGINE_IMAGES = ("vllm", "trtllm")
 
 

@@ -30,8 +30,11 @@ from appliance.control.runtime import (
     supervisor_env,
 )
 from appliance.deploy import DEFAULT_MODEL, add_model
+from appliance.engines import ADAPTERS
+from appliance.engines.cpuenv import CpuEngineEnv
 from appliance.errors import ClusterError
 from appliance.logs import ensure_log_dir
+from appliance.planner import Plan
 from appliance.state import State
 
 
@@ -109,6 +112,43 @@ def _audit_start(config: ApplianceConfig, state: State) -> None:
     state.append_audit(events)
 
 
+def _replan_retired_engines(config: ApplianceConfig) -> None:
+    """Deployments planned for an engine this version no longer has (the `cpu` engine,
+    `transformers serve`, of earlier versions) are planned again, and their builtin
+    weights rebuilt if their shape changed."""
+    for dep in State(config.state_db).deployments():
+        engine = dep.plan.get("engine")
+        if engine not in ADAPTERS:
+            with console.status(f"Planning {dep.model} again (its engine {engine} is gone)..."):
+                result = add_model(config, dep.model)
+            console.print(
+                f"Planned {dep.model} again: engine {result.plan.engine} (it was planned for "
+                f"the {engine} engine, which this version replaced)."
+            )
+
+
+def ensure_cpu_engine(config: ApplianceConfig) -> None:
+    """Install vLLM's CPU build when a deployment needs it and none is configured; a no-op
+    when it is installed already (the common case: one check of a file)."""
+    if config.engines.vllm.command:
+        return
+    plans = [Plan.from_dict(d.plan) for d in State(config.state_db).deployments()]
+    if not any(p.engine == "vllm" and p.on_cpu for p in plans):
+        return
+    env = CpuEngineEnv.of(config.engines)
+    if env.ready:
+        return
+    console.print(
+        f"Installing vLLM's CPU engine ({env.root.name}) into {env.root}, once for this user "
+        "(a few minutes; the log is in "
+        f"{env.log})."
+    )
+    started = time.monotonic()
+    with console.status("Installing vLLM's CPU engine...") as spinner:
+        env.ensure(lambda line: spinner.update(f"Installing vLLM's CPU engine: {line}"))
+    console.print(f"Installed vLLM's CPU engine in {time.monotonic() - started:.0f}s.")
+
+
 def _stop_leftovers(config: ApplianceConfig) -> None:
     """Stop what a supervisor that died (killed, OOM) left in its session: Ray, engines, a
     gateway still holding the port."""
@@ -146,6 +186,8 @@ def up(
     if config.is_embedded_default and not state.deployments():
         with console.status(f"Adding {DEFAULT_MODEL} (built locally)..."):
             add_model(config, DEFAULT_MODEL)
+    _replan_retired_engines(config)
+    ensure_cpu_engine(config)
     _ensure_api_key(config)
     catalog = load_catalog(config.catalog)
     for name in config.models:
@@ -288,11 +330,21 @@ def status(
             console.print(
                 f"  replica {rep.get('replica_id')}  "
                 f"{'healthy' if healthy else '[red]unhealthy[/]'}  {rep.get('url')}  "
-                f"engine pid {rep.get('pid')}  up {age:.0f}s"
+                f"engine pid {rep.get('pid')}  up {age:.0f}s{_load_text(rep.get('load'))}"
             )
             if not healthy:
                 why = rep.get("problem") or "no report for a while (replica stopped or stuck?)"
                 console.print(f"    [yellow]{why}[/]")
+
+
+def _load_text(load: dict[str, Any] | None) -> str:
+    """The engine's own figures, as its replica last read them from its metrics."""
+    if not load:
+        return ""
+    text = f"  running {load.get('running', 0):g}, waiting {load.get('waiting', 0):g}"
+    if load.get("kv_cache_usage") is not None:
+        text += f", KV cache {float(load['kv_cache_usage']) * 100:.0f}% used"
+    return text
 
 
 def show_config(
@@ -311,6 +363,8 @@ def show_config(
         "home": str(config.home_dir),
         "store": str(config.store_dir),
         "state_db": str(config.state_db),
+        # Where CPU plans' engine is (or will be) installed: engines.env_dir resolved.
+        "cpu_engine": str(CpuEngineEnv.of(config.engines).root),
     }
     if as_json:
         print_json(data)

@@ -75,9 +75,10 @@ def add(
         engine=engine,
     )
     plan = result.plan
+    where = "on the CPU" if plan.on_cpu else f"tensor parallel {plan.tensor_parallel}"
     console.print(
         f"Added {name}: engine {plan.engine}, precision {plan.precision}, "
-        f"{plan.replicas} replica(s), tensor parallel {plan.tensor_parallel}."
+        f"{plan.replicas} replica(s), {where}."
     )
     installed = Store(config.store_dir).get(name)
     size = _gib(installed.total_bytes)
@@ -88,6 +89,11 @@ def add(
         soft_wrap=True,
     )
     if read_status(config) is not None:
+        # `up` installed the CPU engine if an earlier model needed it; this one may be the
+        # first (a no-op when it is there).
+        from appliance.cli.lifecycle import ensure_cpu_engine
+
+        ensure_cpu_engine(config)
         console.print(
             "The running appliance is deploying it now; `appliance status` shows progress."
         )
@@ -195,10 +201,14 @@ def show(
     )
     if dep:
         p = dep.plan
+        where = (
+            "on the CPU (no GPUs)"
+            if not p["gpus_per_replica"]
+            else f"TP {p['tensor_parallel']}, {p['gpus_per_replica']} GPU(s) per replica"
+        )
         console.print(
             f"Plan: engine {p['engine']}, precision {p['precision']}, "
-            f"{p['replicas']} replica(s), TP {p['tensor_parallel']}, "
-            f"{p['gpus_per_replica']} GPU(s) per replica"
+            f"{p['replicas']} replica(s), {where}"
         )
         if p.get("explanation"):
             console.print(f"Why: {p['explanation']}")

@@ -105,8 +105,12 @@ def show(report: PlanReport) -> None:
     plan = report.plan
     if plan is None:
         return
-    if plan.engine == "cpu":
-        console.print(f"Plan: engine cpu, precision {plan.precision}, 1 replica, no GPUs.")
+    if plan.on_cpu:
+        console.print(
+            f"[bold]Plan:[/] {plan.engine} on the CPU (vLLM's CPU build), {plan.precision}, "
+            f"1 replica, no GPUs, max_model_len {plan.max_model_len}, max_num_seqs "
+            f"{plan.max_num_seqs}."
+        )
         return
     chosen = report.chosen
     total = ""

@@ -169,11 +169,21 @@ class EngineReplica:
             )
         except OSError as exc:
             program = self.command.argv[0]
+            if Plan.from_dict(self.spec.plan).on_cpu:
+                hint = (
+                    "`appliance up` installs vLLM's CPU build before it starts the replicas; "
+                    "run it again, or set engines.vllm.command in appliance.toml to the Python "
+                    "of a virtualenv that has vLLM."
+                )
+            else:
+                hint = (
+                    f"Install it in its own virtualenv and set engines.{self.spec.engine}"
+                    ".command in appliance.toml, or run engines in containers (engines.runner "
+                    '= "container").'
+                )
             raise EngineError(
                 f"cannot start the {self.spec.engine} engine: {program}: {exc.strerror}",
-                hint=f"Install it in its own virtualenv and set engines.{self.spec.engine}"
-                ".command in appliance.toml, or run engines in containers (engines.runner = "
-                '"container").',
+                hint=hint,
             ) from None
 
     def _dead_error(self) -> EngineError:
@@ -313,6 +323,8 @@ class EngineReplica:
             load = await self._load() if problem is None else None
             self._publish(self.info(problem is None, load))
             if not alive:
+                # What the dead engine left in its group stops now, not at replacement.
+                await asyncio.get_running_loop().run_in_executor(None, self._stop_engine)
                 return  # Serve's health check replaces this replica
             await asyncio.sleep(self.spec.report_interval_s)
 
@@ -325,16 +337,30 @@ class EngineReplica:
     async def describe(self) -> dict[str, Any]:
         return self.info(self.proc.poll() is None and self.problem is None)
 
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a member we cannot signal still counts
+            return True
+        return True
+
     def _stop_engine(self) -> None:
-        if self.proc.poll() is None:
+        # The whole process group, even when the engine itself has exited: vLLM's
+        # engine-core and worker processes outlive an API server that was killed (seen:
+        # both still running, computing, after `kill -9` of the server). The group id
+        # stays reserved while any member lives, so it never names another process.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (self.proc.poll() is None or self._group_alive()):
+            time.sleep(0.1)
+        if self._group_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
         if self.command.stop:
             # A container outlives its client when the client is killed.
             with contextlib.suppress(OSError, subprocess.SubprocessError):

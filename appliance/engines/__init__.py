@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from appliance.config import EngineConfig
 from appliance.engines.base import EngineAdapter, EngineLaunch, EngineLoad, LaunchSpec
-from appliance.engines.cpu import CpuEngine
 from appliance.engines.trtllm import TrtllmEngine
 from appliance.engines.vllm import VllmEngine
 from appliance.errors import EngineError
 
 ADAPTERS: dict[str, type[EngineAdapter]] = {
-    CpuEngine.name: CpuEngine,
     VllmEngine.name: VllmEngine,
     TrtllmEngine.name: TrtllmEngine,
 }

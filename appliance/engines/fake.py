@@ -524,20 +524,24 @@ def create_app(model: str, tokens: int, delay_s: float, *, max_running: int = 25
     return FakeEngine(model, tokens, delay_s, max_running=max_running)
 
 
+VLLM_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]
+
+
 def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """`serve MODEL --served-model-name N --host H --port P ...`: vLLM's command line.
+    """`--model W --served-model-name N --host H --port P ...`: the command line the
+    appliance gives vLLM's OpenAI server module (after `python -m ...`).
 
     Other vLLM flags are accepted and reported, not acted on: this stands in for vLLM
     where no GPU is at hand (placement tests on Ray with declared GPUs).
     """
-    parser = argparse.ArgumentParser(prog="fake-vllm serve")
-    parser.add_argument("weights")
+    parser = argparse.ArgumentParser(prog="fake-vllm")
+    parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args, _ = parser.parse_known_args(argv)
     info = {
-        "argv": ["vllm", "serve", *argv],
+        "argv": ["python3", *VLLM_SERVER, *argv],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "pid": os.getpid(),
     }
@@ -554,8 +558,9 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
-        args, info = _vllm_compatible(argv[1:])
+    if argv[:2] == VLLM_SERVER:
+        # Standing in for `python -m vllm.entrypoints.openai.api_server ...`.
+        args, info = _vllm_compatible(argv[2:])
         _run(args, info)
         return
     parser = argparse.ArgumentParser(

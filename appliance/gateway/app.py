@@ -701,8 +701,8 @@ class Gateway:
             self._answered(exchange, tap.usage, status=502)
             await send({"type": "http.response.body", "body": event, "more_body": False})
             return False
-        # Some engines (transformers serve) end the stream without OpenAI's terminator;
-        # clients other than the openai package wait for it.
+        # An engine may end the stream without OpenAI's terminator (the first CPU engine,
+        # transformers serve, did); clients other than the openai package wait for it.
         last = b"" if tail.rstrip().endswith(b"data: [DONE]") else SSE_DONE
         self._answered(exchange, tap.usage)
         await send({"type": "http.response.body", "body": last, "more_body": False})

@@ -15,6 +15,10 @@ from appliance.planner.roofline import Workload
 
 DEFAULT_CONTEXT_CAP = 131072  # plans serve at most 128k tokens unless --context asks more
 MIN_AUTO_CONTEXT = 4096
+# CPU plans (vLLM's CPU build): a short context and few sequences keep the KV cache, and
+# the engine's share of a small host's cores, small.
+CPU_CONTEXT = 2048
+CPU_MAX_NUM_SEQS = 8
 REFERENCE_CLUSTERS = ("8xH100-80GB", "8xH200")  # named when a GPU model meets no GPUs
 
 
@@ -89,12 +93,21 @@ def evaluate(
         raise PlanError("concurrency and replicas must be at least 1 when given")
     first_context = context or min(arch.max_context, DEFAULT_CONTEXT_CAP)
     head = PlanReport(
-        entry.name, cluster.describe(), "cpu", first_context, concurrency, workload or Workload()
+        entry.name, cluster.describe(), "vllm", first_context, concurrency, workload or Workload()
     )
-    if entry.engines == ["cpu"] or (cluster.total_gpus == 0 and "cpu" in entry.engines):
+    if entry.builtin:
         _cpu_options(entry, engine, replicas)
-        plan = Plan("cpu", entry.default_precision, max_model_len=context or arch.max_context)
-        plan = replace(plan, explanation="The CPU engine serves this model: 1 replica, no GPUs.")
+        plan = Plan(
+            "vllm",
+            entry.default_precision,
+            max_model_len=context or min(arch.max_context, CPU_CONTEXT),
+            max_num_seqs=max(CPU_MAX_NUM_SEQS, concurrency or 0),
+        )
+        plan = replace(
+            plan,
+            explanation="A model built locally runs on the CPU, with vLLM's CPU build: "
+            "1 replica, no GPUs.",
+        )
         return replace(head, context=plan.max_model_len or 0, plan=plan)
     ask = _Ask(
         entry, _engine(entry, engine), head.context, concurrency, head.workload, kv_cache_dtype
@@ -124,34 +137,27 @@ def evaluate(
 
 
 def _cpu_options(entry: ModelEntry, engine: str | None, replicas: int | None) -> None:
-    """A CPU plan is one replica of the CPU engine: refuse options it would drop."""
-    why = (
-        "its catalog entry lists only the cpu engine"
-        if entry.engines == ["cpu"]
-        else "there are no GPUs to plan for"
-    )
-    if engine not in (None, "cpu"):
+    """A CPU plan is one replica of vLLM on the CPU: refuse options it would drop."""
+    if engine not in (None, "vllm"):
         raise PlanError(
-            f"{entry.name} is served by the CPU engine ({why}), not by {engine}",
-            hint="Leave out --engine (or pass --engine cpu); a GPU engine needs a catalog "
-            "entry that lists it and a host with GPUs.",
+            f"{entry.name} is built locally and runs on the CPU with vLLM's CPU build, not "
+            f"with {engine} (which needs GPUs)",
+            hint="Leave out --engine (or pass --engine vllm).",
         )
     if replicas not in (None, 1):
         raise PlanError(
-            f"{entry.name} gets one CPU-engine replica ({why}); --replicas {replicas} "
-            "cannot be honoured",
-            hint="Leave out --replicas: the CPU engine runs one replica per model.",
+            f"{entry.name} gets one CPU replica; --replicas {replicas} cannot be honoured",
+            hint="Leave out --replicas: a model on the CPU runs one replica.",
         )
 
 
 def _engine(entry: ModelEntry, engine: str | None) -> str:
-    gpu_engines = [e for e in entry.engines if e != "cpu"]
     if engine is None:
-        return gpu_engines[0]
-    if engine not in gpu_engines:
+        return entry.engines[0]
+    if engine not in entry.engines:
         raise PlanError(
             f"{entry.name} is not served by engine '{engine}'",
-            hint=f"Its catalog entry lists: {', '.join(gpu_engines)}.",
+            hint=f"Its catalog entry lists: {', '.join(entry.engines)}.",
         )
     return engine
 

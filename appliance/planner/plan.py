@@ -29,6 +29,11 @@ class Plan:
     explanation: str = ""
 
     @property
+    def on_cpu(self) -> bool:
+        """The engine computes on the host's CPUs (vLLM's CPU build): no GPUs at all."""
+        return self.gpus_per_replica == 0
+
+    @property
     def spans_nodes(self) -> bool:
         """Some replica has pipeline stages on more than one node."""
         return any(len(set(stages)) > 1 for stages in self.placement)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance import versions
 from appliance.installer import InstallError
 from appliance.installer.bundle import image_names, missing_images
 from tests.installer.conftest import BundleRun
 from tests.installer.test_install_cli import cli, text
 
-VLLM = "appliance/engine-vllm:0.29.0"
-TRTLLM = "appliance/engine-trtllm:1.3.0rc5"
+VLLM = f"appliance/engine-vllm:{versions.VLLM}"
+TRTLLM = f"appliance/engine-trtllm:{versions.TRTLLM}"
 
 
 def archive(path: Path, files: dict[str, object]) -> Path:
