@@ -44,6 +44,13 @@ class KeyPolicy(BaseModel):
         None, ge=1, description="Largest prompt of one request, in tokens."
     )
     data_class: DataClass = Field("internal", description="Most sensitive data it may send.")
+    log_bodies_days: int | None = Field(
+        None,
+        ge=1,
+        le=3650,
+        description="Keep this key's prompts and answers for this many days (audited when "
+        "set); None: never kept.",
+    )
     expires_at: float | None = Field(None, description="Unix time it stops working; None: never.")
 
     def allows(self, model: str) -> bool:

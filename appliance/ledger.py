@@ -131,19 +131,34 @@ def _owner_pid(path: Path) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def read_spool_file(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(usage rows, refusals) of one spool file; a torn last line (a kill mid-write) is
-    skipped: that request was not answered yet."""
-    usage: list[dict[str, Any]] = []
-    refusals: list[dict[str, Any]] = []
+def body_line(row: UsageRow, days: int, request: bytes, response: bytes) -> bytes:
+    """A prompt and its answer, for a key that keeps them (`log_bodies_days`)."""
+    return orjson.dumps(
+        {
+            "kind": "body",
+            "id": row.id,
+            "ts": row.ts,
+            "expires_at": row.ts + days * 86400,
+            "request_id": row.request_id,
+            "key": row.key,
+            "model": row.model,
+            "request": request.decode(errors="replace"),
+            "response": response.decode(errors="replace"),
+        }
+    )
+
+
+def read_spool_file(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows of one spool file by kind (usage, refusal, body); a torn last line (a kill
+    mid-write) is skipped: that request was not answered yet."""
+    kinds: dict[str, list[dict[str, Any]]] = {"usage": [], "refusal": [], "body": []}
     for line in path.read_bytes().splitlines():
         try:
             row = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
-        kind = row.pop("kind", "usage")
-        (refusals if kind == "refusal" else usage).append(row)
-    return usage, refusals
+        kinds.get(row.pop("kind", "usage"), kinds["usage"]).append(row)
+    return kinds
 
 
 class Mover:
@@ -179,17 +194,19 @@ class Mover:
             if path.suffix == ".jsonl" and owner is not None and pid_alive(owner):
                 continue  # a live process is still writing it
             try:
-                usage, refusals = read_spool_file(path)
+                rows = read_spool_file(path)
             except FileNotFoundError:
                 continue  # another gateway process moved it first
             try:
-                if usage:
-                    self.store.insert_usage(usage)
-                if refusals:
-                    self.store.append_audit(refusals)
+                if rows["usage"]:
+                    self.store.insert_usage(rows["usage"])
+                if rows["refusal"]:
+                    self.store.append_audit(rows["refusal"])
+                if rows["body"]:
+                    self.store.insert_bodies(rows["body"])
             except Exception as exc:  # a full disk, a locked file: the file waits
                 log.warning("ledger: could not move %s yet: %r", path.name, exc)
                 break
             path.unlink(missing_ok=True)
-            moved += len(usage) + len(refusals)
+            moved += sum(len(v) for v in rows.values())
         return moved

@@ -80,6 +80,17 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash   TEXT NOT NULL,
     hash        TEXT NOT NULL
 );
+-- Prompts and answers, only for keys whose policy sets log_bodies_days; pruned when due.
+CREATE TABLE IF NOT EXISTS bodies (
+    id          TEXT PRIMARY KEY,
+    ts          REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    request_id  TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    model       TEXT,
+    request     TEXT NOT NULL,
+    response    TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_anchor (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     hash        TEXT NOT NULL,
@@ -393,6 +404,25 @@ class State:
         with self._connect() as conn:
             conn.executemany(sql, [tuple(row.get(c) for c in columns) for row in rows])
 
+    def insert_bodies(self, rows: list[dict[str, Any]]) -> None:
+        columns = ("id", "ts", "expires_at", "request_id", "key", "model", "request", "response")
+        with self._connect() as conn:
+            conn.executemany(
+                f"INSERT OR IGNORE INTO bodies({', '.join(columns)}) VALUES "
+                f"({', '.join('?' for _ in columns)})",
+                [tuple(row.get(c) for c in columns) for row in rows],
+            )
+
+    def bodies(self, key: str) -> list[dict[str, Any]]:
+        with self._connect() as conn:
+            cur = conn.execute(
+                "SELECT ts, expires_at, request_id, model, request, response FROM bodies "
+                "WHERE key = ? ORDER BY ts",
+                (key,),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
     def usage_rows(self, since: float = 0.0, until: float | None = None) -> list[dict[str, Any]]:
         with self._connect() as conn:
             cur = conn.execute(
@@ -443,6 +473,7 @@ class State:
         with self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             usage = conn.execute("DELETE FROM usage WHERE ts < ?", (usage_before,)).rowcount
+            conn.execute("DELETE FROM bodies WHERE expires_at < ?", (time.time(),))
             last = conn.execute(
                 "SELECT seq, hash FROM audit WHERE ts < ? ORDER BY seq DESC LIMIT 1",
                 (audit_before,),

@@ -6,11 +6,15 @@ back to back, first for a warm-up, then for a measured window. Both paths are me
 the same run, at each concurrency, one after the other. TTFT is the time to the first
 chunk that carries content; e2e is the time to ``data: [DONE]``.
 
-The gateway runs with admission on, as in production: an API key on every request, the
-schema checks, prompt tokens counted with a real tokenizer and chat template
-(tiny-random-llama's, built into a temporary store) against a deployment record's
-context, and the per-replica in-flight bound (the record plans max_num_seqs 1024, like
-vLLM on a GPU; the fake engine runs 256 at once and queues the rest, as vLLM does).
+The gateway runs with admission and governance on, as in production: an API key with
+limits on every request (far above the load, so the shared buckets and in-flight count
+are exercised and nothing is refused), the schema checks, prompt tokens counted with a
+real tokenizer and chat template (tiny-random-llama's, built into a temporary store)
+against a deployment record's context, the per-replica in-flight bound (the record plans
+max_num_seqs 1024, like vLLM on a GPU; the fake engine runs 256 at once), and the usage
+ledger and audit log written as always. Legs: the engine directly, the gateway with one
+worker and with --workers N (default: the cores), and vLLM's Rust router (vllm-router
+--policy round_robin) when it is on PATH or given with --vllm-router.
 
 Two scenarios by default, each with its own engine and gateway:
 
@@ -32,6 +36,7 @@ import argparse
 import asyncio
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +128,21 @@ def _started(name: str, argv: list[str], ready_url: str, timeout: float) -> Iter
             yield proc
         finally:
             proc.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tree_cpu_seconds(pid: int) -> float | None:
+    """CPU of a process and its descendants (the gateway's workers, the router's threads)."""
+    own = _cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(_tree_cpu_seconds(c) or 0.0 for c in _children(pid))
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -237,12 +257,12 @@ async def _run_leg(
 
         async def cpu_window() -> None:
             await asyncio.sleep(max(0.0, t_measure - now()))
-            before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            before = {name: _tree_cpu_seconds(pid) for name, pid in pids.items()}
             t0 = now()
             await asyncio.sleep(max(0.0, t_end - now()))
             elapsed = now() - t0
             for name, pid in pids.items():
-                after, was = _cpu_seconds(pid), before[name]
+                after, was = _tree_cpu_seconds(pid), before[name]
                 if after is not None and was is not None and elapsed > 0:
                     result.cpu[name] = (after - was) / elapsed
 
@@ -269,38 +289,32 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def _print_tables(results: dict[tuple[int, str], LegResult], concurrencies: list[int]) -> None:
-    cols = [
-        ("req/s", lambda r: r.rps, 1),
-        ("TTFT p50 ms", lambda r: _pct(r.ttft, 50) * 1e3, 1),
-        ("TTFT p99 ms", lambda r: _pct(r.ttft, 99) * 1e3, 1),
-        ("e2e p50 ms", lambda r: _pct(r.e2e, 50) * 1e3, 1),
-        ("e2e p99 ms", lambda r: _pct(r.e2e, 99) * 1e3, 1),
-        ("errors", lambda r: float(r.errors), 0),
-    ]
-    width = 18
-    print("".ljust(6) + "".join(name.center(width) for name, _, _ in cols))
-    print("conc".rjust(5) + " " + ("  direct  gateway".rjust(width)) * len(cols))
+def _print_tables(
+    results: dict[tuple[int, str], LegResult],
+    concurrencies: list[int],
+    legs: list[str],
+    tokens: int,
+) -> None:
+    print(
+        f"{'conc':>5} {'leg':<16} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p50':>8} "
+        f"{'e2e p99':>8} {'err':>4} {'proxy CPU %':>11} {'us/chunk':>9}"
+    )
     for c in concurrencies:
-        direct, gateway = results[(c, "direct")], results[(c, "gateway")]
-        row = f"{c:>5} "
-        for _, value, digits in cols:
-            row += f"{value(direct):>9.{digits}f}{value(gateway):>9.{digits}f}"
-        print(row)
-    print()
-    print("CPU during the window, % of one core (gateway: its main process only)")
-    print(f"{'conc':>5} {'leg':>8} {'engine':>8} {'gateway':>8} {'loadgen':>8} {'gw ms/req':>10}")
-    for c in concurrencies:
-        for leg in ("direct", "gateway"):
+        for leg in legs:
             r = results[(c, leg)]
-            cells = [f"{r.cpu[p] * 100:>8.0f}" if p in r.cpu else f"{'-':>8}" for p in _CPU_NAMES]
-            per_req = "-"
-            if leg == "gateway" and "gateway" in r.cpu and r.requests:
-                per_req = f"{r.cpu['gateway'] * r.duration / r.requests * 1e3:.2f}"
-            print(f"{c:>5} {leg:>8} {' '.join(cells)} {per_req:>10}")
-
-
-_CPU_NAMES = ("engine", "gateway", "loadgen")
+            cpu = r.cpu.get("target")
+            per_chunk = "-"
+            if cpu is not None and r.requests and leg != "direct":
+                per_chunk = f"{cpu * r.duration / (r.requests * tokens) * 1e6:.1f}"
+            print(
+                f"{c:>5} {leg:<16} {r.rps:>7.1f} {_pct(r.ttft, 50) * 1e3:>9.1f} "
+                f"{_pct(r.ttft, 99) * 1e3:>9.1f} {_pct(r.e2e, 50) * 1e3:>8.1f} "
+                f"{_pct(r.e2e, 99) * 1e3:>8.1f} {r.errors:>4} "
+                f"{(f'{cpu * 100:.0f}' if cpu is not None and leg != 'direct' else '-'):>11} "
+                f"{per_chunk:>9}"
+            )
+    print("(proxy CPU: the gateway's processes, or the router's, as % of one core; us/chunk:")
+    print(" that CPU per streamed token chunk)")
 
 
 # The plain proxy (``--gateway proxy``), run as this file with PROXY_ARG
@@ -385,11 +399,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per leg")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per leg")
     parser.add_argument(
-        "--gateway",
-        choices=("appliance", "proxy"),
-        default="appliance",
-        help="appliance: python -m appliance.gateway; proxy: a plain aiohttp proxy, for reference",
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="gateway workers for the second gateway leg (the first has 1); default: cores",
     )
+    parser.add_argument(
+        "--vllm-router", default=None, help="vllm-router executable (default: on PATH)"
+    )
+    parser.add_argument("--proxy", action="store_true", help="add a plain aiohttp proxy leg")
     parser.add_argument(
         "--gateway-arg", action="append", default=[], help="extra argument for the gateway"
     )
@@ -406,6 +424,7 @@ def _admission_home(root: Path) -> str:
     and chat template), a deployment record (context, max_num_seqs), and an API key."""
     sys.path.insert(0, str(ROOT))
     from appliance import tinymodel
+    from appliance.keys import KeyPolicy
     from appliance.planner import Plan
     from appliance.state import State
     from appliance.store import Store
@@ -414,30 +433,80 @@ def _admission_home(root: Path) -> str:
     plan = Plan("vllm", "bf16", max_model_len=2048, max_num_seqs=1024, gpus_per_replica=1)
     state = State(root / "state.db")
     state.add_deployment(MODEL, "vllm", plan.to_dict())
-    return state.create_key("benchmark")
+    # Limits far above the load: every request goes through the shared buckets and the
+    # in-flight count, and none is refused.
+    policy = KeyPolicy(rpm=10_000_000, tpm=10_000_000_000, concurrency=100_000)
+    return state.create_key("benchmark", policy)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    argv: list[str]
+    url: str
+    ready: str
+
+
+def _targets(args: argparse.Namespace, engine_url: str) -> list[Target]:
+    py = sys.executable
+    targets = []
+    for workers in sorted({1, args.workers}):
+        port = _free_port()
+        targets.append(
+            Target(
+                f"gateway {workers}w",
+                [
+                    *(py, "-m", "appliance.gateway", "--host", "127.0.0.1", "--port", str(port)),
+                    *("--workers", str(workers), "--static-replica", f"{MODEL}={engine_url}"),
+                    *args.gateway_arg,
+                ],
+                f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{port}/healthz",
+            )
+        )
+    router = args.vllm_router or shutil.which("vllm-router")
+    if router:
+        port = _free_port()
+        targets.append(
+            Target(
+                "vllm-router",
+                [
+                    router, "--host", "127.0.0.1", "--port", str(port),
+                    "--worker-urls", engine_url, "--policy", "round_robin",
+                ],
+                f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{port}/health",
+            )
+        )  # fmt: skip
+    else:
+        print(
+            "vllm-router not found: pass --vllm-router PATH (pip install vllm-router, in a "
+            "virtualenv of its own) to measure it beside the gateway",
+            file=sys.stderr,
+        )
+    if args.proxy:
+        port = _free_port()
+        argv = [py, str(Path(__file__).resolve()), PROXY_ARG, str(port), engine_url]
+        targets.append(
+            Target(
+                "aiohttp proxy", argv, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/readyz"
+            )
+        )
+    return targets
 
 
 def _run_scenario(
     args: argparse.Namespace, scenario: Scenario, home: Path, key: str
-) -> dict[tuple[int, str], LegResult]:
-    engine_port, gateway_port = _free_port(), _free_port()
+) -> tuple[dict[tuple[int, str], LegResult], list[str]]:
+    engine_port = _free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
-    py = sys.executable
     engine_argv = [
-        *(py, "-m", "appliance.engines.fake", "--host", "127.0.0.1", "--port", str(engine_port)),
-        *("--model", MODEL, "--tokens", str(scenario.tokens), "--delay-ms", str(scenario.delay_ms)),
+        *(sys.executable, "-m", "appliance.engines.fake", "--host", "127.0.0.1"),
+        *("--port", str(engine_port), "--model", MODEL, "--tokens", str(scenario.tokens)),
+        *("--delay-ms", str(scenario.delay_ms)),
     ]
-    if args.gateway == "appliance":
-        gateway_argv = [
-            *(py, "-m", "appliance.gateway", "--host", "127.0.0.1", "--port", str(gateway_port)),
-            *("--static-replica", f"{MODEL}={engine_url}", *args.gateway_arg),
-        ]
-    else:
-        gateway_argv = [py, str(Path(__file__).resolve()), PROXY_ARG, str(gateway_port), engine_url]
     os.environ["APPLIANCE_HOME"] = str(home)
     os.environ.pop("APPLIANCE_CONFIG", None)
-
     body = orjson.dumps(
         {
             "model": MODEL,
@@ -448,32 +517,37 @@ def _run_scenario(
     )
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     ideal_ms = scenario.tokens * scenario.delay_ms
-    what = " ".join(gateway_argv[1:3]) if args.gateway == "appliance" else "proxy"
+    targets = _targets(args, engine_url)
     print(
         f"fake engine: {scenario.tokens} tokens x {scenario.delay_ms:g} ms (ideal e2e "
         f"{ideal_ms:.0f} ms); {args.duration:g} s measured per leg after {args.warmup:g} s "
-        f"warm-up; gateway: {what}",
+        f"warm-up; legs: direct, {', '.join(t.name for t in targets)}",
         flush=True,
     )
     results: dict[tuple[int, str], LegResult] = {}
+    legs = ["direct", *(t.name for t in targets)]
     with ExitStack() as stack:
         engine = stack.enter_context(
             _started("fake engine", engine_argv, f"{engine_url}/health", args.ready_timeout)
         )
-        gateway = stack.enter_context(
-            _started("gateway", gateway_argv, f"{gateway_url}/readyz", args.ready_timeout)
-        )
-        pids = {"engine": engine.pid, "gateway": gateway.pid, "loadgen": os.getpid()}
+        procs = {
+            t.name: stack.enter_context(_started(t.name, t.argv, t.ready, args.ready_timeout))
+            for t in targets
+        }
+        urls = {"direct": engine_url, **{t.name: t.url for t in targets}}
         timing = (args.warmup, args.duration, min(args.warmup, ideal_ms / 1e3))
 
         async def run_all() -> None:
             for c in scenario.concurrency:
-                for leg, base in (("direct", engine_url), ("gateway", gateway_url)):
-                    url = f"{base}/v1/chat/completions"
+                for leg in legs:
+                    pids = {"engine": engine.pid, "loadgen": os.getpid()}
+                    if leg != "direct":
+                        pids["target"] = procs[leg].pid
+                    url = f"{urls[leg]}/v1/chat/completions"
                     r = await _run_leg(url, body, headers, c, timing, pids)
                     results[(c, leg)] = r
                     print(
-                        f"  c={c:<4} {leg:<8} {r.rps:7.1f} req/s"
+                        f"  c={c:<4} {leg:<14} {r.rps:7.1f} req/s"
                         f"  TTFT p50 {_pct(r.ttft, 50) * 1e3:7.1f} ms"
                         f"  e2e p50 {_pct(r.e2e, 50) * 1e3:7.1f} ms  errors {r.errors}",
                         flush=True,
@@ -483,9 +557,9 @@ def _run_scenario(
 
         uvloop.run(run_all())
     print()
-    _print_tables(results, list(scenario.concurrency))
+    _print_tables(results, list(scenario.concurrency), legs, scenario.tokens)
     print()
-    return results
+    return results, legs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -497,15 +571,17 @@ def main(argv: list[str] | None = None) -> None:
         home = Path(tmp)
         key = _admission_home(home)
         for scenario in scenarios:
-            results = _run_scenario(args, scenario, home, key)
+            results, legs = _run_scenario(args, scenario, home, key)
             ref = scenario.reference
-            direct, gateway_r = results[(ref, "direct")], results[(ref, "gateway")]
-            ratio = gateway_r.rps / direct.rps if direct.rps else math.nan
-            overhead = (_pct(gateway_r.ttft, 50) - _pct(direct.ttft, 50)) * 1e3
-            summary.append(
-                f"{scenario.tokens}x{scenario.delay_ms:g}ms c={ref}: "
-                f"throughput_ratio={ratio:.3f} ttft_p50_overhead_ms={overhead:.2f}"
-            )
+            direct = results[(ref, "direct")]
+            for leg in legs[1:]:
+                r = results[(ref, leg)]
+                ratio = r.rps / direct.rps if direct.rps else math.nan
+                overhead = (_pct(r.ttft, 50) - _pct(direct.ttft, 50)) * 1e3
+                summary.append(
+                    f"{scenario.tokens}x{scenario.delay_ms:g}ms c={ref} {leg}: "
+                    f"throughput_ratio={ratio:.3f} ttft_p50_overhead_ms={overhead:.2f}"
+                )
     print("\n".join(summary))
 
 

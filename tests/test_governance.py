@@ -357,3 +357,30 @@ def test_usage_report_by_key_and_model(gw: Setup) -> None:
     assert as_csv.stdout.splitlines()[0].startswith("model,requests,errors")
     table = gw.cli("usage", "--by", "day")
     assert table.returncode == 0 and time.strftime("%Y-%m-%d") in table.stdout
+
+
+def test_bodies_are_kept_only_for_keys_that_ask_and_only_as_long_as_they_say(
+    gw: Setup,
+) -> None:
+    keeper = gw.create("keeps-bodies", "--log-bodies", "7")
+    plain = gw.create("keeps-nothing")
+    with gw.client(keeper) as client:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "remember this"}], max_tokens=3
+        )
+        streamed = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "and this"}], max_tokens=3,
+            stream=True,
+        )  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    gw.ask(plain)
+    _wait_for(lambda: len(gw.state.bodies("keeps-bodies")) == 2)
+    whole, stream = gw.state.bodies("keeps-bodies")
+    assert "remember this" in whole["request"] and '"chat.completion"' in whole["response"]
+    assert "and this" in stream["request"] and all(
+        word in stream["response"] for word in text.split()
+    )
+    assert 6.9 * 86400 < whole["expires_at"] - whole["ts"] <= 7 * 86400
+    assert gw.state.bodies("keeps-nothing") == []
+    shown = gw.cli("key", "show", "keeps-bodies")
+    assert "kept 7 days" in shown.stdout

@@ -24,8 +24,8 @@ def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     spool = tmp_path / "x-1.jsonl"
     row = UsageRow("r1", "/v1/chat/completions", status=200)
     spool.write_bytes(row.to_json() + b"\n" + b'{"kind": "usage", "id": "tor')
-    usage, refusals = read_spool_file(spool)
-    assert [u["request_id"] for u in usage] == ["r1"] and refusals == []
+    rows = read_spool_file(spool)
+    assert [u["request_id"] for u in rows["usage"]] == ["r1"] and rows["refusal"] == []
 
 
 def test_moving_twice_adds_nothing_and_dead_spools_are_taken_over(tmp_path: Path) -> None:

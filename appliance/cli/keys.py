@@ -92,6 +92,14 @@ def create(
         None, "--expires", help="When the key stops working: 90d, 12h, 2w, or a date."
     ),
     admin: bool = typer.Option(False, "--admin", help="Admin scope: also the admin API."),
+    log_bodies: int | None = typer.Option(
+        None,
+        "--log-bodies",
+        min=1,
+        max=3650,
+        metavar="DAYS",
+        help="Keep this key's prompts and answers for DAYS days (off unless given).",
+    ),
 ) -> None:
     """Create a key and print it once; only its digest is stored."""
     if data_class not in DATA_CLASSES:
@@ -113,6 +121,7 @@ def create(
             "max_prompt_tokens": max_prompt_tokens,
             "data_class": data_class,
             "expires_at": parse_expiry(expires) if expires else None,
+            "log_bodies_days": log_bodies,
         },
         strict=False,
     )
@@ -168,6 +177,10 @@ def show(
         ["models", ", ".join(policy.models) if policy.models else "every model"],
         ["limits", _limits(policy)],
         ["data class", policy.data_class],
+        [
+            "bodies",
+            f"kept {policy.log_bodies_days} days" if policy.log_bodies_days else "never kept",
+        ],
         ["expires", describe_time(policy.expires_at) or "never"],
         ["created", describe_time(key.created_at)],
         ["rotated", describe_time(key.rotated_at) or "never"],

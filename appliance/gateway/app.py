@@ -51,7 +51,7 @@ from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
 from appliance.keys import KeyRecord
-from appliance.ledger import Spool, UsageRow, refusal_line
+from appliance.ledger import Spool, UsageRow, body_line, refusal_line
 
 log = logging.getLogger("appliance.gateway")
 
@@ -69,6 +69,8 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # thread, where encoding releases the GIL (see tokens.py).
 INLINE_COUNT_CHARS = 16 * 1024
 _VLLM_EXTENSIONS = validate.extensions_for("vllm")
+# A kept streamed answer stops growing here (a runaway generation must not fill memory).
+KEPT_CHUNKS_MAX = 20_000
 # Refusals the audit log keeps besides the 4xx ones: the gateway shedding load.
 _REFUSALS = {"model_overloaded", "too_many_connections"}
 
@@ -377,6 +379,9 @@ class Gateway:
             )
         row.prompt_tokens = prompt_tokens
         exchange = _Exchange(row)
+        if key is not None and key.policy.log_bodies_days:
+            exchange.keep_days = key.policy.log_bodies_days
+            exchange.request = raw
         grant = None
         if key is not None and self.quota is not None and limited(key):
             grant = self.quota.admit(key, prompt_tokens)
@@ -632,6 +637,8 @@ class Gateway:
                     raw = raw.replace(
                         orjson.dumps(replica.response_model), orjson.dumps(checked.model)
                     )
+                if exchange.keep_days:
+                    exchange.kept.append(raw)
                 self._answered(exchange, usage_of(raw))
                 await _send_whole(send, 200, raw, request_id, exchange.headers)
                 return
@@ -682,6 +689,8 @@ class Gateway:
                 if exchange.row.ttft_ms is None:
                     exchange.row.ttft_ms = round((time.monotonic() - started) * 1000, 3)
                 tail = chunk
+                if exchange.keep_days and len(exchange.kept) < KEPT_CHUNKS_MAX:
+                    exchange.kept.append(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if rest := tap.flush():
                 tail = rest
@@ -719,6 +728,9 @@ class Gateway:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             row.prompt_tokens = prompt if isinstance(prompt, int) else row.prompt_tokens
             row.completion_tokens = completion if isinstance(completion, int) else None
+        if self.spool is not None and exchange.keep_days:
+            answer = b"".join(exchange.kept)
+            self.spool.write(body_line(row, exchange.keep_days, exchange.request, answer))
         self._emit(row)
 
 
@@ -798,12 +810,16 @@ def _context_error(
 class _Exchange:
     """One request's relation to its client once the body is in."""
 
-    __slots__ = ("answered", "gone", "headers", "hide_usage", "row")
+    __slots__ = ("answered", "gone", "headers", "hide_usage", "keep_days", "kept", "request", "row")
 
     def __init__(self, row: UsageRow) -> None:
         self.row = row
         self.headers: dict[str, str] = {}  # the key's rate-limit headers
         self.hide_usage = False  # the engine was asked for usage the client did not want
+        # A key that keeps its bodies: for how long, the request, and the answer so far.
+        self.keep_days: int | None = None
+        self.request = b""
+        self.kept: list[bytes] = []
         # Set just before the last part of the answer is sent: uvicorn's `receive` says
         # "disconnect" for a finished answer too, which must not cancel anything.
         self.answered = False
