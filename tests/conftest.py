@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,37 @@ from typing import Any
 
 import httpx
 import pytest
+
+_engine_install: threading.Thread | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When end-to-end tests will run, install vLLM's CPU build (minutes, once per machine)
+    in the background now, while the tests before them run; the first `appliance up`
+    waits on the same lock instead of starting the install itself."""
+    global _engine_install
+    if not any(item.get_closest_marker("e2e") for item in session.items):
+        return
+    from appliance.config import EnginesConfig
+    from appliance.engines.cpuenv import CpuEngineEnv
+
+    env = CpuEngineEnv.of(EnginesConfig())
+    if env.ready:
+        return
+
+    def install() -> None:
+        try:
+            env.ensure()
+        except Exception as exc:  # the first `up` reports it, with its log
+            print(f"\nbackground install of vLLM's CPU build failed: {exc}", file=sys.stderr)
+
+    _engine_install = threading.Thread(target=install, name="engine-install", daemon=True)
+    _engine_install.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _engine_install is not None:
+        _engine_install.join()  # never leave pip running behind the session
 
 
 def free_port() -> int:
