@@ -38,14 +38,12 @@ directory goes.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,15 +63,18 @@ from appliance.download.remote import (
     hub_offline,
     hub_token,
 )
+from appliance.download.workdir import (
+    DOWNLOAD_PREFIX,
+    download_name,
+    remove_unless_busy,
+    work_dir,
+)
 from appliance.errors import StoreError
 from appliance.store import MANIFEST, InstalledModel, Manifest, Store, validate_name
 
 __all__ = ["clean_downloads", "download_model", "select_files"]
 
-DOWNLOAD_PREFIX = ".download-"
-_LOCK = ".lock"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_SOURCE = "SOURCE"
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,9 @@ def clean_downloads(store: Store, name: str | None = None) -> list[Path]:
         return []
     deleted = []
     for path in sorted(store.root.glob(f"{DOWNLOAD_PREFIX}*")):
-        if name is not None and _download_name(path) != name:
+        if name is not None and download_name(path) != name:
             continue
-        if _remove_unless_busy(path):
+        if remove_unless_busy(path):
             deleted.append(path)
     return deleted
 
@@ -236,15 +237,7 @@ def _download(
     workers: int,
     announce: Callable[[str], None],
 ) -> InstalledModel:
-    store.root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(plan.identity.encode()).hexdigest()[:16]
-    work = store.root / f"{DOWNLOAD_PREFIX}{name}-{key}"
-    for stale in store.root.glob(f"{DOWNLOAD_PREFIX}{name}-*"):
-        if stale != work and _download_name(stale) == name:
-            _remove_unless_busy(stale)
-    work.mkdir(exist_ok=True)
-    with _locked(work, name):
-        (work / _SOURCE).write_text(plan.identity + "\n")
+    with work_dir(store, name, plan.identity) as work:
         total = sum(f.size for f in plan.files)
         present = present_bytes(work, plan.files)
         check_space(store.root, total - present, name)
@@ -267,30 +260,3 @@ def _download(
         model = store.install(name, build, source=plan.identity)
         shutil.rmtree(work, ignore_errors=True)
     return model
-
-
-def _download_name(path: Path) -> str:
-    # <key> is hex, so the model name is everything before the last '-'.
-    return path.name.removeprefix(DOWNLOAD_PREFIX).rpartition("-")[0]
-
-
-@contextmanager
-def _locked(work: Path, name: str) -> Iterator[None]:
-    with (work / _LOCK).open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(
-                f"Another process is already downloading {name} into {work}.",
-                hint="Wait for it to finish, or stop it; its progress is kept.",
-            ) from None
-        yield
-
-
-def _remove_unless_busy(path: Path) -> bool:
-    try:
-        with _locked(path, _download_name(path)):
-            shutil.rmtree(path)
-    except (StoreError, OSError):
-        return False
-    return True
