@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.catalog import ModelEntry, WeightSource, load_catalog
+from appliance.catalog import HubSource, ModelEntry, load_catalog
 from appliance.download import clean_downloads, download_model, fetch, local, select_files
 from appliance.errors import StoreError
 from appliance.store import MANIFEST, InstalledModel, Store
@@ -72,7 +72,7 @@ def store(tmp_path: Path) -> Store:
 def entry_for(repo: str = REPO, revision: str | None = None) -> ModelEntry:
     base = load_catalog().get("llama-3.1-8b-instruct")
     return base.model_copy(
-        update={"name": NAME, "sources": {"bf16": WeightSource(repo=repo, revision=revision)}}
+        update={"name": NAME, "sources": {"bf16": HubSource(repo=repo, revision=revision)}}
     )
 
 

@@ -51,7 +51,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from appliance.catalog import ModelEntry
+from appliance.catalog import HubSource, ModelEntry, WeightSource
 from appliance.download.fetch import fetch_all, present_bytes
 from appliance.download.files import RemoteFile, has_weights, select_files
 from appliance.download.local import check_space, human_size, install_from_path
@@ -125,14 +125,14 @@ def clean_downloads(store: Store, name: str | None = None) -> list[Path]:
 
 
 def _hub_plan(entry: ModelEntry, precision: str, endpoint: str | None = None) -> _Plan:
-    weights = next((w for p, w in entry.sources.items() if p == precision), None)
-    if weights is None:
-        have = ", ".join(entry.sources) or "none: it is built locally"
+    weights = source_of(entry, precision)
+    if not isinstance(weights, HubSource):
         raise StoreError(
-            f"The catalog names no {precision} weights for {entry.name} (it has: {have}).",
-            hint="Pick one of those precisions, add sources."
-            f"{precision} to its entry in models.toml, or install a local copy with "
-            f"`appliance model add {entry.name} --from PATH`.",
+            f"The {precision} weights of {entry.name} are {weights.describe()}, not a Hub "
+            "repository, so a Hub mirror cannot serve them.",
+            hint="Use `--from URL` only for a directory with a store manifest.json (another "
+            "appliance's model directory); pip's own configuration (PIP_INDEX_URL, pip.conf) "
+            "names a package index mirror.",
         )
     if endpoint is None and hub_offline():
         raise StoreError(
@@ -161,6 +161,20 @@ def _hub_plan(entry: ModelEntry, precision: str, endpoint: str | None = None) ->
     ]
     _require_weights(files, f"{weights.repo}@{revision} on {remote.base}")
     return _Plan(f"hf:{weights.repo}@{commit}", remote, files, f"{weights.repo} on {remote.base}")
+
+
+def source_of(entry: ModelEntry, precision: str) -> WeightSource:
+    """The catalog's source of ``entry``'s ``precision`` weights."""
+    weights = next((w for p, w in entry.sources.items() if p == precision), None)
+    if weights is None:
+        have = ", ".join(entry.sources) or "none: it is built locally"
+        raise StoreError(
+            f"The catalog names no {precision} weights for {entry.name} (it has: {have}).",
+            hint="Pick one of those precisions, add sources."
+            f"{precision} to its entry in models.toml, or install a local copy with "
+            f"`appliance model add {entry.name} --from PATH`.",
+        )
+    return weights
 
 
 def _tree_file(entry: Any) -> tuple[str, tuple[int, str | None]] | None:
