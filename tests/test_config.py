@@ -219,11 +219,15 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
     path = etc / "appliance.toml"
-    path.write_text('home = "state"\ncatalog = "models.toml"\n[store]\nroot = "../models"\n')
+    path.write_text(
+        'home = "state"\ncatalog = "models.toml"\n[store]\nroot = "../models"\nwheels = "wheels"\n'
+    )
     config = load_config(path)
     assert config.home_dir == etc / "state"
     assert config.catalog == etc / "models.toml"
     assert config.store_dir == etc / "../models"
+    assert config.store.wheels == etc / "wheels"
+    assert ApplianceConfig().store.wheels is None  # the embedded default: the package index
 
 
 def test_tls_needs_both_certificate_and_key(tmp_path: Path) -> None:

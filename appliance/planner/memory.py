@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from appliance.catalog import Architecture, ModelEntry
+from appliance.catalog import Architecture, HubSource, ModelEntry
 from appliance.gpus import GpuSpec
 
 GB = 1e9
@@ -106,7 +106,8 @@ def default_kv_dtype(entry: ModelEntry, precision: str, gpu: GpuSpec | None) -> 
     """
     source = next((s for p, s in entry.sources.items() if p == precision), None)
     fp8_ok = gpu is None or "fp8" in gpu.tflops
-    if source and source.repo.startswith("nvidia/") and precision in ("fp8", "nvfp4") and fp8_ok:
+    nvidia = isinstance(source, HubSource) and source.repo.startswith("nvidia/")
+    if nvidia and precision in ("fp8", "nvfp4") and fp8_ok:
         return "fp8"
     return "fp32" if entry.architecture.dtype == "float32" else "bf16"
 
