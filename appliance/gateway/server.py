@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from appliance.config import GatewayLimits
 from appliance.errors import ConfigError
+from appliance.gateway.replicas import LocalCounts
 
 log = logging.getLogger("appliance.gateway")
 
@@ -67,21 +68,6 @@ class Counter(Protocol):
     def release(self, name: str) -> None: ...
 
 
-class _Local:
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def try_acquire(self, name: str, capacity: int | None) -> bool:
-        held = self.counts.get(name, 0)
-        if capacity is not None and held >= capacity:
-            return False
-        self.counts[name] = held + 1
-        return True
-
-    def release(self, name: str) -> None:
-        self.counts[name] = max(0, self.counts.get(name, 1) - 1)
-
-
 _ALL = "\0connections"
 
 
@@ -94,8 +80,8 @@ def guarded_protocol(
     shared. The per-client cap is each worker's share of it (the kernel spreads one
     client's connections over the workers evenly): counting every client address in
     shared memory would let a scan of addresses fill the table."""
-    counts = counter or _Local()
-    local = _Local()
+    counts = counter or LocalCounts()
+    local = LocalCounts()
     per_client = -(-limits.max_connections_per_client // workers)  # ceiling
     busy = {"retry-after": str(retry_after_s)}
 
