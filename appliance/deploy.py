@@ -22,7 +22,9 @@ from appliance.planner import Plan, plan_model
 from appliance.state import State
 from appliance.store import Store
 
-DEFAULT_MODEL = "tiny-random-llama"
+# What `up` serves on the embedded default: a real chat model small enough for CPU cores,
+# fetched as a package (tiny-random-llama, built locally, stays for fast tests).
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def free_cluster(config: ApplianceConfig, replanning: str | None = None) -> Cluster:

@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from appliance import tinymodel
+from appliance.gateway.errors import GatewayError
 from appliance.planner import Plan
 from appliance.state import State
 from appliance.store import Store
@@ -529,25 +530,41 @@ def test_a_connection_the_engine_closed_is_never_reused(
         engine.stop()
 
 
-def test_image_parts_reach_only_models_that_read_images(tmp_path: Path) -> None:
+def test_image_parts_and_auto_tools_reach_only_models_whose_entry_allows_them(
+    tmp_path: Path,
+) -> None:
+    from appliance.catalog import load_catalog
     from appliance.gateway.deployments import DeploymentBook
     from appliance.gateway.validate import chat_request
 
     home = tmp_path / "home"
     home_with_model(home)
     state = State(home / "state.db")
-    readers = {MODEL: ["text", "image"]}
-    book = DeploymentBook(state.deployments, home / "models", modalities=lambda m: readers[m])
+    tiny = load_catalog().get(MODEL)
+    entries = {MODEL: tiny.model_copy(update={"modalities": ["text", "image"]})}
+    book = DeploymentBook(state.deployments, home / "models", entries=lambda m: entries[m])
     asyncio.run(book.refresh(force=True))
     info = book.get(MODEL)
     assert info is not None and info.counter is not None and info.max_model_len == CONTEXT
     picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     body = {"model": MODEL, "messages": [{"role": "user", "content": [picture]}]}
     assert chat_request(body, extensions=info.extensions).messages
-    readers[MODEL] = ["text"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with_tools = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    assert chat_request(with_tools, extensions=info.extensions).tools  # hermes parser: auto
+    entries[MODEL] = tiny.model_copy(update={"modalities": ["text"], "tool_parser": None})
     asyncio.run(book.refresh(force=True))
-    text_only = book.get(MODEL)
-    assert text_only is not None
-    with pytest.raises(Exception) as refused:
-        chat_request(body, extensions=text_only.extensions)
-    assert getattr(refused.value, "param", None) == "messages[0].content[0].type"
+    plain = book.get(MODEL)
+    assert plain is not None
+    with pytest.raises(GatewayError) as refused:
+        chat_request(body, extensions=plain.extensions)
+    assert refused.value.param == "messages[0].content[0].type"
+    for choice in (None, "auto"):
+        ask = {**with_tools, **({"tool_choice": choice} if choice else {})}
+        with pytest.raises(GatewayError) as no_parser:
+            chat_request(ask, extensions=plain.extensions)
+        assert no_parser.value.param == "tool_choice" and no_parser.value.status == 400
+        assert "no tool-call parser" in no_parser.value.message
+    named = {"type": "function", "function": {"name": "f"}}
+    for choice in ("required", named, "none"):
+        assert chat_request({**with_tools, "tool_choice": choice}, extensions=plain.extensions)

@@ -173,8 +173,9 @@ def up(
 ) -> None:
     """Start the appliance: Ray, one Serve deployment per model, and the gateway.
 
-    On the embedded default (no appliance.toml) with no models added yet, tiny-random-llama
-    is added first. Returns once the endpoint answers and every model has a healthy replica.
+    On the embedded default (no appliance.toml) with no models added yet, the default model
+    (smollm2-135m-instruct, a real 135M-parameter chat model that answers on the CPU) is
+    added first. Returns once the endpoint answers and every model has a healthy replica.
     """
     config = config_of(ctx)
     running = read_status(config)
@@ -184,8 +185,10 @@ def up(
         return
     state = State(config.state_db)
     if config.is_embedded_default and not state.deployments():
-        with console.status(f"Adding {DEFAULT_MODEL} (built locally)..."):
-            add_model(config, DEFAULT_MODEL)
+        # The first `up` on a fresh machine fetches the default model: say what and how big
+        # (the download draws its own progress bar).
+        console.print(f"Adding {DEFAULT_MODEL}, the embedded default's model...")
+        add_model(config, DEFAULT_MODEL, lambda step: console.print(f"  {step}", soft_wrap=True))
     _replan_retired_engines(config)
     ensure_cpu_engine(config)
     _ensure_api_key(config)

@@ -23,7 +23,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from appliance.catalog import load_catalog
+from appliance.catalog import ModelEntry, load_catalog
 from appliance.config import ApplianceConfig, GatewayConfig, load_config
 from appliance.control.runtime import die_with_parent_now
 from appliance.errors import ApplianceError
@@ -140,10 +140,10 @@ def _serve(
     if gc.require_api_key and not args.no_auth:
         keys = KeyChecker(state.key_records, state.keys_version)
 
-    def modalities(model: str) -> list[str]:
-        return list(catalog.get(model).modalities) if model in catalog else []
+    def entries(model: str) -> ModelEntry | None:
+        return catalog.get(model) if model in catalog else None
 
-    book = DeploymentBook(state.deployments, config.store_dir, modalities=modalities)
+    book = DeploymentBook(state.deployments, config.store_dir, entries=entries)
     settings = GatewaySettings(
         connect_timeout_s=gc.connect_timeout_s,
         request_timeout_s=gc.request_timeout_s,

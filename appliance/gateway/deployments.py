@@ -20,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.catalog import ModelEntry
 from appliance.gateway.tokens import PromptCounter
-from appliance.gateway.validate import extensions_for
+from appliance.gateway.validate import NO_AUTO_TOOLS, extensions_for
 from appliance.planner import Plan
 from appliance.state import Deployment
 from appliance.store import MANIFEST
@@ -51,10 +52,10 @@ class DeploymentBook:
         load: Callable[[], list[Deployment]] | None,
         store_root: Path | None,
         reload_s: float = 2.0,
-        modalities: Callable[[str], list[str]] | None = None,
+        entries: Callable[[str], ModelEntry | None] | None = None,
     ) -> None:
         self._load = load
-        self._modalities = modalities
+        self._entries = entries
         self._store_root = store_root
         self._reload_s = reload_s
         self._models: dict[str, ModelInfo] = {}
@@ -87,8 +88,13 @@ class DeploymentBook:
         models = {}
         for dep in self._load():
             plan = Plan.from_dict(dep.plan)
-            reads = self._modalities(dep.model) if self._modalities else []
+            entry = self._entries(dep.model) if self._entries else None
+            reads = entry.modalities if entry is not None else ()
             parts = {MODALITY_PARTS[m] for m in reads if m in MODALITY_PARTS}
+            # "auto" tool choice needs the catalog's tool-call parser (a model the catalog
+            # does not know is left to its engine to judge).
+            if entry is not None and not entry.tool_parser:
+                parts.add(NO_AUTO_TOOLS)
             models[dep.model] = ModelInfo(
                 engine=plan.engine,
                 max_model_len=plan.max_model_len,

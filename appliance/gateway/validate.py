@@ -94,6 +94,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+# A restriction, not an extension: set for models whose catalog entry names no tool-call
+# parser. Without one the engine cannot tell a tool call from text, so only "required" or
+# a named tool (the reply constrained to the tools' schemas) can be honoured.
+NO_AUTO_TOOLS = "!tool_choice.auto"
+
+
 @functools.cache
 def extensions_for(engine: str) -> frozenset[str]:
     """The extra request fields an engine accepts; none for an engine we do not know."""
@@ -432,6 +438,14 @@ def chat_request(
         schema.tools(tools, caps.max_tools, caps.max_json_depth)
     if (tool_choice := body.get("tool_choice")) is not None:
         schema.tool_choice(tool_choice, schema.tool_names(tools))
+    if tools and tool_choice in (None, "auto") and NO_AUTO_TOOLS in extensions:
+        raise unsupported_value(
+            "tool_choice",
+            tool_choice or "auto (the default when tools are given)",
+            f"{model} has no tool-call parser in the catalog, so the engine cannot tell a tool "
+            "call from text. Pass 'required' or a named function (the reply is then "
+            "constrained to the tools' schemas), or 'none'.",
+        )
     messages = body.get("messages")
     schema.messages(messages, caps.max_messages, extensions, caps.max_json_depth)
     limit = body.get("max_completion_tokens")

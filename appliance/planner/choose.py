@@ -19,6 +19,10 @@ MIN_AUTO_CONTEXT = 4096
 # the engine's share of a small host's cores, small.
 CPU_CONTEXT = 2048
 CPU_MAX_NUM_SEQS = 8
+# With no GPUs, models up to this size run on the CPU: larger ones answer too slowly on a
+# few cores to share (SmolLM2-135M: ~20 tokens/s per stream on one core).
+CPU_MAX_PARAMS_B = 1.0
+CPU_PRECISIONS = ("bf16", "fp16", "fp32")  # what vLLM's CPU build computes in
 REFERENCE_CLUSTERS = ("8xH100-80GB", "8xH200")  # named when a GPU model meets no GPUs
 
 
@@ -95,19 +99,8 @@ def evaluate(
     head = PlanReport(
         entry.name, cluster.describe(), "vllm", first_context, concurrency, workload or Workload()
     )
-    if entry.builtin:
-        _cpu_options(entry, engine, replicas)
-        plan = Plan(
-            "vllm",
-            entry.default_precision,
-            max_model_len=context or min(arch.max_context, CPU_CONTEXT),
-            max_num_seqs=max(CPU_MAX_NUM_SEQS, concurrency or 0),
-        )
-        plan = replace(
-            plan,
-            explanation="A model built locally runs on the CPU, with vLLM's CPU build: "
-            "1 replica, no GPUs.",
-        )
+    if entry.builtin or (cluster.total_gpus == 0 and on_cpu(entry)):
+        plan = _cpu_plan(entry, context, concurrency, precision, engine, replicas, kv_cache_dtype)
         return replace(head, context=plan.max_model_len or 0, plan=plan)
     ask = _Ask(
         entry, _engine(entry, engine), head.context, concurrency, head.workload, kv_cache_dtype
@@ -136,12 +129,33 @@ def evaluate(
     return first
 
 
-def _cpu_options(entry: ModelEntry, engine: str | None, replicas: int | None) -> None:
-    """A CPU plan is one replica of vLLM on the CPU: refuse options it would drop."""
+def on_cpu(entry: ModelEntry) -> bool:
+    """`entry` can be served by vLLM's CPU build when a cluster has no GPUs."""
+    return bool(entry.builtin) or (
+        "vllm" in entry.engines
+        and entry.architecture.params_total_b <= CPU_MAX_PARAMS_B
+        and any(p in CPU_PRECISIONS for p in entry.precisions)
+    )
+
+
+def _cpu_plan(
+    entry: ModelEntry,
+    context: int | None,
+    concurrency: int | None,
+    precision: str | None,
+    engine: str | None,
+    replicas: int | None,
+    kv_cache_dtype: str | None,
+) -> Plan:
+    """One replica of vLLM on the CPU: options it cannot honour are refused, not dropped."""
+    why = (
+        "is built locally and runs on the CPU"
+        if entry.builtin
+        else f"runs on the CPU here (no GPUs; {entry.architecture.params_total_b:g}B parameters)"
+    )
     if engine not in (None, "vllm"):
         raise PlanError(
-            f"{entry.name} is built locally and runs on the CPU with vLLM's CPU build, not "
-            f"with {engine} (which needs GPUs)",
+            f"{entry.name} {why} with vLLM's CPU build, not with {engine} (which needs GPUs)",
             hint="Leave out --engine (or pass --engine vllm).",
         )
     if replicas not in (None, 1):
@@ -149,6 +163,31 @@ def _cpu_options(entry: ModelEntry, engine: str | None, replicas: int | None) ->
             f"{entry.name} gets one CPU replica; --replicas {replicas} cannot be honoured",
             hint="Leave out --replicas: a model on the CPU runs one replica.",
         )
+    if kv_cache_dtype not in (None, "bf16"):
+        raise PlanError(
+            f"{entry.name} {why}: vLLM's CPU build keeps its KV cache in the model's dtype, "
+            f"not {kv_cache_dtype}",
+            hint="Leave out --kv-cache-dtype.",
+        )
+    usable = [p for p in entry.precisions if p in CPU_PRECISIONS]
+    chosen = precision or (entry.default_precision if entry.default_precision in usable else None)
+    chosen = chosen or (usable[0] if usable else entry.default_precision)
+    if chosen not in usable:
+        raise PlanError(
+            f"{entry.name} {why}: vLLM's CPU build computes in "
+            f"{', '.join(CPU_PRECISIONS)}, not {chosen}",
+            hint=f"Leave out --precision (its CPU precisions: {', '.join(usable)}).",
+        )
+    arch = entry.architecture
+    max_len = context or min(arch.max_context, CPU_CONTEXT)
+    return Plan(
+        "vllm",
+        chosen,
+        max_model_len=max_len,
+        max_num_seqs=max(CPU_MAX_NUM_SEQS, concurrency or 0),
+        explanation=f"{entry.name} {why}, with vLLM's CPU build: 1 replica, no GPUs, "
+        f"{chosen}, context {max_len} tokens (--context raises it up to {arch.max_context}).",
+    )
 
 
 def _engine(entry: ModelEntry, engine: str | None) -> str:
@@ -320,5 +359,6 @@ def _gpu_hint(ask: _Ask, precision: str | None) -> str:
     where = " or ".join(options) if options else "a larger GPU cluster"
     return (
         f"It would fit on {where}. Run it on GPU hosts, or compare the options with "
-        f"`appliance plan {ask.entry.name} --gpus {REFERENCE_CLUSTERS[0]}`."
+        f"`appliance plan {ask.entry.name} --gpus {REFERENCE_CLUSTERS[0]}`. Without GPUs, "
+        f"catalog models of up to {CPU_MAX_PARAMS_B:g}B parameters run on the CPU."
     )
