@@ -559,12 +559,11 @@ def test_image_parts_and_auto_tools_reach_only_models_whose_entry_allows_them(
     with pytest.raises(GatewayError) as refused:
         chat_request(body, extensions=plain.extensions)
     assert refused.value.param == "messages[0].content[0].type"
-    for choice in (None, "auto"):
+    named = {"type": "function", "function": {"name": "f"}}
+    for choice in (None, "auto", "required", named):
         ask = {**with_tools, **({"tool_choice": choice} if choice else {})}
         with pytest.raises(GatewayError) as no_parser:
             chat_request(ask, extensions=plain.extensions)
-        assert no_parser.value.param == "tool_choice" and no_parser.value.status == 400
-        assert "no tool-call parser" in no_parser.value.message
-    named = {"type": "function", "function": {"name": "f"}}
-    for choice in ("required", named, "none"):
-        assert chat_request({**with_tools, "tool_choice": choice}, extensions=plain.extensions)
+        assert no_parser.value.param == "tools" and no_parser.value.status == 400
+        assert "names no tool-call parser" in no_parser.value.message
+    assert chat_request({**with_tools, "tool_choice": "none"}, extensions=plain.extensions)

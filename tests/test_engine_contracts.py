@@ -90,6 +90,7 @@ VLLM_VALUES: dict[str, Check] = {
     "--pipeline-parallel-size": _is_int,
     "--gpu-memory-utilization": _is_fraction,
     "--kv-cache-dtype": _one_of("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"),
+    "--dtype": _one_of("auto", "half", "float16", "bfloat16", "float", "float32"),
     "--max-model-len": _is_int,
     "--max-num-seqs": _is_int,
     "--quantization": _one_of("fp8", "awq", "gptq", "awq_marlin", "gptq_marlin"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.catalog import ModelEntry
 from appliance.gateway.tokens import PromptCounter
-from appliance.gateway.validate import NO_AUTO_TOOLS, extensions_for
+from appliance.gateway.validate import NO_TOOL_CALLS, extensions_for
 from appliance.planner import Plan
 from appliance.state import Deployment
 from appliance.store import MANIFEST
@@ -91,10 +91,10 @@ class DeploymentBook:
             entry = self._entries(dep.model) if self._entries else None
             reads = entry.modalities if entry is not None else ()
             parts = {MODALITY_PARTS[m] for m in reads if m in MODALITY_PARTS}
-            # "auto" tool choice needs the catalog's tool-call parser (a model the catalog
-            # does not know is left to its engine to judge).
+            # Tool calls need the catalog's tool-call parser (a model the catalog does not
+            # know is left to its engine to judge).
             if entry is not None and not entry.tool_parser:
-                parts.add(NO_AUTO_TOOLS)
+                parts.add(NO_TOOL_CALLS)
             models[dep.model] = ModelInfo(
                 engine=plan.engine,
                 max_model_len=plan.max_model_len,

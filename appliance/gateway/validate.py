@@ -95,9 +95,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 # A restriction, not an extension: set for models whose catalog entry names no tool-call
-# parser. Without one the engine cannot tell a tool call from text, so only "required" or
-# a named tool (the reply constrained to the tools' schemas) can be honoured.
-NO_AUTO_TOOLS = "!tool_choice.auto"
+# parser. vLLM then answers no tool request, not even a named or required tool choice
+# ("requires --tool-call-parser to be set"): the gateway says why, in the client's terms.
+NO_TOOL_CALLS = "!tools"
 
 
 @functools.cache
@@ -438,13 +438,14 @@ def chat_request(
         schema.tools(tools, caps.max_tools, caps.max_json_depth)
     if (tool_choice := body.get("tool_choice")) is not None:
         schema.tool_choice(tool_choice, schema.tool_names(tools))
-    if tools and tool_choice in (None, "auto") and NO_AUTO_TOOLS in extensions:
-        raise unsupported_value(
-            "tool_choice",
-            tool_choice or "auto (the default when tools are given)",
-            f"{model} has no tool-call parser in the catalog, so the engine cannot tell a tool "
-            "call from text. Pass 'required' or a named function (the reply is then "
-            "constrained to the tools' schemas), or 'none'.",
+    if tools and tool_choice != "none" and NO_TOOL_CALLS in extensions:
+        raise invalid(
+            f"{model} cannot return tool calls: its catalog entry names no tool-call parser, "
+            "so its engine cannot tell a call from text. Send the request without 'tools' "
+            "(or with tool_choice 'none'), or use a model whose entry has a tool_parser "
+            "(`appliance model show NAME`).",
+            "tools",
+            "unsupported_value",
         )
     messages = body.get("messages")
     schema.messages(messages, caps.max_messages, extensions, caps.max_json_depth)
