@@ -5,7 +5,7 @@ Three phases, one vLLM process at a time (each phase stops its engine before the
 
 1. direct: the engine the replica would run (same adapter, plan, flags and environment:
    appliance.engines.vllm + runner), started by this script, driven at each concurrency.
-2. appliance: `appliance model add tiny-random-llama` (builds the model into a fresh home,
+2. appliance: `appliance model add MODEL` (builds or fetches the model into a fresh home,
    untimed), then `appliance up`, timed until the first chat answer through the gateway
    (the model already in the store, the CPU build already installed), then the same load
    through the gateway (API key, admission, token counting, the replica's engine).
@@ -13,19 +13,21 @@ Three phases, one vLLM process at a time (each phase stops its engine before the
 
 The load is a closed loop (aiohttp, in this process): N workers send streaming chat
 completions back to back, a warm-up, then a measured window. Every request asks for the
-same number of tokens (`ignore_eos`: the weights are random) at temperature 0. TTFT is the
-time to the first chunk with content; ITL is per request, the time from the first to the
-last content chunk over the tokens in between ((t_last - t_first) / (chunks - 1)): under
-load the engine sends several chunks in one write, so gaps between chunks as they arrive are
-mostly 0 and say nothing.
+same number of tokens (`ignore_eos`, so a real model's short answers count as much) at
+temperature 0. TTFT is the time to the first chunk with content; ITL is per request, the
+time from the first to the last content chunk over the tokens in between
+((t_last - t_first) / (chunks - 1)): under load the engine sends several chunks in one
+write, so gaps between chunks as they arrive are mostly 0 and say nothing.
 
-    python benchmarks/engine_path.py                      # c = 1, 4, 16; 15 s per leg
+    python benchmarks/engine_path.py      # both models; c = 1, 4, 16; 15 s per leg
+    python benchmarks/engine_path.py --model smollm2-135m-instruct
     python benchmarks/engine_path.py --concurrency 1,4 --duration 5 --tokens 16
 
 Run it on otherwise idle cores: the figures are the machine's, not only the appliance's.
-The last line is machine-readable:
+Models: tiny-random-llama (random weights, the tests' model) and smollm2-135m-instruct (the
+embedded default's). The last lines are machine-readable, one per model:
 
-    up_to_first_answer_s=<s> c<N>_rps_ratio=<appliance/direct> ...
+    <model>: up_returned_s=<s> up_to_first_answer_s=<s> c<N>_rps_ratio=<appliance/direct> ...
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODEL = "tiny-random-llama"
+MODELS = "tiny-random-llama,smollm2-135m-instruct"
 PROMPT = [{"role": "user", "content": "Tell me about the quick brown fox, please."}]
 
 
@@ -109,10 +111,12 @@ async def _one(
     return stamps[0] - t0, itl
 
 
-async def _leg(url: str, key: str | None, c: int, tokens: int, warmup: float, dur: float) -> Leg:
+async def _leg(
+    url: str, key: str | None, model: str, c: int, tokens: int, warmup: float, dur: float
+) -> Leg:
     body = orjson.dumps(
         {
-            "model": MODEL,
+            "model": model,
             "messages": PROMPT,
             "max_tokens": tokens,
             "temperature": 0,
@@ -165,7 +169,7 @@ def _wait(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None)
     raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _direct_engine(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _direct_engine(home: Path, model: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     """The engine exactly as a replica would start it (minus Ray and the key)."""
     from appliance.catalog import load_catalog
     from appliance.config import EnginesConfig
@@ -174,12 +178,12 @@ def _direct_engine(home: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     from appliance.placement import Cluster
     from appliance.planner import plan_model
 
-    entry = load_catalog().get(MODEL)
+    entry = load_catalog().get(model)
     plan = plan_model(entry, Cluster.cpu_only())
     engines = EnginesConfig()
     spec = LaunchSpec(
-        model=MODEL,
-        weights=home / "models" / MODEL,
+        model=model,
+        weights=home / "models" / model,
         host="127.0.0.1",
         port=port,
         entry=entry,
@@ -235,8 +239,8 @@ def _cli(config: Path, *args: str, timeout: float = 900) -> subprocess.Completed
     )
 
 
-def _first_answer(base: str, key: str, deadline: float) -> None:
-    body = orjson.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": 1})
+def _first_answer(base: str, key: str, model: str, deadline: float) -> None:
+    body = orjson.dumps({"model": model, "messages": PROMPT, "max_tokens": 1})
     req_headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     while time.monotonic() < deadline:
         request = urllib.request.Request(base + "/chat/completions", data=body, headers=req_headers)
@@ -265,13 +269,13 @@ def _row(c: int, direct: Leg, appliance: Leg) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=MODELS, help="comma-separated catalog models")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
     parser.add_argument("--duration", type=float, default=15.0, help="measured s per leg")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up s per leg")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per completion")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary home")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary homes")
     args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
 
     from appliance.config import EnginesConfig
     from appliance.engines.cpuenv import CpuEngineEnv
@@ -279,19 +283,28 @@ def main(argv: list[str] | None = None) -> None:
     env = CpuEngineEnv.of(EnginesConfig())
     if env.ensure(lambda line: print(f"  {line}", flush=True)):
         print(f"installed vLLM's CPU build in {env.root}")
+    summaries = [_bench(model, args) for model in args.model.split(",")]
+    print()
+    for line in summaries:
+        print(line)
+
+
+def _bench(model: str, args: argparse.Namespace) -> str:
+    """Both legs for one model; returns its machine-readable line."""
+    levels = [int(c) for c in args.concurrency.split(",")]
     root = Path(tempfile.mkdtemp(prefix="engine-path-"))
     home, port = root / "home", _free_port()
     config = root / "appliance.toml"
     config.write_text(f'home = "{home}"\n[gateway]\nport = {port}\n')
     base = f"http://127.0.0.1:{port}/v1"
-    added = _cli(config, "model", "add", MODEL)
+    added = _cli(config, "model", "add", model)
     if added.returncode != 0:
         raise SystemExit(added.stdout + added.stderr)
     results: dict[tuple[int, str], Leg] = {}
 
     def run(url: str, key: str | None, leg: str) -> None:
         for c in levels:
-            r = asyncio.run(_leg(url, key, c, args.tokens, args.warmup, args.duration))
+            r = asyncio.run(_leg(url, key, model, c, args.tokens, args.warmup, args.duration))
             results[(c, leg)] = r
             print(
                 f"  c={c:<3} {leg:<9} {r.rps:6.1f} req/s  TTFT p50 {_pct(r.ttft, 50) * 1e3:7.1f}"
@@ -301,12 +314,12 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     print(
-        f"vLLM {MODEL}: {args.tokens} tokens per request, temperature 0; "
+        f"\nvLLM {model}: {args.tokens} tokens per request, temperature 0; "
         f"{args.duration:g} s measured per leg after {args.warmup:g} s warm-up"
     )
     engine_port = _free_port()
     started = time.monotonic()
-    engine = _direct_engine(home, engine_port, root / "direct-engine.log")
+    engine = _direct_engine(home, model, engine_port, root / "direct-engine.log")
     try:
         _wait(f"http://127.0.0.1:{engine_port}/health", 600, engine)
         print(f"direct engine healthy after {time.monotonic() - started:.1f}s")
@@ -321,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         if up.returncode != 0:
             raise SystemExit(up.stdout + up.stderr)
         key = (home / "api-key").read_text().strip()
-        _first_answer(base, key, time.monotonic() + 120)
+        _first_answer(base, key, model, time.monotonic() + 120)
         first = time.monotonic() - started
         print(f"appliance up: returned after {up_s:.1f}s, first answer after {first:.1f}s")
         run(base + "/chat/completions", key, "appliance")
@@ -347,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         else f"c{c}_rps_ratio=nan"
         for c in levels
     )
-    print(f"up_returned_s={up_s:.1f} up_to_first_answer_s={first:.1f} {ratios}")
+    return f"{model}: up_returned_s={up_s:.1f} up_to_first_answer_s={first:.1f} {ratios}"
 
 
 if __name__ == "__main__":
