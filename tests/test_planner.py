@@ -484,3 +484,21 @@ def test_plan_command_reports_what_does_not_fit(run_plan: RunPlan) -> None:
     result = run_plan("llama-4-scout", "--gpus", "cpu")
     assert isinstance(result.exception, PlanError)
     assert "needs GPUs" in result.exception.message
+
+
+def test_plan_command_takes_an_objective(run_plan: RunPlan) -> None:
+    args = ("llama-3.1-8b-instruct", "--gpus", "8xH200", "--json")
+    data = json.loads(run_plan(*args, "--objective", "min-gpus,load=20000").output)
+    assert data["objective"]["kind"] == "min-gpus"
+    assert data["plan"]["replicas"] * data["plan"]["gpus_per_replica"] < 8
+    assert data["runner_up"] is not None and data["lost_because"]
+    result = run_plan("llama-3.1-8b-instruct", "--gpus", "8xH200", "--objective", "fast")
+    assert result.exit_code == 2 and "throughput" in result.output
+
+
+def test_plan_command_uses_the_configured_memory_fraction(run_plan: RunPlan) -> None:
+    args = ("llama-3.3-70b-instruct", "--gpus", "1xH200", "--precision", "fp8", "--json")
+    default = json.loads(run_plan(*args).output)
+    Path("appliance.toml").write_text("[engines.vllm]\ngpu_memory_fraction = 0.8\n")
+    lower = json.loads(run_plan(*args).output)
+    assert lower["chosen"]["memory_gib"]["free"] < default["chosen"]["memory_gib"]["free"] - 10
