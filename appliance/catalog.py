@@ -196,6 +196,12 @@ class Architecture(_Strict):
         description="FFN width of one routed expert where config.json gives it apart from "
         "intermediate_size (qwen3_moe).",
     )
+    moe_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Layers with routed experts where not all are (llama4 Maverick: every "
+        "other, interleave_moe_layer_step 2); None: every layer of an MoE model.",
+    )
     params_total_b: float = Field(
         gt=0, le=10_000, description="All parameters in the checkpoint, billions."
     )
@@ -257,6 +263,18 @@ class Architecture(_Strict):
             raise ValueError("only MoE models (num_experts set) have moe_intermediate_size")
         return value
 
+    @field_validator("moe_layers")
+    @classmethod
+    def _moe_layers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        if info.data.get("num_experts") is None:
+            raise ValueError("only MoE models (num_experts set) have moe_layers")
+        layers = info.data.get("num_layers")
+        if layers is not None and value > layers:
+            raise ValueError(f"only {layers} layers exist")
+        return value
+
     @field_validator("params_active_b")
     @classmethod
     def _active_fits(cls, value: float, info: ValidationInfo) -> float:
@@ -292,14 +310,28 @@ class Architecture(_Strict):
     def is_moe(self) -> bool:
         return self.num_experts is not None
 
+    @property
+    def routed_layers(self) -> int:
+        """Layers whose FFN is a routed mixture of experts (0 for dense models)."""
+        return 0 if self.num_experts is None else self.moe_layers or self.num_layers
+
     def kv_bytes_per_token(self, bytes_per_value: float = 2.0) -> float:
         """KV cache one token costs across all layers when every layer sees the full context:
         2 (K and V) x layers x kv heads x head_dim x bytes. An upper bound for windowed models."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_value
 
-    def kv_cache_bytes(self, tokens: int, bytes_per_value: float = 2.0) -> float:
-        """KV cache of one sequence of `tokens`, counting windowed layers at their window."""
-        local = min(tokens, self.sliding_window) if self.sliding_window else 0
+    def kv_cache_bytes(
+        self, tokens: int, bytes_per_value: float = 2.0, *, keep_chunked: bool = False
+    ) -> float:
+        """KV cache of one sequence of `tokens`, counting windowed layers at their window.
+
+        keep_chunked: the engine stores chunked-attention layers in full (TensorRT-LLM
+        applies Llama 4's chunks to the attention, not to the cache); sliding windows are
+        always capped."""
+        window = self.sliding_window
+        if window and keep_chunked and self.window_kind == "chunked":
+            window = None  # every layer holds the whole sequence
+        local = min(tokens, window) if window else tokens
         full_layers = self.num_layers - self.sliding_window_layers
         per_layer_token = 2 * self.num_kv_heads * self.head_dim * bytes_per_value
         return per_layer_token * (full_layers * tokens + self.sliding_window_layers * local)

@@ -18,7 +18,7 @@ from appliance.config import ApplianceConfig
 from appliance.control.runtime import read_status
 from appliance.errors import StoreError
 from appliance.placement import Cluster, local_cluster
-from appliance.planner import Plan, plan_model
+from appliance.planner import Objective, Plan, plan_model
 from appliance.state import State
 from appliance.store import Store
 
@@ -107,12 +107,18 @@ def add_model(
     progress: bool = True,
     replicas: int | None = None,
     engine: str | None = None,
+    objective: Objective | None = None,
 ) -> AddResult:
     entry = load_catalog(config.catalog).get(name)
     on_step("planning")
     options: dict[str, Any] = {"replicas": replicas} if replicas else {}
     if engine:
         options["engine"] = engine
+    if objective:
+        options["objective"] = objective
+    # The plan sizes the KV cache with the fraction the engine adapters will pass on.
+    engines = ("vllm", "trtllm")
+    options["memory_fraction"] = {e: config.engines.of(e).gpu_memory_fraction for e in engines}
     plan = plan_model(entry, free_cluster(config, replanning=entry.name), **options)
     on_step("installing weights")
     built = fetch_weights(

@@ -413,7 +413,8 @@ LLAMA_70B = "llama-3.3-70b-instruct"
 
 class TestPlannedThroughput:
     def test_all_replicas_of_the_plan_at_the_workload_shape(self) -> None:
-        entry, cluster = CATALOG.get(LLAMA_70B), Cluster.parse("8xH100-80GB")
+        # Two nodes: the planner's best group for 70B on 8xH100 is the whole node (TP8).
+        entry, cluster = CATALOG.get(LLAMA_70B), Cluster.parse("2x8xH100-80GB")
         planned = c.planned_throughput(
             entry, cluster, inputs(mean_input_tokens=2048, mean_output_tokens=256)
         )
@@ -424,7 +425,7 @@ class TestPlannedThroughput:
         assert planned.replica_tok_s == report.chosen.throughput.output_tok_s
         assert planned.tok_s == pytest.approx(planned.replica_tok_s * report.plan.replicas)
         assert report.plan.replicas > 1  # the sum is over replicas, not one group
-        assert planned.nodes == 1
+        assert planned.nodes == 2
         assert planned.workload == Workload(2048, 256)
 
     def test_nodes_are_those_the_replicas_occupy(self) -> None:

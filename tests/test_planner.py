@@ -16,6 +16,8 @@ from appliance.gpus import GPUS
 from appliance.placement import Cluster, Node
 from appliance.planner import (
     BYTES_PER_PARAM,
+    FITTED,
+    Objective,
     Plan,
     PlanError,
     Workload,
@@ -26,6 +28,7 @@ from appliance.planner import (
     plan_model,
     predict,
     tensor_parallel_sizes,
+    validation,
     weight_bytes,
 )
 
@@ -39,63 +42,52 @@ def model(name: str) -> ModelEntry:
 
 # --- validation against published results ------------------------------------------------
 
-# NVIDIA TensorRT-LLM, docs/source/performance/perf-overview.md ("Throughput Measurements",
-# commit 00f37686 of NVIDIA/TensorRT-LLM): trtllm-bench, FP8 ModelOpt checkpoints
-# (nvidia/Llama-3.1-8B-Instruct-FP8, nvidia/Llama-3.3-70B-Instruct-FP8), "Total Output
-# Throughput (tokens/sec)" of the whole TP group, requests fed at an infinite rate.
-# These are max-throughput runs, so the prediction runs as many sequences as the KV cache
-# holds at ISL+OSL tokens, capped at TensorRT-LLM's max_batch_size (2048): concurrency=None.
-REFERENCES = [
-    # model, GPUs, input, output, published output tokens/s
-    ("llama-3.1-8b-instruct", "1xH200", 128, 128, 27_911),  # table "Llama 3.1 8B", H200 TP1
-    ("llama-3.1-8b-instruct", "1xH200", 2048, 2048, 12_194),  # same table
-    ("llama-3.3-70b-instruct", "1xH200", 128, 128, 3_803),  # table "Llama 3.3 70B", H200 TP1
-    ("llama-3.3-70b-instruct", "1xH200", 2048, 2048, 2_003),  # same table
-    ("llama-3.3-70b-instruct", "2xH100-80GB", 128, 128, 6_378),  # same table, H100 TP2
-    ("llama-3.3-70b-instruct", "2xH100-80GB", 2048, 2048, 3_082),  # same table
-]
+# appliance/planner/validation.py holds every H100/H200 FP8 row of TensorRT-LLM's perf
+# overview; the four efficiency factors were fitted on the rows of four sequence shapes and
+# the errors below are computed here, from the rows, on the others.
+RESULTS = validation.results()
+HELD_OUT = [r for r in RESULTS if not r.row.fit]
 
 
-# Other rows of the same two tables, same checkpoints and GPUs; the efficiency factors were
-# fitted on REFERENCES only, so these check the model out of sample.
-MORE_SHAPES = [
-    ("llama-3.1-8b-instruct", "1xH100-80GB", 128, 128, 28_312),
-    ("llama-3.1-8b-instruct", "1xH100-80GB", 2048, 2048, 9_305),
-    ("llama-3.1-8b-instruct", "1xH200", 1000, 1000, 17_744),
-    ("llama-3.1-8b-instruct", "1xH200", 2048, 128, 3_538),
-    ("llama-3.1-8b-instruct", "1xH200", 128, 2048, 26_221),
-    ("llama-3.3-70b-instruct", "1xH200", 1000, 1000, 2_909),
-    ("llama-3.3-70b-instruct", "1xH200", 2048, 128, 442),
-    ("llama-3.3-70b-instruct", "1xH200", 128, 2048, 4_336),
-    ("llama-3.3-70b-instruct", "2xH100-80GB", 1000, 1000, 4_205),
-]
+def test_fit_and_held_out_rows_are_disjoint_and_cover_dense_moe_and_shapes() -> None:
+    fit = {(r.model, r.gpus, r.shape) for r in validation.ROWS if r.fit}
+    held = {(r.row.model, r.row.gpus, r.row.shape) for r in HELD_OUT}
+    assert fit and held and not fit & held
+    assert len({r.row.shape for r in HELD_OUT}) >= 3
+    assert any(r.moe for r in HELD_OUT) and any(not r.moe for r in HELD_OUT)
 
 
-@pytest.mark.parametrize(
-    ("name", "gpus", "isl", "osl", "published"),
-    REFERENCES + MORE_SHAPES,
-    ids=[f"{r[0]}-{r[1]}-{r[2]}/{r[3]}" for r in REFERENCES + MORE_SHAPES],
-)
-def test_throughput_matches_tensorrt_llm_within_30_percent(
-    name: str, gpus: str, isl: int, osl: int, published: int
-) -> None:
-    report = evaluate(
-        model(name),
-        Cluster.parse(gpus),
-        context=isl + osl,
-        workload=Workload(isl, osl),
-        precision="fp8",
-        engine="trtllm",
-        replicas=1,
-    )
-    # The configuration NVIDIA ran: TP over all the GPUs named (70B FP8 would squeeze onto
-    # one H100 under TensorRT-LLM's memory rule, with room for only ~10 sequences).
-    tp = Cluster.parse(gpus).total_gpus
-    ran = next(c for c in report.candidates if c.tensor_parallel == tp and c.fits)
-    assert ran.kv_cache_dtype == "fp8"  # ModelOpt checkpoints carry FP8 KV-cache scales
-    assert ran.throughput is not None
-    predicted = ran.throughput.output_tok_s
-    assert predicted == pytest.approx(published, rel=0.30)
+def test_the_shipped_factors_are_what_the_fit_rows_give() -> None:
+    # Refitting on the fit rows alone reproduces roofline.FITTED: the factors were not
+    # adjusted by hand, or to the held-out rows.
+    refit = validation.fit()
+    for name in ("compute", "bandwidth", "attention", "experts"):
+        assert getattr(refit, name) == pytest.approx(getattr(FITTED, name), abs=0.01), name
+
+
+def test_held_out_error_dense_models() -> None:
+    dense = validation.summary(r for r in HELD_OUT if not r.moe)
+    assert dense.median <= 0.10
+    # Llama 3.1 8B and 3.3 70B are within 25% on every held-out row; 405B at TP8 is not
+    # (up to +44% on 8xH100 at long outputs): docs/planning.md "Accuracy".
+    small = [r for r in HELD_OUT if r.row.model != "llama-3.1-405b-instruct" and not r.moe]
+    assert max(abs(r.error) for r in small) <= 0.25
+    assert dense.worst <= 0.50
+
+
+def test_held_out_error_moe_models() -> None:
+    moe = validation.summary(r for r in HELD_OUT if r.moe)
+    # Short of the 10% / 25% target; docs/planning.md says where and why.
+    assert moe.median <= 0.20
+    assert moe.worst <= 0.50
+    overall = validation.summary(HELD_OUT)
+    assert overall.median <= 0.12
+
+
+def test_validation_table_prints_every_row() -> None:
+    text = validation.table(RESULTS)
+    assert text.count("| held out |") == len(HELD_OUT)
+    assert "held out, MoE" in text and "held out, dense" in text
 
 
 # Memory facts from issue 4 ("Planner, store and cost").
@@ -217,12 +209,93 @@ def test_every_catalog_model_has_a_plan_on_h100_and_h200_nodes(name: str, gpus: 
         assert plan.explanation
 
 
-def test_best_precision_first_then_smallest_tp() -> None:
-    entry = model("llama-3.3-70b-instruct")
-    plan = plan_model(entry, Cluster.parse("8xH100-80GB"))
-    assert (plan.precision, plan.tensor_parallel, plan.replicas) == ("bf16", 4, 2)
-    plan = plan_model(entry, Cluster.parse("8xH100-80GB"), precision="fp8")
-    assert (plan.precision, plan.tensor_parallel, plan.replicas) == ("fp8", 2, 4)
+@pytest.mark.parametrize(
+    "objective",
+    [Objective(), Objective(min_user_tok_s=0, max_ttft_s=0), Objective(min_user_tok_s=40)],
+)
+def test_the_plan_is_the_best_candidate_under_the_objective(objective: Objective) -> None:
+    entry, cluster = model("llama-3.3-70b-instruct"), Cluster.parse("8xH100-80GB")
+    report = evaluate(entry, cluster, objective=objective)
+    chosen, plan = report.chosen, report.plan
+    assert chosen is not None and plan is not None and chosen.throughput is not None
+    assert plan.precision == "bf16"  # the best precision that fits and meets the bounds
+    total = chosen.throughput.output_tok_s * plan.replicas
+    for c in report.candidates:
+        if c.fits and c.meets and c.precision == "bf16" and c.throughput is not None:
+            assert c.throughput.output_tok_s * (8 // c.gpus) <= total * (1 + 1e-9)
+    assert objective.meets(chosen.throughput)
+    assert report.runner_up is not None and report.lost_because
+    assert plan.explanation.startswith(f"Objective: {objective.describe()}.")
+    assert "Runner-up: bf16" in plan.explanation
+
+
+def test_llama_4_scout_fp8_on_4_h200_is_one_tp4_replica() -> None:
+    # Issue 16: "smallest TP that fits" gave 4 x TP1 (~14k tok/s by the planner's own
+    # figures) while TP4 predicted ~30k.
+    report = evaluate(
+        model("llama-4-scout"), Cluster.parse("4xH200"), engine="trtllm", precision="fp8"
+    )
+    assert report.plan is not None and report.chosen is not None
+    assert (report.plan.tensor_parallel, report.plan.replicas) == (4, 1)
+    assert report.runner_up is not None and report.runner_up.tensor_parallel == 2
+    one = next(c for c in report.candidates if c.tensor_parallel == 1)
+    assert one.throughput and report.chosen.throughput
+    assert 4 * one.throughput.output_tok_s < report.chosen.throughput.output_tok_s
+
+
+def test_the_per_user_floor_caps_the_engines_batch() -> None:
+    entry, cluster = model("llama-3.1-8b-instruct"), Cluster.parse("1xH200")
+    free = evaluate(entry, cluster, objective=Objective(min_user_tok_s=0, max_ttft_s=0))
+    strict = evaluate(entry, cluster, objective=Objective(min_user_tok_s=60))
+    assert free.plan and strict.plan and free.chosen and strict.chosen
+    assert free.plan.max_num_seqs == 1024  # vLLM's own limit: nothing binds
+    assert strict.chosen.throughput and strict.chosen.throughput.per_user_tok_s >= 60
+    assert strict.plan.max_num_seqs == strict.chosen.throughput.batch < 1024
+
+
+def test_min_gpus_takes_the_fewest_gpus_for_the_load() -> None:
+    entry, cluster = model("llama-3.1-8b-instruct"), Cluster.parse("8xH200")
+    plan = plan_model(entry, cluster, objective=Objective("min-gpus", load_tok_s=20_000))
+    report = evaluate(entry, cluster, objective=Objective("min-gpus", load_tok_s=20_000))
+    assert report.chosen and report.chosen.throughput
+    assert plan.replicas * report.chosen.throughput.output_tok_s >= 20_000
+    assert plan.replicas * plan.gpus_per_replica < 8
+    with pytest.raises(PlanError, match="cannot serve 9,000,000 output tok/s") as err:
+        plan_model(entry, cluster, objective=Objective("min-gpus", load_tok_s=9e6))
+    assert "--objective throughput" in str(err.value.hint)
+
+
+def test_objective_text() -> None:
+    assert Objective.parse("throughput") == Objective()
+    assert Objective.parse("throughput,user=30,ttft=1") == Objective("throughput", 30, 1)
+    assert Objective.parse("min-gpus,load=5000").load_tok_s == 5000
+    for bad in ("fastest", "throughput,user", "throughput,users=3", "min-gpus", "min-gpus,load=x"):
+        with pytest.raises(ValueError):
+            Objective.parse(bad)
+
+
+def test_the_configured_memory_fraction_is_used() -> None:
+    entry, cluster = model("llama-3.3-70b-instruct"), Cluster.parse("1xH200")
+    for engine in ("vllm", "trtllm"):
+        low = evaluate(entry, cluster, precision="fp8", engine=engine, memory_fraction=0.7)
+        high = evaluate(
+            entry, cluster, precision="fp8", engine=engine, memory_fraction={engine: 0.95}
+        )
+        assert low.chosen and high.chosen
+        assert low.chosen.max_seqs < high.chosen.max_seqs
+        assert low.chosen.memory.free < high.chosen.memory.free
+    need = memory_needed(entry, GPUS["H200"], "fp8", context=8192, memory_fraction=0.5)
+    assert need == pytest.approx(2 * memory_needed(entry, GPUS["H200"], "fp8", context=8192) * 0.9)
+
+
+def test_trtllm_keeps_llama_4_chunked_layers_whole_and_vllm_does_not() -> None:
+    scout, per_layer = model("llama-4-scout"), 2 * 8 * 128 * 2
+    assert kv_bytes(scout, 131072, "bf16", 1, engine="vllm") == per_layer * (
+        12 * 131072 + 36 * 8192
+    )
+    assert kv_bytes(scout, 131072, "bf16", 1, engine="trtllm") == per_layer * 48 * 131072
+    gemma = model("gemma-3-27b-it")  # sliding windows are capped by both
+    assert kv_bytes(gemma, 65536, "bf16", 1, engine="trtllm") == kv_bytes(gemma, 65536, "bf16", 1)
 
 
 def test_lower_precision_when_16_bit_does_not_fit_a_node() -> None:
@@ -295,7 +368,7 @@ def test_gpu_models_without_gpus_say_where_they_would_fit() -> None:
     with pytest.raises(PlanError) as err:
         plan_model(model("llama-4-scout"), Cluster.cpu_only())
     assert err.value.message == "llama-4-scout needs GPUs and this cluster has none"
-    assert "4xH100-80GB at bf16 (TP4)" in str(err.value.hint)
+    assert "8xH100-80GB at bf16 (TP8)" in str(err.value.hint)
 
 
 def test_the_old_gpu_count_call_still_works() -> None:
@@ -326,7 +399,8 @@ def test_replicas_can_be_limited_and_must_fit() -> None:
 
 def test_the_next_model_is_planned_on_what_is_left() -> None:
     cluster = Cluster.parse("2x8xH200")
-    first = plan_model(model("llama-3.3-70b-instruct"), cluster, replicas=3)
+    fewest = Objective("min-gpus", load_tok_s=1)  # the smallest group: bf16 TP2
+    first = plan_model(model("llama-3.3-70b-instruct"), cluster, replicas=3, objective=fewest)
     assert first.gpus_per_node() == {"node-0": 4, "node-1": 2}
     left = cluster.without(first.gpus_per_node())
     assert left.describe() == "4xH200+6xH200"
@@ -377,7 +451,8 @@ def test_plan_command_shows_candidates_and_the_plan(run_plan: RunPlan) -> None:
     assert result.exit_code == 0, result.output
     assert "weights" in result.output and "output tok/s" in result.output
     assert "Plan: vllm, bf16" in result.output
-    assert "TP4, 2 replica(s) of 4 H100-80GB" in result.output
+    assert "TP8, 1 replica(s) of 8 H100-80GB" in result.output
+    assert "Objective: most output tok/s" in result.output and "Runner-up:" in result.output
 
 
 def test_plan_command_json(run_plan: RunPlan) -> None:
@@ -409,3 +484,21 @@ def test_plan_command_reports_what_does_not_fit(run_plan: RunPlan) -> None:
     result = run_plan("llama-4-scout", "--gpus", "cpu")
     assert isinstance(result.exception, PlanError)
     assert "needs GPUs" in result.exception.message
+
+
+def test_plan_command_takes_an_objective(run_plan: RunPlan) -> None:
+    args = ("llama-3.1-8b-instruct", "--gpus", "8xH200", "--json")
+    data = json.loads(run_plan(*args, "--objective", "min-gpus,load=20000").output)
+    assert data["objective"]["kind"] == "min-gpus"
+    assert data["plan"]["replicas"] * data["plan"]["gpus_per_replica"] < 8
+    assert data["runner_up"] is not None and data["lost_because"]
+    result = run_plan("llama-3.1-8b-instruct", "--gpus", "8xH200", "--objective", "fast")
+    assert result.exit_code == 2 and "throughput" in result.output
+
+
+def test_plan_command_uses_the_configured_memory_fraction(run_plan: RunPlan) -> None:
+    args = ("llama-3.3-70b-instruct", "--gpus", "1xH200", "--precision", "fp8", "--json")
+    default = json.loads(run_plan(*args).output)
+    Path("appliance.toml").write_text("[engines.vllm]\ngpu_memory_fraction = 0.8\n")
+    lower = json.loads(run_plan(*args).output)
+    assert lower["chosen"]["memory_gib"]["free"] < default["chosen"]["memory_gib"]["free"] - 10

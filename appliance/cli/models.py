@@ -11,6 +11,7 @@ from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.control.runtime import read_status
 from appliance.deploy import add_model, remove_model
 from appliance.errors import StoreError
+from appliance.planner import Objective
 from appliance.state import State
 from appliance.store import Store
 
@@ -46,6 +47,14 @@ def add(
         min=1,
         help="Replicas to plan (default: as many as the free GPUs hold; 1 on CPU).",
     ),
+    objective: str = typer.Option(
+        "throughput",
+        "--objective",
+        help="How the plan is chosen, as `appliance plan --objective` takes it: "
+        "'throughput' (default: most output tok/s, every request at >= 20 tok/s, first "
+        "token within 2 s) or 'min-gpus,load=TOK_S'; `appliance plan NAME` shows the "
+        "candidates.",
+    ),
     source: str | None = typer.Option(
         None,
         "--from",
@@ -65,6 +74,10 @@ def add(
     """
     config = config_of(ctx)
     name = load_catalog(config.catalog).get(name).name  # any case; the catalog's spelling
+    try:
+        goal = Objective.parse(objective)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--objective") from None
     # The download draws its own progress bar, so no spinner runs beside it.
     console.print(f"Adding {name}...")
     result = add_model(
@@ -76,6 +89,7 @@ def add(
         progress=True,
         replicas=replicas,
         engine=engine,
+        objective=goal,
     )
     plan = result.plan
     where = "on the CPU" if plan.on_cpu else f"tensor parallel {plan.tensor_parallel}"

@@ -14,7 +14,16 @@ from appliance.config import ApplianceConfig
 from appliance.engines import LaunchSpec, get_adapter
 from appliance.engines.runner import engine_command
 from appliance.placement import Cluster, local_cluster
-from appliance.planner import GIB, Candidate, Plan, PlanError, PlanReport, Workload, evaluate
+from appliance.planner import (
+    GIB,
+    Candidate,
+    Objective,
+    Plan,
+    PlanError,
+    PlanReport,
+    Workload,
+    evaluate,
+)
 
 
 def plan(
@@ -46,6 +55,14 @@ def plan(
         None, "--precision", help="Force a precision (bf16, fp8, nvfp4, mxfp4, int4-awq, ...)."
     ),
     engine: str | None = typer.Option(None, "--engine", help="Force an engine: vllm or trtllm."),
+    objective: str = typer.Option(
+        "throughput",
+        "--objective",
+        help="How plans are ranked: 'throughput' (most output tok/s from the GPUs, every "
+        "request at >= 20 tok/s, first token within 2 s) or 'min-gpus,load=TOK_S' (fewest "
+        "GPUs for that load); bounds with user=TOK_S and ttft=SECONDS, 0 drops one "
+        "(throughput,user=0,ttft=0 is the benchmarks' max throughput).",
+    ),
     print_command: bool = typer.Option(
         False,
         "--print-command",
@@ -59,6 +76,7 @@ def plan(
     try:
         cluster = Cluster.parse(gpus) if gpus is not None else local_cluster(config.ray.num_gpus)
         shape = Workload.parse(workload)
+        goal = Objective.parse(objective)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     report = evaluate(
@@ -69,6 +87,8 @@ def plan(
         workload=shape,
         precision=precision,
         engine=engine,
+        objective=goal,
+        memory_fraction=memory_fractions(config),
     )
     command = None
     if print_command and report.plan is not None:
@@ -82,6 +102,11 @@ def plan(
             print(shell_snippet(command))
     if report.plan is None:
         raise PlanError(report.problem or f"no plan for {model}", hint=report.hint)
+
+
+def memory_fractions(config: ApplianceConfig) -> dict[str, float]:
+    """engines.<name>.gpu_memory_fraction for each engine, what the adapters pass on."""
+    return {name: config.engines.of(name).gpu_memory_fraction for name in ("vllm", "trtllm")}
 
 
 def show(report: PlanReport) -> None:
@@ -99,8 +124,9 @@ def show(report: PlanReport) -> None:
             "Memory is GiB per GPU: KV holds the required sequences at full context; overhead is "
             "runtime (activations, CUDA graphs, NCCL) plus the headroom the engine leaves; free "
             "also goes to the KV cache. max seqs: full-context sequences that fit. batch: "
-            "sequences of the workload the prediction runs (as many as fit unless --concurrency)."
-            " Throughput is per replica."
+            "sequences of the workload the prediction runs: as many as fit and keep the "
+            'objective\'s bounds (unless --concurrency); ✗ in "ok": the bounds fail even at '
+            "one sequence. Throughput and TTFT are per replica."
         )
     plan = report.plan
     if plan is None:
@@ -142,6 +168,8 @@ def _candidates(report: PlanReport) -> None:
         "prefill tok/s",
         "output tok/s",
         "per user",
+        "TTFT s",
+        "ok",
     )
     rows = []
     for c in report.candidates:
@@ -152,8 +180,7 @@ def _candidates(report: PlanReport) -> None:
 
 
 def _group(c: Candidate) -> str:
-    text = f"TP{c.tensor_parallel}"
-    return text + (f"xPP{c.pipeline_parallel}" if c.pipeline_parallel > 1 else "")
+    return c.layout or c.group
 
 
 def _memory(c: Candidate) -> list[str]:
@@ -163,7 +190,7 @@ def _memory(c: Candidate) -> list[str]:
 
 def _speed(c: Candidate) -> list[str]:
     if c.throughput is None:
-        return [str(c.max_seqs), "", "", "", ""]
+        return [str(c.max_seqs), "", "", "", "", "", ""]
     t = c.throughput
     return [
         str(c.max_seqs),
@@ -171,6 +198,8 @@ def _speed(c: Candidate) -> list[str]:
         f"{t.prefill_tok_s:,.0f}",
         f"{t.output_tok_s:,.0f}",
         f"{t.per_user_tok_s:,.0f}",
+        f"{t.ttft_s:.2f}",
+        "✓" if c.meets else "✗",
     ]
 
 

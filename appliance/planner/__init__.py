@@ -8,7 +8,10 @@ reasoning (every candidate with its memory breakdown and predicted throughput) f
     memory      bytes per GPU: weights, KV cache, the engine's runtime and headroom
     roofline    predicted throughput of one TP x PP group (Workload, predict)
     candidates  one precision x TP x PP configuration priced against the ask
-    choose      evaluate and plan_model: the best candidate that fits, and why
+    layout      how a replica's GPUs split the layers: TP, TP + EP, DP + EP
+    objective   what "best" means: throughput under latency bounds, or fewest GPUs for a load
+    choose      evaluate and plan_model: the best candidate under the objective, and why
+    validation  the roofline against published results: fit rows, held-out rows, errors
 """
 
 from appliance.planner.candidates import Candidate, tensor_parallel_sizes
@@ -20,6 +23,7 @@ from appliance.planner.choose import (
     evaluate,
     plan_model,
 )
+from appliance.planner.layout import Layout, engine_layout
 from appliance.planner.memory import (
     BYTES_PER_PARAM,
     GB,
@@ -35,20 +39,25 @@ from appliance.planner.memory import (
     runtime_bytes,
     weight_bytes,
 )
+from appliance.planner.objective import Objective
 from appliance.planner.plan import Plan, PlanError
-from appliance.planner.roofline import Throughput, Workload, predict
+from appliance.planner.roofline import FITTED, Efficiency, Throughput, Workload, predict
 
 __all__ = [
     "BYTES_PER_PARAM",
     "DEFAULT_CONTEXT_CAP",
+    "FITTED",
     "GB",
     "GIB",
     "KV_BYTES",
     "MIN_AUTO_CONTEXT",
     "REFERENCE_CLUSTERS",
     "Candidate",
+    "Efficiency",
     "EngineLimits",
+    "Layout",
     "Memory",
+    "Objective",
     "Params",
     "Plan",
     "PlanError",
@@ -56,6 +65,7 @@ __all__ = [
     "Throughput",
     "Workload",
     "default_kv_dtype",
+    "engine_layout",
     "engine_limits",
     "evaluate",
     "kv_bytes",

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from appliance.catalog import Architecture, ModelEntry
 from appliance.gpus import GpuSpec
+from appliance.planner.layout import engine_layout
 from appliance.planner.memory import (
     Memory,
     default_kv_dtype,
     engine_limits,
+    kv_budget,
     kv_bytes,
-    runtime_bytes,
-    weight_bytes,
+    sequences_per_gpu_group,
 )
+from appliance.planner.objective import Objective
 from appliance.planner.roofline import Throughput, Workload, predict
 
 
@@ -32,8 +34,11 @@ class Candidate:
     memory: Memory
     fits: bool
     max_seqs: int  # sequences of `context` tokens the KV cache holds, engine limit applied
-    throughput: Throughput | None
+    throughput: Throughput | None  # at the objective's batch; at batch 1 when it is missed
     note: str = ""
+    layout: str = ""  # how the group splits the layers (appliance.planner.layout)
+    meets: bool = False  # fits, and the objective's latency bounds hold at some batch
+    max_batch: int = 0  # sequences of the workload the KV cache and the engine allow
 
     @property
     def gpus(self) -> int:
@@ -61,36 +66,45 @@ class _Ask:
     concurrency: int | None
     workload: Workload
     kv_dtype: str | None
+    objective: Objective = field(default_factory=Objective)
+    memory_fraction: float | None = None  # engines.<engine>.gpu_memory_fraction
 
     def candidate(
         self, gpu: GpuSpec, precision: str, tp: int, pp: int = 1, context: int | None = None
     ) -> Candidate:
-        entry, limits, n = self.entry, engine_limits(self.engine, gpu), tp * pp
+        entry, n = self.entry, tp * pp
+        limits = engine_limits(self.engine, gpu, self.memory_fraction)
+        layout = engine_layout(self.engine, entry, tp, pp)
         context = context or self.context
         kv_dtype = self.kv_dtype or default_kv_dtype(entry, precision, gpu)
-        weights = weight_bytes(entry, precision)[0] / n
-        runtime = runtime_bytes(entry.architecture, limits, tp, pp)
-        total = float(gpu.memory_bytes)
-        # vLLM leaves (1 - utilization) of the whole GPU; TRT-LLM of what weights leave free.
-        headroom = (1 - limits.memory_fraction) * (
-            max(total - weights - runtime, 0.0) if limits.fraction_of_free else total
-        )
-        budget = total - headroom - weights - runtime  # for the KV cache, per GPU
-        per_seq = kv_bytes(entry, context, kv_dtype, tp) / n
+        weights, overhead, budget = kv_budget(entry, gpu, precision, layout, limits)
+        per_seq = kv_bytes(entry, context, kv_dtype, tp, engine=self.engine) / n
         need = per_seq * (self.concurrency or 1)
         fits = budget > 0 and budget >= need
         max_seqs = min(int(budget // per_seq), limits.max_num_seqs) if budget > 0 else 0
-        throughput = None
+        throughput, meets, most = None, False, 0
         if fits:
-            # Max-throughput runs keep as many sequences of the workload as the KV cache holds.
             w = self.workload
-            run = kv_bytes(entry, min(w.input_tokens + w.output_tokens, context), kv_dtype, tp)
-            batch = self.concurrency or min(int(budget * n // run), limits.max_num_seqs)
-            throughput = predict(entry, gpu, precision, kv_dtype, tp, pp, max(batch, 1), w)
+
+            def run(batch: int) -> Throughput:
+                return predict(entry, gpu, precision, kv_dtype, tp, pp, batch, w, layout=layout)
+
+            if self.concurrency:
+                throughput = run(self.concurrency)
+                meets = self.objective.meets(throughput)
+            else:
+                # As many sequences of the workload as the KV cache holds, at most the
+                # engine's limit; fewer when the objective's latency bounds need it.
+                tokens = min(w.input_tokens + w.output_tokens, context)
+                held = sequences_per_gpu_group(entry, tokens, kv_dtype, layout, budget, self.engine)
+                most = max(1, min(int(held), limits.max_num_seqs))
+                best = self.objective.best_batch(run, most)
+                meets = best is not None
+                throughput = best or run(1)
         note = ""
         if tp > gpu.nvlink_domain:
             note = f"{gpu.key} groups over {gpu.nvlink_domain} GPU(s) all-reduce over PCIe"
-        memory = Memory(total, weights, need, runtime + headroom, budget - need)
+        memory = Memory(float(gpu.memory_bytes), weights, need, overhead, budget - need)
         return Candidate(
             gpu.key,
             precision,
@@ -104,6 +118,9 @@ class _Ask:
             max_seqs,
             throughput,
             note,
+            layout.describe(),
+            meets,
+            most or self.concurrency or 0,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -10,6 +11,7 @@ from appliance.gpus import GPUS, PRECISION_ORDER, GpuSpec, find_gpu, known_gpus
 from appliance.placement import Cluster, Node, Placement, place
 from appliance.planner.candidates import Candidate, _Ask, tensor_parallel_sizes
 from appliance.planner.memory import GIB, engine_limits
+from appliance.planner.objective import Objective
 from appliance.planner.plan import Plan, PlanError
 from appliance.planner.roofline import Workload
 
@@ -43,10 +45,15 @@ class PlanReport:
     problem: str | None = None
     hint: str | None = None
     reasons: tuple[str, ...] = field(default=())
+    objective: Objective = field(default_factory=Objective)
+    runner_up: Candidate | None = None
+    lost_because: str | None = None  # why the runner-up was not chosen
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["workload"] = asdict(self.workload)
+        data["objective"] = asdict(self.objective)
+        data["runner_up"] = self.runner_up.to_dict() if self.runner_up else None
         data["candidates"] = [c.to_dict() for c in self.candidates]
         data["chosen"] = self.chosen.to_dict() if self.chosen else None
         data["plan"] = self.plan.to_dict() if self.plan else None
@@ -79,15 +86,22 @@ def evaluate(
     engine: str | None = None,
     replicas: int | None = None,
     kv_cache_dtype: str | None = None,
+    objective: Objective | None = None,
+    memory_fraction: float | Mapping[str, float] | None = None,
 ) -> PlanReport:
     """Decide how to serve `entry` on `cluster`.
 
     context: max_model_len (default: the model's, at most 128k, halved down to 4096 until it
     fits); concurrency: sequences of `context` tokens that must fit at once (default 1), and
-    the batch of the throughput prediction (default: as many as fit, up to the engine's
-    limit); workload: mean input/output tokens for the prediction; precision, engine and
-    kv_cache_dtype force one; replicas: how many (default: as many as the free GPUs hold).
+    the batch of the throughput prediction (default: the most that fit, up to the engine's
+    limit, that keep the objective's latency bounds); workload: mean input/output tokens for
+    the prediction; precision, engine and kv_cache_dtype force one; replicas: how many
+    (default: as many as the free GPUs hold, or as the objective's load needs); objective:
+    how candidates are ranked (default Objective(): throughput with 20 tok/s per request
+    and a 2 s TTFT); memory_fraction: engines.<engine>.gpu_memory_fraction, one value or
+    one per engine name (default 0.9).
     """
+    objective = objective or Objective()
     arch = entry.architecture
     if context is not None and not 1 <= context <= arch.max_context:
         raise PlanError(
@@ -102,10 +116,20 @@ def evaluate(
     if entry.builtin or (cluster.total_gpus == 0 and on_cpu(entry)):
         plan = _cpu_plan(entry, context, concurrency, precision, engine, replicas, kv_cache_dtype)
         return replace(head, context=plan.max_model_len or 0, plan=plan)
+    chosen_engine = _engine(entry, engine)
+    if isinstance(memory_fraction, Mapping):
+        memory_fraction = memory_fraction.get(chosen_engine)
     ask = _Ask(
-        entry, _engine(entry, engine), head.context, concurrency, head.workload, kv_cache_dtype
+        entry,
+        chosen_engine,
+        head.context,
+        concurrency,
+        head.workload,
+        kv_cache_dtype,
+        objective,
+        memory_fraction,
     )
-    head = replace(head, engine=ask.engine)
+    head = replace(head, engine=ask.engine, objective=objective)
     precisions = _precisions(entry, precision)
     if cluster.total_gpus == 0:
         problem = f"{entry.name} needs GPUs and this cluster has none"
@@ -220,24 +244,101 @@ def _halvings(start: int) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class Score:
+    """A fitting candidate under the objective, with the replicas it would get."""
+
+    candidate: Candidate
+    replicas: int  # on this cluster: as many as fit, or as the load needs, or as asked
+    total_tok_s: float  # output tokens/s of those replicas together
+    enough: bool  # the replicas fit the cluster (min-gpus: and serve the load)
+
+    @property
+    def gpus(self) -> int:
+        return self.replicas * self.candidate.gpus
+
+    @property
+    def per_gpu(self) -> float:
+        return self.total_tok_s / max(self.gpus, 1)
+
+    def describe(self) -> str:
+        c, t = self.candidate, self.candidate.throughput
+        assert t is not None
+        return (
+            f"{c.precision} {c.group} x {self.replicas} replica(s): {t.output_tok_s:,.0f} "
+            f"output tok/s each at batch {t.batch} ({t.per_user_tok_s:,.0f} tok/s per "
+            f"request, first token in {t.ttft_s:.2f} s), {self.total_tok_s:,.0f} in all "
+            f"on {self.gpus} GPU(s)"
+        )
+
+
+def _score(ask: _Ask, c: Candidate, cluster: Cluster, replicas: int | None) -> Score:
+    t = c.throughput
+    assert t is not None
+    room = len(place(cluster, c.tensor_parallel, c.pipeline_parallel, None).replicas)
+    if ask.objective.kind == "min-gpus":
+        needed = replicas or ask.objective.replicas_for(t.output_tok_s)
+        enough = needed <= room and needed * t.output_tok_s >= ask.objective.load_tok_s
+        return Score(c, needed, needed * t.output_tok_s, enough)
+    count = replicas or room
+    return Score(c, count, count * t.output_tok_s, 1 <= count <= room)
+
+
+def _rank(ask: _Ask, scores: list[Score], order: list[str]) -> list[Score]:
+    """Best first: the best precision whose candidates meet the objective's bounds (quality
+    first), then the objective; candidates that miss the bounds last, fastest per user."""
+
+    def key(s: Score) -> tuple[float, ...]:
+        c, t = s.candidate, s.candidate.throughput
+        assert t is not None
+        ok = c.meets and s.enough
+        if not ok:
+            return (1, order.index(c.precision), -t.per_user_tok_s, c.gpus)
+        if ask.objective.kind == "min-gpus":
+            return (0, order.index(c.precision), s.gpus, -s.per_gpu)
+        return (0, order.index(c.precision), -s.total_tok_s, c.gpus)
+
+    return sorted(scores, key=key)
+
+
+def _lost(ask: _Ask, winner: Score, loser: Score) -> str:
+    """Why `loser` is not the plan, in the objective's terms."""
+    c, t = loser.candidate, loser.candidate.throughput
+    assert t is not None
+    if not c.meets:
+        return (
+            f"it misses the objective's bounds ({ask.objective.bounds()}): even one sequence "
+            f"decodes at {t.per_user_tok_s:,.0f} tok/s with its first token in {t.ttft_s:.2f} s"
+        )
+    if not loser.enough:
+        return f"the free GPUs do not hold the {loser.replicas} replica(s) it needs"
+    if c.precision != winner.candidate.precision:
+        return f"{winner.candidate.precision} is the better precision and meets the objective"
+    if ask.objective.kind == "min-gpus" and loser.gpus != winner.gpus:
+        return f"it needs {loser.gpus} GPU(s) for the load, not {winner.gpus}"
+    if loser.total_tok_s < winner.total_tok_s:
+        less = 1 - loser.total_tok_s / winner.total_tok_s
+        return f"{less:.0%} fewer output tok/s in all ({loser.total_tok_s:,.0f})"
+    return f"it takes {c.gpus} GPU(s) per replica for the same output"
+
+
 def _choose(
     ask: _Ask, gpu: GpuSpec, cluster: Cluster, precisions: list[str], replicas: int | None
 ) -> PlanReport:
-    """Best precision first, then the smallest TP inside one node, then PP across nodes."""
+    """Every precision x TP inside one node (PP across nodes only when none fits), ranked by
+    the objective at the best precision that meets it."""
     sizes = tensor_parallel_sizes(ask.entry.architecture, max(n.gpus for n in cluster.nodes))
     runnable = [p for p in precisions if gpu.supports(p)]
     candidates = [ask.candidate(gpu, p, tp) for p in runnable for tp in sizes]
-    chosen = next((c for c in candidates if c.fits), None)  # precision-major order
     # trtllm-serve cannot put pipeline stages on other hosts (that needs an MPI launch).
-    if chosen is None and sizes and ask.engine != "trtllm":
+    if not any(c.fits for c in candidates) and sizes and ask.engine != "trtllm":
         stages = sum(1 for node in cluster.nodes if node.gpus >= sizes[-1])
         for p in runnable:
             for pp in range(2, stages + 1):
                 candidates.append(ask.candidate(gpu, p, sizes[-1], pp))
-                chosen = candidates[-1] if candidates[-1].fits else None
-                if chosen:
+                if candidates[-1].fits:
                     break
-            if chosen:
+            if candidates[-1].fits:
                 break
     report = PlanReport(
         ask.entry.name,
@@ -247,29 +348,44 @@ def _choose(
         ask.concurrency,
         ask.workload,
         tuple(candidates),
+        objective=ask.objective,
     )
     reasons = [f"{p}: {gpu.key} cannot run it" for p in precisions if p not in runnable]
-    if chosen is None:
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
         problem, hint = _nothing_fits(ask, gpu, cluster, runnable)
         return replace(report, problem=problem, hint=hint, reasons=tuple(reasons))
+    ranked = _rank(ask, [_score(ask, c, cluster, replicas) for c in fitting], runnable)
+    best = ranked[0]
+    chosen = best.candidate
     for p in runnable[: runnable.index(chosen.precision)]:
-        biggest = max((c for c in candidates if c.precision == p), key=lambda c: c.gpus)
-        reasons.append(f"{p}: {_short(biggest)} even on {biggest.gpus} GPU(s)")
-    smaller = [c for c in candidates if c.precision == chosen.precision and c.gpus < chosen.gpus]
-    if smaller:
-        reasons.append(f"{chosen.precision} on {smaller[-1].gpus} GPU(s): {_short(smaller[-1])}")
-    report = replace(report, chosen=chosen, reasons=tuple(reasons))
-    placement = place(cluster, chosen.tensor_parallel, chosen.pipeline_parallel, replicas)
+        mine = [c for c in candidates if c.precision == p]
+        if not any(c.fits for c in mine):
+            biggest = max(mine, key=lambda c: c.gpus)
+            reasons.append(f"{p}: {_short(biggest)} even on {biggest.gpus} GPU(s)")
+    runner = ranked[1] if len(ranked) > 1 else None
+    report = replace(
+        report,
+        chosen=chosen,
+        reasons=tuple(reasons),
+        runner_up=runner.candidate if runner else None,
+        lost_because=_lost(ask, best, runner) if runner else None,
+    )
+    if ask.objective.kind == "min-gpus" and not (chosen.meets and best.enough):
+        problem = (
+            f"{ask.entry.name} cannot serve {ask.objective.load_tok_s:,.0f} output tok/s "
+            f"on {cluster.describe()} ({ask.objective.bounds()}); the most is "
+            f"{best.total_tok_s:,.0f} ({best.describe()})"
+        )
+        hint = (
+            "Free or add GPUs, lower the load (--objective min-gpus,load=N), relax the bounds "
+            "(user=, ttft=), or pass --objective throughput for the most these GPUs serve."
+        )
+        return replace(report, problem=problem, hint=hint)
+    placement = place(cluster, chosen.tensor_parallel, chosen.pipeline_parallel, best.replicas)
     if not placement.replicas or (replicas and len(placement.replicas) < replicas):
         hint = "Free GPUs (remove a model) or ask for fewer replicas."
         return replace(report, placement=placement, problem=placement.explanation, hint=hint)
-    why = (
-        f"{chosen.precision} is the best precision the catalog has, {gpu.key} runs and that "
-        f"fits; {chosen.group} is the smallest group that holds the weights and "
-        f"{chosen.concurrency} sequence(s) of {ask.context} tokens."
-    )
-    if reasons:
-        why += " Not chosen: " + "; ".join(reasons) + "."
     plan = Plan(
         engine=ask.engine,
         precision=chosen.precision,
@@ -280,11 +396,42 @@ def _choose(
         max_model_len=ask.context,
         gpu=gpu.key,
         kv_cache_dtype=chosen.kv_cache_dtype,
-        max_num_seqs=max(engine_limits(ask.engine, gpu).max_num_seqs, ask.concurrency or 0),
+        max_num_seqs=_max_num_seqs(ask, gpu, chosen),
         placement=placement.replicas,
-        explanation=f"{why} {placement.explanation}",
+        explanation=f"{_why(ask, gpu, best, runner, reasons)} {placement.explanation}",
     )
     return replace(report, plan=plan, placement=placement)
+
+
+def _max_num_seqs(ask: _Ask, gpu: GpuSpec, chosen: Candidate) -> int:
+    """The engine's limit, or the batch that keeps the objective's bounds when that is less
+    (the engine then holds the rest back, so running requests stay within the bounds)."""
+    limit = engine_limits(ask.engine, gpu, ask.memory_fraction).max_num_seqs
+    if ask.concurrency:
+        return max(limit, ask.concurrency)
+    t = chosen.throughput
+    if chosen.meets and t is not None and t.batch < chosen.max_batch:
+        return t.batch
+    return limit
+
+
+def _why(ask: _Ask, gpu: GpuSpec, best: Score, runner: Score | None, reasons: list[str]) -> str:
+    c = best.candidate
+    why = f"Objective: {ask.objective.describe()}. "
+    if not c.meets:
+        why += (
+            f"No candidate meets those bounds at {ask.workload.input_tokens}:"
+            f"{ask.workload.output_tokens} tokens; this one comes closest per request. "
+        )
+    why += (
+        f"{c.precision} is the best precision the catalog has, {gpu.key} runs and that fits; "
+        f"{c.group} serves best: {best.describe()}."
+    )
+    if runner is not None:
+        why += f" Runner-up: {runner.describe()}; it lost: {_lost(ask, best, runner)}."
+    if reasons:
+        why += " Not chosen: " + "; ".join(reasons) + "."
+    return why
 
 
 def _short(c: Candidate) -> str:
@@ -352,6 +499,7 @@ def _gpu_hint(ask: _Ask, precision: str | None) -> str:
             engine=ask.engine,
             replicas=1,
             kv_cache_dtype=ask.kv_dtype,
+            memory_fraction=ask.memory_fraction,
         )
         if report.chosen:
             c = report.chosen

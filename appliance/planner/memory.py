@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from appliance.catalog import Architecture, HubSource, ModelEntry
 from appliance.gpus import GpuSpec
+from appliance.planner.layout import Layout
 
 GB = 1e9
 GIB = 2**30
@@ -123,16 +124,24 @@ class EngineLimits:
     max_num_batched_tokens: int
 
 
-def engine_limits(engine: str, gpu: GpuSpec) -> EngineLimits:
+DEFAULT_MEMORY_FRACTION = 0.9  # engines.<name>.gpu_memory_fraction's default
+
+
+def engine_limits(engine: str, gpu: GpuSpec, memory_fraction: float | None = None) -> EngineLimits:
+    """`memory_fraction`: the configured engines.<engine>.gpu_memory_fraction (default 0.9),
+    which the adapters pass as --gpu-memory-utilization / --kv_cache_free_gpu_memory_fraction."""
+    fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else memory_fraction
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a GPU memory fraction is in (0, 1], not {fraction}")
     if engine == "trtllm":
-        # trtllm-serve defaults: free_gpu_memory_fraction 0.9, max_batch_size 2048,
-        # max_num_tokens 8192 (TorchLlmArgs; ../shared/contracts/trtllm-serve.json).
-        return EngineLimits("trtllm", 0.9, True, 2048, 8192)
+        # trtllm-serve defaults: max_batch_size 2048, max_num_tokens 8192 (TorchLlmArgs;
+        # ../shared/contracts/trtllm-serve.json).
+        return EngineLimits("trtllm", fraction, True, 2048, 8192)
     # vLLM: gpu_memory_utilization 0.9; get_batch_defaults() in vllm/engine/arg_utils.py gives
     # the API server 1024 sequences / 8192 batched tokens on GPUs of 70 GiB or more except A100,
     # else 256 / 2048.
     big = gpu.memory_bytes >= 70 * GIB and not gpu.key.startswith("A100")
-    return EngineLimits("vllm", 0.9, False, 1024 if big else 256, 8192 if big else 2048)
+    return EngineLimits("vllm", fraction, False, 1024 if big else 256, 8192 if big else 2048)
 
 
 # Runtime memory outside weights and KV, per GPU. CUDA context and allocator: ~0.5 GiB; NCCL
@@ -155,6 +164,37 @@ def runtime_bytes(arch: Architecture, limits: EngineLimits, tp: int, pp: int) ->
     return _CONTEXT_BYTES + nccl + _GRAPH_BYTES + activations + logits
 
 
+def kv_budget(
+    entry: ModelEntry, gpu: GpuSpec, precision: str, layout: Layout, limits: EngineLimits
+) -> tuple[float, float, float]:
+    """(weights, runtime + headroom, what is left for the KV cache), bytes per GPU."""
+    weights = weights_per_gpu(entry, precision, layout)
+    runtime = runtime_bytes(entry.architecture, limits, layout.tp, layout.pp)
+    total = float(gpu.memory_bytes)
+    # vLLM leaves (1 - utilization) of the whole GPU; TRT-LLM of what weights leave free.
+    headroom = (1 - limits.memory_fraction) * (
+        max(total - weights - runtime, 0.0) if limits.fraction_of_free else total
+    )
+    return weights, runtime + headroom, total - headroom - weights - runtime
+
+
+def sequences_per_gpu_group(
+    entry: ModelEntry,
+    tokens: int,
+    kv_dtype: str,
+    layout: Layout,
+    budget: float,
+    engine: str | None,
+) -> float:
+    """How many sequences of `tokens` the group's KV cache holds, `budget` bytes per GPU."""
+    kv = kv_bytes(
+        entry, tokens, kv_dtype, layout.tp, engine=engine, attention_dp=layout.attention_dp
+    )
+    if layout.attention_dp:  # each GPU holds whole sequences: its own
+        return max(budget, 0.0) // (kv / layout.pp) * layout.tp
+    return max(budget, 0.0) * layout.gpus / kv
+
+
 @dataclass(frozen=True)
 class Memory:
     """Bytes per GPU."""
@@ -169,11 +209,37 @@ class Memory:
         return {k: round(v / GIB, 2) for k, v in asdict(self).items()}
 
 
-def kv_bytes(entry: ModelEntry, tokens: int, kv_dtype: str, tp: int) -> float:
-    """KV cache of one sequence across the TP group (KV heads replicated when TP > heads)."""
+def kv_bytes(
+    entry: ModelEntry,
+    tokens: int,
+    kv_dtype: str,
+    tp: int,
+    *,
+    engine: str | None = None,
+    attention_dp: bool = False,
+) -> float:
+    """KV cache of one sequence across the TP group (KV heads replicated when TP > heads;
+    with attention data parallelism one GPU holds all the heads of its own sequences).
+
+    Chunked-attention layers (Llama 4) hold one chunk in vLLM, whose hybrid KV cache manager
+    frees the blocks behind it (ChunkedLocalAttentionSpec in vllm/v1/kv_cache_interface.py),
+    and the whole sequence in TensorRT-LLM, which applies the chunks to the attention of
+    context requests only and sizes the cache for the longest window
+    (docs/source/features/long-sequence.md). Sliding windows are capped in both.
+    """
     arch = entry.architecture
-    replication = max(1.0, tp / arch.num_kv_heads)
-    return arch.kv_cache_bytes(tokens, KV_BYTES[kv_dtype]) * replication
+    replication = 1.0 if attention_dp else max(1.0, tp / arch.num_kv_heads)
+    full = engine == "trtllm"
+    return arch.kv_cache_bytes(tokens, KV_BYTES[kv_dtype], keep_chunked=full) * replication
+
+
+def weights_per_gpu(entry: ModelEntry, precision: str, layout: Layout) -> float:
+    """Weight bytes on each GPU: all split over the group, except that attention data
+    parallelism keeps a whole copy of everything but the routed experts on every GPU."""
+    weights, experts = weight_bytes(entry, precision)
+    if layout.attention_dp:
+        return (weights - experts + experts / layout.tp) / layout.pp
+    return weights / layout.gpus
 
 
 def memory_needed(
@@ -187,13 +253,14 @@ def memory_needed(
     pp: int = 1,
     engine: str = "vllm",
     kv_cache_dtype: str | None = None,
+    memory_fraction: float | None = None,
 ) -> float:
     """Bytes of GPU memory over all tp x pp GPUs that `concurrency` sequences of `context`
     tokens need: weights, runtime, KV cache and the engine's headroom. A group fits exactly
     when this is at most the memory of its GPUs."""
-    limits, n = engine_limits(engine, gpu), tp * pp
+    limits, n = engine_limits(engine, gpu, memory_fraction), tp * pp
     kv_dtype = kv_cache_dtype or default_kv_dtype(entry, precision, gpu)
-    kv = kv_bytes(entry, context, kv_dtype, tp) * concurrency
+    kv = kv_bytes(entry, context, kv_dtype, tp, engine=engine) * concurrency
     used = weight_bytes(entry, precision)[0] + n * runtime_bytes(entry.architecture, limits, tp, pp)
     if limits.fraction_of_free:
         return used + kv / limits.memory_fraction

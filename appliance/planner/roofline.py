@@ -1,9 +1,21 @@
-"""Throughput: what a TP x PP group serves, predicted from the GPU's peak figures.
+"""Throughput: what one replica serves, predicted from the GPU's peak figures.
 
-Throughput is a roofline: prefill is compute-bound; a decode step runs the GEMMs (reading the
-weights once, every expert the batch touches) and attention (reading every running
-sequence's KV cache once), each taking the longer of its memory and compute time. The two
-efficiency factors are fitted to TensorRT-LLM's published results (tests/test_planner.py).
+A roofline per step of continuous batching, each kernel group taking the longer of its
+memory and its compute time, summed because they run one after another:
+
+    dense GEMMs    attention projections, shared experts, dense FFN layers, lm_head: weights
+                   read once per step (a whole copy per GPU under attention data
+                   parallelism), 2 FLOPs per parameter per token
+    expert GEMMs   only the routed experts some token of the step is sent to:
+                   E x (1 - (1 - k/E)^B) of each layer's E experts for B tokens, uniform
+                   routing; 2 FLOPs per active expert parameter per token
+    attention      every running sequence's KV cache read once (windows respected)
+    communication  two all-reduces per layer (TP), two all-to-alls per MoE layer (EP with
+                   attention data parallelism), a network hop per pipeline stage
+
+Prefill is compute-bound. Four efficiency factors (`Efficiency`) are fitted to published
+TensorRT-LLM results and checked on results not used to fit them
+(appliance/planner/validation.py, docs/planning.md "Accuracy").
 """
 
 from __future__ import annotations
@@ -12,16 +24,29 @@ from dataclasses import dataclass
 
 from appliance.catalog import Architecture, ModelEntry
 from appliance.gpus import GpuSpec
+from appliance.planner.layout import Layout
 from appliance.planner.memory import _CHECKPOINT_BYTES, GB, Params, kv_bytes, weight_bytes
 
-# Fraction of peak that serving reaches, fitted to the six TensorRT-LLM perf-overview results
-# in tests/test_planner.py (FP8, max throughput, H100/H200): Tensor Core FLOPS, HBM bandwidth.
-_EFF_COMPUTE = 0.5
-_EFF_BANDWIDTH = 0.8
-# Per all-reduce latency (NCCL on NVLink, small messages) and across nodes (InfiniBand).
-_ALLREDUCE_S = 10e-6
+# Per collective latency (NCCL on NVLink, small messages) and across nodes (InfiniBand).
+_COLLECTIVE_S = 10e-6
 _NETWORK_S = 30e-6
 _NETWORK_GBS = 50.0  # 400 Gb/s NIC per GPU
+_ACTIVATION_BYTES = 2  # hidden states travel in 16 bits
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the datasheet peaks that serving reaches."""
+
+    compute: float  # of dense Tensor Core FLOPS, for GEMMs and attention
+    bandwidth: float  # of HBM bandwidth, for weight reads (GEMMs)
+    attention: float  # of HBM bandwidth, for KV-cache reads (paged attention kernels)
+    experts: float  # grouped expert GEMMs relative to dense GEMMs (both rooflines)
+
+
+# Fitted by `python -m appliance.planner.validation --fit` on the rows marked fit=True in
+# appliance/planner/validation.py; tests/test_planner.py checks a refit reproduces them.
+FITTED = Efficiency(compute=0.521, bandwidth=0.508, attention=0.765, experts=0.534)
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,8 @@ class Throughput:
     batch: int  # concurrent sequences the prediction assumes
     prefill_tok_s: float  # input tokens/s of the whole group, compute-bound
     output_tok_s: float  # output tokens/s of the whole group, prefill included
-    per_user_tok_s: float  # one sequence's decode speed at that batch
+    per_user_tok_s: float  # one request's output tokens/s while it decodes: output / batch
+    ttft_s: float  # its prompt's prefill plus one decode step of the batch (no queueing)
 
 
 def _attention_flops(arch: Architecture, tokens: int, context: int) -> float:
@@ -79,43 +105,63 @@ def predict(
     pp: int,
     batch: int,
     workload: Workload,
+    *,
+    layout: Layout | None = None,
+    efficiency: Efficiency = FITTED,
 ) -> Throughput:
-    """Steady-state throughput of one TP x PP group running `batch` sequences of `workload`."""
-    arch, p = entry.architecture, Params.of(entry.architecture)
+    """Steady-state throughput of one replica running `batch` sequences of `workload`.
+
+    `layout` says how the tp x pp GPUs split the layers (default: plain TP x PP).
+    """
+    arch, p, eff = entry.architecture, Params.of(entry.architecture), efficiency
+    layout = layout or Layout(tp, pp)
     n, inp, out = tp * pp, workload.input_tokens, workload.output_tokens
-    flops_rate = gpu.compute_tflops(precision) * 1e12 * n * _EFF_COMPUTE
-    byte_rate = gpu.bandwidth_tbs * 1e12 * n * _EFF_BANDWIDTH
+    flops_rate = gpu.compute_tflops(precision) * 1e12 * n * eff.compute
+    byte_rate = gpu.bandwidth_tbs * 1e12 * n * eff.bandwidth
     link = (gpu.link_gbs if tp <= gpu.nvlink_domain else gpu.pcie_gbs) * GB
 
-    def comm(tokens: int) -> float:  # two all-reduces per layer (TP), a hop per stage (PP)
+    # Parameters by role: routed experts (k of E per token) and everything else multiplied.
+    e, k = arch.num_experts or 1, arch.experts_per_token or 1
+    routed = p.experts * k / e  # routed expert parameters one token passes through
+    dense = p.active - routed - p.lookup_only
+    weights, expert_bytes = weight_bytes(entry, precision)
+    dense_bytes = weights - expert_bytes - p.lookup_only * _CHECKPOINT_BYTES[arch.dtype]
+    copies = tp if layout.attention_dp else 1  # GPUs that each read the dense weights whole
+
+    def comm(tokens: float) -> float:
         t = 0.0
-        if tp > 1:
-            volume = tokens * arch.hidden_size * 2 * 2 * (tp - 1) / tp
-            t += 2 * arch.num_layers * (_ALLREDUCE_S + volume / link)
+        if tp > 1 and layout.attention_dp:  # dispatch and combine per MoE layer
+            volume = tokens / tp * k * arch.hidden_size * _ACTIVATION_BYTES * (tp - 1) / tp
+            t += 2 * arch.routed_layers * (_COLLECTIVE_S + volume / link)
+        elif tp > 1:  # after attention and after the FFN (EP's gather/scatter: the same)
+            volume = tokens * arch.hidden_size * _ACTIVATION_BYTES * 2 * (tp - 1) / tp
+            t += 2 * arch.num_layers * (_COLLECTIVE_S + volume / link)
         if pp > 1:
-            t += (pp - 1) * (_NETWORK_S + tokens * arch.hidden_size * 2 / (_NETWORK_GBS * GB))
+            hop = tokens * arch.hidden_size * _ACTIVATION_BYTES / (_NETWORK_GBS * GB)
+            t += (pp - 1) * (_NETWORK_S + hop)
         return t
 
-    # Prefill: every input token through the multiplied weights; lm_head for the last only.
-    matmul = p.active - p.lookup_only
-    prefill_flops = 2 * ((matmul - p.table) * inp + p.table) + _attention_flops(arch, inp, inp)
-    t_prefill = prefill_flops / flops_rate + comm(inp)
+    # Prefill of one request: every input token through the multiplied weights.
+    prefill_flops = 2 * (dense - p.table) * inp + 2 * p.table + _attention_flops(arch, inp, inp)
+    expert_flops = 2 * routed * inp
+    t_prefill = (prefill_flops + expert_flops / eff.experts) / flops_rate + comm(inp)
 
-    # Decode step: weights once (only the experts some sequence routes to), every KV cache once.
-    weights, experts = weight_bytes(entry, precision)
-    weights -= p.lookup_only * _CHECKPOINT_BYTES[arch.dtype]
-    if arch.num_experts and arch.experts_per_token:
-        e, k = arch.num_experts, arch.experts_per_token
+    # One decode step of `batch` sequences.
+    t_dense = max(dense_bytes * copies / byte_rate, batch * 2 * dense / flops_rate)
+    t_experts = 0.0
+    if arch.is_moe:
         touched = 1 - (1 - k / e) ** batch
-        weights -= experts * (1 - touched)
+        t_experts = max(expert_bytes * touched / byte_rate, batch * 2 * routed / flops_rate)
+        t_experts /= eff.experts
     mean_context = inp + out // 2
-    kv_read = batch * kv_bytes(entry, mean_context, kv_dtype, tp)
-    # GEMMs and attention are separate kernels, each with its own roofline.
-    t_gemm = max(weights / byte_rate, batch * 2 * matmul / flops_rate)
+    kv_read = batch * kv_bytes(entry, mean_context, kv_dtype, tp, attention_dp=layout.attention_dp)
     t_attention = max(
-        kv_read / byte_rate, batch * _attention_flops(arch, 1, mean_context) / flops_rate
+        kv_read / byte_rate * eff.bandwidth / eff.attention,
+        batch * _attention_flops(arch, 1, mean_context) / flops_rate,
     )
-    t_step = t_gemm + t_attention + comm(batch)
+    t_step = t_dense + t_experts + t_attention + comm(batch)
 
     output = batch / (t_step + batch / out * t_prefill)
-    return Throughput(batch, inp / t_prefill, output, 1 / t_step)
+    # Under attention data parallelism one GPU of the tp prefills a prompt.
+    ttft = t_prefill * copies + t_step
+    return Throughput(batch, inp / t_prefill, output, output / batch, ttft)
