@@ -331,7 +331,6 @@ class Gateway:
             await _send_error(send, err, request_id)
             return
         self.in_flight += 1
-        self.metrics.started()
         client = scope.get("client")
         row = UsageRow(request_id, path, client=client[0] if client else None)
         try:
@@ -351,7 +350,6 @@ class Gateway:
             await _send_error(send, failure, request_id)
         finally:
             self.in_flight -= 1
-            self.metrics.finished()
             self._emit(row)
 
     def _emit(self, row: UsageRow, err: GatewayError | None = None) -> None:
@@ -942,13 +940,21 @@ def create_app(
             heartbeat()
             await asyncio.sleep(1.0)
 
+    async def sample() -> None:
+        # A gauge set once a second costs the request path nothing.
+        while True:
+            gateway.metrics.set_in_flight(gateway.in_flight)
+            await asyncio.sleep(1.0)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.startup()
         beating = asyncio.ensure_future(beat()) if heartbeat is not None else None
+        sampling = asyncio.ensure_future(sample())
         try:
             yield
         finally:
+            sampling.cancel()
             if beating is not None:
                 beating.cancel()
             await gateway.shutdown()

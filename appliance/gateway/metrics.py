@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,8 +210,8 @@ class GatewayMetrics:
             ("model", "replica"),
             registry=own,
         )
-        # Requests this worker is handling; the sum over live workers (a dead worker's
-        # figure goes with it).
+        # Requests this worker is handling, set once a second (not twice a request); the
+        # sum over live workers (a dead worker's figure goes with it).
         self.in_flight = Gauge(
             "appliance_gateway_in_flight",
             "Requests the gateway is handling now (all workers).",
@@ -219,6 +220,7 @@ class GatewayMetrics:
         )
         # The hot path keeps label children in hand: `labels()` costs a lock and a tuple.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._answered: dict[tuple[str, str, str], _Answered] = {}
         if multiprocess_dir is None:
             own.register(_ReplicaGauges(table))
 
@@ -234,11 +236,24 @@ class GatewayMetrics:
 
     # The request path.
 
-    def started(self) -> None:
-        self.in_flight.inc()
+    def set_in_flight(self, requests: int) -> None:
+        self.in_flight.set(requests)
 
-    def finished(self) -> None:
-        self.in_flight.dec()
+    def _answered_children(self, model: str, key: str, upstream: str) -> _Answered:
+        found = self._answered.get((model, key, upstream))
+        if found is None:
+            found = self._answered[(model, key, upstream)] = _Answered(
+                self.requests.labels(model, key, "200", upstream),
+                self.duration.labels(model, upstream),
+                self.ttft.labels(model, upstream),
+                self.tpot.labels(model, upstream),
+                self.prompt_tokens.labels(model, key),
+                self.completion_tokens.labels(model, key),
+                # Made at once, so the series exists (at 0) for a model without a price.
+                self.spend.labels(model, key),
+                self.prices.get(model),
+            )
+        return found
 
     def record(self, row: UsageRow, err: GatewayError | None, now: float) -> None:
         """One finished request, from its complete ledger row; `now` is its end, a
@@ -246,6 +261,22 @@ class GatewayMetrics:
         model = self.model_label(row.model)
         key = row.key or NONE
         upstream = upstream_of(row)
+        if row.status == 200:  # the common case: its children in one lookup
+            c = self._answered_children(model, key, upstream)
+            c.requests.inc()
+            c.duration.observe(now - row.ts)
+            prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
+            if row.ttft_ms is not None:
+                ttft = row.ttft_ms / 1000
+                c.ttft.observe(ttft)
+                # A whole answer arrives at once: it has no time per token of its own.
+                if row.stream and completion >= 2:
+                    c.tpot.observe(max(0.0, (now - row.ts - ttft) / (completion - 1)))
+            c.prompt_tokens.inc(prompt)
+            c.completion_tokens.inc(completion)
+            if c.price is not None:
+                c.spend.inc(c.price.cost(prompt, completion))
+            return
         child = self._child
         child(self.requests, model, key, str(row.status), upstream).inc()
         if row.error == "engine_error" and row.replica:
@@ -254,21 +285,6 @@ class GatewayMetrics:
             reason = rejection_reason(err)
             if reason is not None:
                 child(self.rejections, model, reason).inc()
-        if row.status != 200:
-            return
-        child(self.duration, model, upstream).observe(now - row.ts)
-        prompt, completion = row.prompt_tokens or 0, row.completion_tokens or 0
-        if row.ttft_ms is not None:
-            ttft = row.ttft_ms / 1000
-            child(self.ttft, model, upstream).observe(ttft)
-            # A whole answer arrives at once: it has no time per token of its own.
-            if row.stream and completion >= 2:
-                tpot = (now - row.ts - ttft) / (completion - 1)
-                child(self.tpot, model, upstream).observe(max(0.0, tpot))
-        child(self.prompt_tokens, model, key).inc(prompt)
-        child(self.completion_tokens, model, key).inc(completion)
-        price = self.prices.get(row.model or "")
-        child(self.spend, model, key).inc(price.cost(prompt, completion) if price else 0.0)
 
     def refused(self, reason: str, model: str | None = None) -> None:
         """A refusal that has no ledger row (the connection caps, the in-flight cap)."""
@@ -295,6 +311,20 @@ class GatewayMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry())
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """The children an answered request counts in, for one (model, key, upstream)."""
+
+    requests: Any
+    duration: Any
+    ttft: Any
+    tpot: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+    spend: Any
+    price: ModelPrice | None
 
 
 class _ReplicaGauges:
