@@ -303,7 +303,9 @@ class GatewayMetrics:
         if self.multiprocess_dir is None:
             return self._own
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(self.multiprocess_dir))
+        registry.register(
+            _Ours(multiprocess.MultiProcessCollector(None, str(self.multiprocess_dir)))
+        )
         registry.register(_ReplicaGauges(self.table))
         return registry
 
@@ -311,6 +313,17 @@ class GatewayMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry())
+
+
+class _Ours:
+    """Only the appliance's metrics from the shared directory: a library in the process
+    (Ray's driver) that makes prometheus-client metrics of its own must not add to ours."""
+
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterable[Metric]:
+        return [m for m in self.collector.collect() if m.name.startswith("appliance_")]
 
 
 @dataclass(frozen=True)
