@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.cli.top import quantile
 from appliance.config import ModelPrice
 from appliance.control.runtime import write_status
 from appliance.gateway.errors import GatewayError
@@ -406,6 +408,23 @@ def test_a_dead_worker_takes_no_counts_with_it(gw: Setup) -> None:
     assert after >= total  # its counters stay in the sum: no counter went back
     files = {p.name for p in (gw.home / "run" / "gateway-metrics").glob("gauge_livesum_*")}
     assert f"gauge_livesum_{victim}.db" not in files  # its live gauge went with it
+
+
+def test_top_reads_percentiles_as_promql_does() -> None:
+    # 10 observations: 4 up to 0.1 s, 5 more up to 0.5 s, 1 beyond the last bound.
+    buckets = {0.1: 4.0, 0.5: 9.0, 60.0: 9.0, math.inf: 10.0}
+    assert quantile(0.5, buckets) == pytest.approx(0.1 + 0.4 * (1 / 5))
+    assert quantile(0.2, buckets) == pytest.approx(0.05)
+    assert quantile(0.99, buckets) == 60.0  # beyond the last finite bucket: its bound
+    assert quantile(0.5, {0.1: 0.0, math.inf: 0.0}) is None
+
+
+def test_top_without_an_appliance_says_how_to_start_one(
+    appliance_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown = Cli(capsys)("top", "--once")
+    assert shown.code == 1
+    assert "no appliance running" in shown.text and "appliance up" in shown.text
 
 
 def test_every_error_code_the_gateway_answers_with_is_placed() -> None:

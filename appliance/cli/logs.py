@@ -265,7 +265,8 @@ def logs(
     config = config_of(ctx)
     log_dir = config.log_dir
     if component is None:
-        there = sorted(log_dir.glob("*.log*")) if log_dir.is_dir() else []
+        there = sorted(p for p in log_dir.glob("*.log*") if not p.name.startswith("."))
+        there = there if log_dir.is_dir() else []
         if not there:
             raise ApplianceError(
                 f"there are no logs in {log_dir} yet",
