@@ -30,10 +30,11 @@ from appliance.errors import ApplianceError
 
 WINDOW_S = 30.0
 NONE = "-"
-# running and waiting: the engines' own counts, as their replicas last reported them.
+# Headers on two lines where that keeps a frame within 80 columns. running and waiting
+# are the engines' own counts, as their replicas last reported them.
 COLUMNS = (
-    "model", "health", "replicas", "running", "waiting", "req/s", "tok/s",
-    "TTFT p50", "TTFT p95", "requests", "5xx",
+    "model", "health", "replicas\nup", "engine\nrunning", "engine\nwaiting", "req/s",
+    "tok/s", "TTFT\np50", "TTFT\np95", "requests", "5xx",
 )  # fmt: skip
 WIDTH = 112  # a frame printed with --once (no terminal to fit): wide enough for every column
 
@@ -119,7 +120,7 @@ def _delta(new: ModelFigures, old: ModelFigures | None) -> ModelFigures:
 
 
 def _ms(seconds: float | None) -> str:
-    return NONE if seconds is None else f"{seconds * 1000:.0f} ms"
+    return NONE if seconds is None else f"{seconds * 1000:.0f}ms"
 
 
 def frame(samples: deque[Sample], status: dict[str, Any] | None) -> Group:
@@ -127,7 +128,7 @@ def frame(samples: deque[Sample], status: dict[str, Any] | None) -> Group:
     first, last = samples[0], samples[-1]
     span = last.at - first.at
     served = status.get("models", {}) if status else {}
-    table = Table(box=None, pad_edge=False, header_style="bold")
+    table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
     for name in COLUMNS:
         table.add_column(
             name, justify="left" if name in ("model", "health") else "right", no_wrap=True
