@@ -24,6 +24,7 @@ request refused before one was chosen.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from appliance.gateway.errors import GatewayError
     from appliance.gateway.replicas import ReplicaTable
     from appliance.ledger import UsageRow
+
+log = logging.getLogger("appliance.gateway")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # From 5 ms (a cached, tiny answer) to a minute (a long generation), for all three.
@@ -119,6 +122,33 @@ def prepare_multiprocess_dir(path: Path) -> None:
     values.ValueClass = values.get_value_class()
 
 
+# The files prometheus-client makes for this process's values, with the size it gives them.
+_FILES = ("counter", "histogram", "gauge_livesum")
+_FILE_BYTES = 1 << 20
+
+
+def _preallocate(directory: Path) -> None:
+    """Give this process's value files their blocks now. prometheus-client makes them
+    sparse and writes through mmap: on a full disk, touching a page without a block is
+    SIGBUS, which would kill the worker mid-request (shared.py preallocates for the same
+    reason). A zero-filled file is what the library expects of a new one. The first MiB
+    holds thousands of series; growth beyond it is the library's, sparse again."""
+    for kind in _FILES:
+        path = directory / f"{kind}_{os.getpid()}.db"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("metrics: cannot create %s: %r", path, exc)
+            continue
+        try:
+            if os.fstat(fd).st_size == 0:
+                os.posix_fallocate(fd, 0, _FILE_BYTES)
+        except OSError as exc:  # a full disk now: the values are counted all the same
+            log.warning("metrics: cannot preallocate %s: %r", path, exc)
+        finally:
+            os.close(fd)
+
+
 def mark_dead(pid: int) -> None:
     """A worker exited: drop its live gauges from the sum (its counters stay)."""
     path = os.environ.get(MULTIPROC_ENV)
@@ -144,6 +174,8 @@ class GatewayMetrics:
         if multiprocess_dir is None and os.environ.get(MULTIPROC_ENV):
             multiprocess_dir = Path(os.environ[MULTIPROC_ENV])
         self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            _preallocate(multiprocess_dir)
         # In multiprocess mode the values live in files; this registry only names them.
         # A registry of our own, not the library's global one: several apps in one test
         # process must not collide.
