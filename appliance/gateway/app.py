@@ -353,27 +353,27 @@ class Gateway:
             self._emit(row)
 
     def _emit(self, row: UsageRow, err: GatewayError | None = None) -> None:
-        """The request's row is complete (once): count it in the metrics, write its
-        access log line, its ledger row, and an audit record if it was refused."""
+        """The request's row is complete (once): write its ledger row (first: it is the
+        record that must survive), an audit record if it was refused, then count it in
+        the metrics and write its access log line."""
         if row.duration_ms is not None:
             return
         now = time.time()
         row.duration_ms = round((now - row.ts) * 1000, 3)
+        if self.spool is not None:
+            self.spool.write(row.to_json())
+            if err is not None and (400 <= err.status < 500 or err.code in _REFUSALS):
+                detail = {"status": err.status, "code": err.code, "path": row.path}
+                if row.model:
+                    detail["model"] = row.model
+                self.spool.write(
+                    refusal_line(
+                        row.key or "anonymous", "request refused", row.model, detail, row.client
+                    )
+                )
         self.metrics.record(row, err, now)
         if self.access is not None:
             self.access.write(row, upstream_of(row))
-        if self.spool is None:
-            return
-        self.spool.write(row.to_json())
-        if err is not None and (400 <= err.status < 500 or err.code in _REFUSALS):
-            detail = {"status": err.status, "code": err.code, "path": row.path}
-            if row.model:
-                detail["model"] = row.model
-            self.spool.write(
-                refusal_line(
-                    row.key or "anonymous", "request refused", row.model, detail, row.client
-                )
-            )
 
     async def _handle(
         self,
