@@ -339,6 +339,12 @@ class ModelPrice(Section):
         0.0, ge=0, description="Price of a million completion tokens."
     )
 
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What one answer cost (`appliance usage` and the gateway's spend metric)."""
+        return (
+            prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
+        ) / 1e6
+
 
 class GovernanceConfig(Section):
     usage_retention_days: int = Field(

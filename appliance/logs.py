@@ -13,6 +13,7 @@ directory 0750: logs can carry prompts in tracebacks and must not be world-reada
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -92,6 +93,55 @@ class RotatingFile:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+class SharedRotatingFile(RotatingFile):
+    """A `RotatingFile` that several processes append to (the gateway's workers write
+    one access log). Each write is one write(2) with O_APPEND, so lines never interleave.
+    The size that counts is the file's own (fstat), not this process's share of it; the
+    process that finds it full rotates under an flock, and the others, whose descriptor
+    then names the rotated file (which is full), notice and reopen the new one. A line
+    written in that moment lands at the end of the file just rotated."""
+
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
+        super().__init__(path, max_bytes, backups)
+        self._lock_path = path.with_name(f".{path.name}.lock")
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                fd = self._open()
+                size = os.fstat(fd).st_size
+                if size and size + len(data) > self.max_bytes:
+                    fd = self._rotate_shared(fd)
+                if self.lost:
+                    note = f"[appliance: {self.lost} bytes of log were lost: could not write]\n"
+                    os.write(fd, note.encode())
+                    self.lost = 0
+                os.write(fd, data)
+            except OSError:
+                self.lost += len(data)
+                self.close()
+
+    def _rotate_shared(self, fd: int) -> int:
+        lock = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_ino, current.st_dev) == (
+                mine.st_ino,
+                mine.st_dev,
+            ):
+                self._rotate()  # still the live file, and full: rotate it
+            else:
+                self.close()  # another process rotated it: write to the new one
+            return self._open()
+        finally:
+            os.close(lock)  # releases the flock
 
 
 def pump(read_fd: int, sink: RotatingFile, name: str = "log-pump") -> threading.Thread:

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from appliance import __version__
-from appliance.cli import cost, governance, install, keys, lifecycle, models, plan
+from appliance.cli import cost, governance, install, keys, lifecycle, logs, models, plan, top
 from appliance.cli.common import console, err_console
 from appliance.errors import ApplianceError
 
@@ -66,6 +66,8 @@ app.command("bundle")(install.bundle)
 app.add_typer(models.app, name="model")
 app.add_typer(keys.app, name="key")
 app.command("usage")(governance.usage)
+app.command("logs")(logs.logs)
+app.command("top")(top.top)
 app.add_typer(governance.audit_app, name="audit")
 
 

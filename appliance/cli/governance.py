@@ -103,9 +103,7 @@ def usage(
             g["ttft_ms"].append(row["ttft_ms"])
         price = prices.get(row["model"] or "")
         if price is not None:
-            g["token_cost"] += (
-                prompt * price.input_per_million + completion * price.output_per_million
-            ) / 1e6
+            g["token_cost"] += price.cost(prompt, completion)
         total = tokens_by_model.get(row["model"] or "", 0)
         if gpu_price is not None and total:
             share = (prompt + completion) / total

@@ -28,10 +28,12 @@ from appliance.config import ApplianceConfig, GatewayConfig, load_config
 from appliance.control.runtime import die_with_parent_now
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV, WORKER_ENV
+from appliance.gateway.access import AccessLog
 from appliance.gateway.app import GatewaySettings, create_app
 from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook
 from appliance.gateway.limits import SharedLimits
+from appliance.gateway.metrics import GatewayMetrics, mark_dead, prepare_multiprocess_dir
 from appliance.gateway.replicas import (
     RayRegistrySource,
     ReplicaTable,
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             "unencrypted; set gateway.tls_cert and tls_key",
             *bound_address(sock),
         )
+    # Before any worker counts anything: every worker's metrics go to files there.
+    prepare_multiprocess_dir(config.run_dir / "gateway-metrics")
     if workers == 1:
         sys.exit(_serve(args, config, gc, sock, 0))
     sys.exit(Workers(args, config, gc, sock, workers).run())
@@ -154,6 +158,7 @@ def _serve(
     )
     quota = SharedLimits(config.run_dir / "gateway-limits", worker)
     spool = Spool(config.home_dir / "ledger", f"gateway-{worker}")
+    metrics = GatewayMetrics(table, config.governance.prices)
     mover = Mover(spool, state)
     mover.start()
 
@@ -170,12 +175,14 @@ def _serve(
         quota=quota,
         spool=spool,
         heartbeat=counts.table.beat,
+        metrics=metrics,
+        access=AccessLog(config.log_dir / "access.log"),
     )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             loop="uvloop",
-            http=guarded_protocol(gc.limits, gc.retry_after_s, counts, workers),
+            http=guarded_protocol(gc.limits, gc.retry_after_s, counts, workers, metrics.refused),
             access_log=False,
             server_header=False,
             log_level="warning",
@@ -250,6 +257,7 @@ class Workers:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     del self.pids[index]
+                    mark_dead(pid)
                     code = os.waitstatus_to_exitcode(status)
                     if self.stopping:
                         continue

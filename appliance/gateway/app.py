@@ -43,10 +43,12 @@ from starlette.routing import Route
 
 from appliance.config import GatewayLimits
 from appliance.gateway import validate
+from appliance.gateway.access import AccessLog
 from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook, ModelInfo
 from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
 from appliance.gateway.limits import SharedLimits, limited
+from appliance.gateway.metrics import GatewayMetrics, upstream_of
 from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
@@ -62,6 +64,7 @@ Send = Callable[[Message], Awaitable[None]]
 Check = Callable[[dict[str, Any], validate.Caps, frozenset[str]], validate.Checked]
 
 SSE_DONE = b"data: [DONE]\n\n"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # A client's own request id is echoed only when it is this tame (it goes into headers/logs).
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # Prompts shorter than this (characters of text) are counted on the event loop: a thread
@@ -124,10 +127,13 @@ def _engine_error_body(status: int, raw: bytes) -> GatewayError:
             type=str(err.get("type") or "invalid_request_error"),
             param=param if isinstance(param, str) else None,
             code=code if isinstance(code, str) else None,
+            engine=True,
         )
     detail = body.get("detail") if isinstance(body, dict) else None
     message = str(detail) if detail else "The engine rejected the request."
-    return GatewayError(status if 400 <= status < 500 else 502, message, code="engine_rejected")
+    return GatewayError(
+        status if 400 <= status < 500 else 502, message, code="engine_rejected", engine=True
+    )
 
 
 def _engine_unreachable() -> GatewayError:
@@ -165,10 +171,14 @@ class Gateway:
         book: DeploymentBook | None = None,
         quota: SharedLimits | None = None,
         spool: Spool | None = None,
+        metrics: GatewayMetrics | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.table = table
         self.quota = quota
         self.spool = spool
+        self.metrics = metrics or GatewayMetrics(table)
+        self.access = access
         self.keys = keys
         self.settings = settings
         self.limits = settings.limits
@@ -207,6 +217,8 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
         self._counting.shutdown(wait=False, cancel_futures=True)
+        if self.access is not None:
+            self.access.close()
 
     # Plain endpoints.
 
@@ -254,6 +266,27 @@ class Gateway:
             headers={"x-request-id": request_id},
         )
 
+    async def prometheus(self, request: Request) -> Response:
+        """GET /metrics, for admin keys only: one port, one exposure policy (see
+        docs/observability.md). Prometheus sends the key (`authorization`)."""
+        request_id = uuid.uuid4().hex
+        try:
+            key = await self.keys.check(request.headers.get("authorization"))
+            if key is not None and key.policy.scope != "admin":
+                raise GatewayError(
+                    403,
+                    f"The API key '{key.name}' is a user key; /metrics needs an admin key. "
+                    "Create one with `appliance key create NAME --admin` and give it to "
+                    "Prometheus (authorization.credentials_file).",
+                    type="permission_error",
+                    code="admin_key_required",
+                )
+        except GatewayError as err:
+            return error_response(err, request_id)
+        # Reading every worker's files is file I/O: off the event loop.
+        body = await asyncio.to_thread(self.metrics.render)
+        return Response(body, media_type=PROMETHEUS_TEXT)
+
     def _not_found(self, model: str) -> GatewayError:
         return GatewayError(
             404,
@@ -294,6 +327,7 @@ class Gateway:
             err = self._busy(
                 f"The gateway is handling its maximum of {self.limits.max_in_flight} requests"
             )
+            self.metrics.refused("overloaded")
             await _send_error(send, err, request_id)
             return
         self.in_flight += 1
@@ -303,6 +337,7 @@ class Gateway:
             await self._handle(headers, receive, send, path, check, row)
         except _ClientGone:
             row.status, row.error = 499, "client_closed_request"
+            log.info("request %s: the client went away before the answer was complete", request_id)
         except GatewayError as err:
             row.status, row.error = err.status, err.code
             self._emit(row, err)  # before the answer: see ledger.py
@@ -318,20 +353,27 @@ class Gateway:
             self._emit(row)
 
     def _emit(self, row: UsageRow, err: GatewayError | None = None) -> None:
-        """Write the request's ledger row (once), and an audit record if it was refused."""
-        if self.spool is None or row.duration_ms is not None:
+        """The request's row is complete (once): write its ledger row (first: it is the
+        record that must survive), an audit record if it was refused, then count it in
+        the metrics and write its access log line."""
+        if row.duration_ms is not None:
             return
-        row.duration_ms = round((time.time() - row.ts) * 1000, 3)
-        self.spool.write(row.to_json())
-        if err is not None and (400 <= err.status < 500 or err.code in _REFUSALS):
-            detail = {"status": err.status, "code": err.code, "path": row.path}
-            if row.model:
-                detail["model"] = row.model
-            self.spool.write(
-                refusal_line(
-                    row.key or "anonymous", "request refused", row.model, detail, row.client
+        now = time.time()
+        row.duration_ms = round((now - row.ts) * 1000, 3)
+        if self.spool is not None:
+            self.spool.write(row.to_json())
+            if err is not None and (400 <= err.status < 500 or err.code in _REFUSALS):
+                detail = {"status": err.status, "code": err.code, "path": row.path}
+                if row.model:
+                    detail["model"] = row.model
+                self.spool.write(
+                    refusal_line(
+                        row.key or "anonymous", "request refused", row.model, detail, row.client
+                    )
                 )
-            )
+        self.metrics.record(row, err, now)
+        if self.access is not None:
+            self.access.write(row, upstream_of(row))
 
     async def _handle(
         self,
@@ -599,6 +641,7 @@ class Gateway:
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                     # Nothing reached the engine: safe to try another replica.
                     self.table.mark_failed(replica)
+                    self.metrics.engine_failed(model, replica.replica_id)
                     tried.add(replica.replica_id)
                     log.warning("replica %s of %s refused a connection", replica.replica_id, model)
                 except (TimeoutError, aiohttp.ClientError):
@@ -680,14 +723,13 @@ class Gateway:
         )
         tap = StreamTap(rewriter, exchange.hide_usage)
         tail = b""
-        started = time.monotonic()
         try:
             async for piece in upstream.content.iter_any():
                 chunk = tap.feed(piece)
                 if not chunk:
                     continue
-                if exchange.row.ttft_ms is None:
-                    exchange.row.ttft_ms = round((time.monotonic() - started) * 1000, 3)
+                if exchange.row.ttft_ms is None:  # from the request's arrival
+                    exchange.row.ttft_ms = round((time.time() - exchange.row.ts) * 1000, 3)
                 tail = chunk
                 if exchange.keep_days and len(exchange.kept) < KEPT_CHUNKS_MAX:
                     exchange.kept.append(chunk)
@@ -724,6 +766,8 @@ class Gateway:
         exchange.answered = True
         row = exchange.row
         row.status = status
+        if row.ttft_ms is None and status == 200:  # a whole answer: its first token is all
+            row.ttft_ms = round((time.time() - row.ts) * 1000, 3)
         if usage:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             row.prompt_tokens = prompt if isinstance(prompt, int) else row.prompt_tokens
@@ -875,9 +919,18 @@ def create_app(
     quota: SharedLimits | None = None,
     spool: Spool | None = None,
     heartbeat: Callable[[], None] | None = None,
+    metrics: GatewayMetrics | None = None,
+    access: AccessLog | None = None,
 ) -> GatewayApp:
     gateway = Gateway(
-        table, keys or KeyChecker(None), settings or GatewaySettings(), book, quota, spool
+        table,
+        keys or KeyChecker(None),
+        settings or GatewaySettings(),
+        book,
+        quota,
+        spool,
+        metrics,
+        access,
     )
 
     async def beat() -> None:
@@ -887,13 +940,21 @@ def create_app(
             heartbeat()
             await asyncio.sleep(1.0)
 
+    async def sample() -> None:
+        # A gauge set once a second costs the request path nothing.
+        while True:
+            gateway.metrics.set_in_flight(gateway.in_flight)
+            await asyncio.sleep(1.0)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.startup()
         beating = asyncio.ensure_future(beat()) if heartbeat is not None else None
+        sampling = asyncio.ensure_future(sample())
         try:
             yield
         finally:
+            sampling.cancel()
             if beating is not None:
                 beating.cancel()
             await gateway.shutdown()
@@ -917,6 +978,7 @@ def create_app(
     routes = [
         Route("/healthz", gateway.healthz),
         Route("/readyz", gateway.readyz),
+        Route("/metrics", gateway.prometheus),
         Route("/v1/models", gateway.models),
         Route("/v1/models/{model:path}", gateway.model),
     ]

@@ -24,6 +24,7 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        engine: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -32,6 +33,8 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # The engine's own refusal, passed on: not the gateway's (metrics tell them apart).
+        self.engine = engine
 
     def body(self) -> dict[str, Any]:
         return {

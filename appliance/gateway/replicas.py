@@ -190,6 +190,10 @@ class ReplicaTable:
     def knows(self, model: str) -> bool:
         return model in self._by_model
 
+    def replicas(self, model: str) -> tuple[Replica, ...]:
+        """Every replica of the model in the snapshot, failed or not."""
+        return self._by_model.get(model, ())
+
     def healthy(self, model: str) -> list[Replica]:
         now = time.monotonic()
         return [

@@ -24,6 +24,7 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -72,7 +73,11 @@ _ALL = "\0connections"
 
 
 def guarded_protocol(
-    limits: GatewayLimits, retry_after_s: int, counter: Counter | None = None, workers: int = 1
+    limits: GatewayLimits,
+    retry_after_s: int,
+    counter: Counter | None = None,
+    workers: int = 1,
+    refused: Callable[[str], None] | None = None,
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with the guards above, for one server's limits.
 
@@ -82,6 +87,8 @@ def guarded_protocol(
     shared memory would let a scan of addresses fill the table."""
     counts = counter or LocalCounts()
     local = LocalCounts()
+    # Each refusal here, by the reason the metrics give it (appliance_rejections_total).
+    count_refusal = refused or (lambda reason: None)
     per_client = -(-limits.max_connections_per_client // workers)  # ceiling
     busy = {"retry-after": str(retry_after_s)}
 
@@ -111,6 +118,7 @@ def guarded_protocol(
             self._arm(timeout)
 
         def _refuse(self, message: str) -> None:
+            count_refusal("too_many_connections")
             self._refusal = raw_error(
                 503, message, "too_many_connections", type="server_error", headers=busy
             )
@@ -129,6 +137,8 @@ def guarded_protocol(
             if self.transport.is_closing():
                 return
             if self._header_bytes or self._refusal:
+                if not self._refusal:
+                    count_refusal("request_timeout")
                 self.transport.write(
                     self._refusal
                     or raw_error(
@@ -158,6 +168,7 @@ def guarded_protocol(
             self._header_bytes += n
             if self._header_bytes > limits.max_header_bytes and not self.transport.is_closing():
                 self._disarm()
+                count_refusal("request_too_large")
                 self.transport.write(
                     raw_error(
                         431,
@@ -190,6 +201,7 @@ def guarded_protocol(
         def send_400_response(self, msg: str) -> None:
             # httptools rejected the bytes (not HTTP/1.1): still answer in the envelope.
             self._disarm()
+            count_refusal("invalid_request")
             self.transport.write(
                 raw_error(400, f"{msg} The gateway speaks HTTP/1.1.", "invalid_http")
             )
