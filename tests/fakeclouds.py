@@ -168,7 +168,13 @@ class FakeCloud:
         raw = await request.read()
         body = json.loads(raw) if raw else {}
         self.requests.append(
-            Seen(request.method, request.path, dict(request.query), dict(request.headers), body)
+            Seen(
+                request.method,
+                request.path,
+                dict(request.query),
+                {k.lower(): v for k, v in request.headers.items()},
+                body,
+            )
         )
         return body
 
