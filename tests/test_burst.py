@@ -833,3 +833,60 @@ def test_state_migrates_usage_rows_to_carry_upstream_and_cost(tmp_path: Path) ->
     assert state.cloud_spend(since=5.0) == (0.75, {"alice": 0.25, "bob": 0.5})
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_an_unknown_deployment_is_the_operators_problem_and_counts(
+    providers: dict[str, dict[str, Any]], cloud: FakeCloud
+) -> None:
+    providers["azure_openai"]["models"]["llama"]["model"] = "missing-deployment"
+    burst = Burst(_config(providers, "azure_openai"))
+
+    async def go() -> ProviderError:
+        await burst.start()
+        try:
+            with pytest.raises(ProviderError) as caught:
+                await burst.complete(validate.chat_request(_ask()), "alice", 10)
+            return caught.value
+        finally:
+            await burst.close()
+
+    err = asyncio.run(go())
+    assert err.status == 502 and err.code == "upstream_model_not_found" and err.counts
+
+
+@pytest.mark.parametrize("shim", [("anthropic", "openai")], indirect=True)
+def test_a_stream_failing_before_its_first_event_goes_to_the_next_provider(
+    shim: Shim, cloud: FakeCloud
+) -> None:
+    cloud.faults.append(Fault(kind="stream_error"))  # Anthropic: message_start, then error
+    shim.burst.latency["openai"].observe(9.0)  # so that anthropic is tried first
+    chunks = list(shim.client().chat.completions.create(**_ask(), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello from the cloud."
+    assert chunks[0].model == "gpt-x"
+    assert cloud.paths() == ["/v1/messages", "/v1/chat/completions"]
+    assert len(shim.burst.breakers["anthropic"].failures) == 1
+
+
+def test_a_stream_abandoned_before_it_is_read_closes_its_books(
+    providers: dict[str, dict[str, Any]], cloud: FakeCloud
+) -> None:
+    config = _config(providers, "openai")
+    now = [0.0]
+    burst = Burst(config, clock=lambda: now[0])
+    breaker = burst.breakers["openai"]
+    breaker.failure()
+    breaker.failure()  # open
+    now[0] = 31.0  # half-open: this stream is the probe
+
+    async def go() -> None:
+        await burst.start()
+        try:
+            answer = await burst.stream(validate.chat_request(_ask(stream=True)), "alice", 10)
+            assert breaker.probing and burst.spend.held > 0
+            await answer.aclose()  # the client left before a byte was relayed
+        finally:
+            await burst.close()
+
+    asyncio.run(go())
+    assert not breaker.probing and breaker.state == "half_open"
+    assert burst.spend.held == 0

@@ -78,19 +78,33 @@ class Answer:
 class StreamAnswer:
     """A streamed answer: iterate `events` for SSE bytes (ending in `data: [DONE]`).
     `usage` and `cost` are final once the iteration ends; `first_byte_s` is the time to
-    the provider's first event. The iterator raises `ProviderError` when the provider's
-    stream fails; `aclose()` cancels the upstream request."""
+    the provider's first token (the first event past the role chunk). The iterator
+    raises `ProviderError` when the provider's stream fails. `aclose()` ends it early
+    (the client left): the upstream request is cancelled and the books are closed,
+    whether or not iteration had begun."""
 
     route: Route
     events: AsyncIterator[bytes]
     usage: Usage = field(default_factory=Usage)
     cost: float = 0.0
     first_byte_s: float | None = None
+    # Run by aclose(), each at most once: iterators to close, then plain callbacks.
+    inner: list[AsyncIterator[bytes]] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     async def aclose(self) -> None:
-        aclose = getattr(self.events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        for events in (self.events, *self.inner):
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        closers, self.closers, self.inner = self.closers, [], []
+        for closer in closers:
+            closer()
+
+
+class Preamble(bytes):
+    """An event that carries no token yet (the role chunk): a stream that fails after it
+    has still told the client nothing, so another provider may take the request."""
 
 
 def completion_id() -> str:
@@ -148,7 +162,7 @@ class ChunkWriter:
         )
 
     def role(self) -> bytes:
-        return self.delta({"role": "assistant", "content": ""})
+        return Preamble(self.delta({"role": "assistant", "content": ""}))
 
     def finish(self, reason: str) -> bytes:
         return self.delta({}, reason)

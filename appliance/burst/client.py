@@ -21,7 +21,15 @@ import yarl
 from multidict import CIMultiDictProxy
 
 from appliance.burst import errors
-from appliance.burst.base import Answer, ChunkWriter, Route, StreamAnswer, Usage, include_usage
+from appliance.burst.base import (
+    Answer,
+    ChunkWriter,
+    Preamble,
+    Route,
+    StreamAnswer,
+    Usage,
+    include_usage,
+)
 from appliance.burst.credentials import Secret
 from appliance.burst.errors import ProviderError
 from appliance.burst.settings import ProviderConfig
@@ -148,6 +156,9 @@ class Provider(ABC):
         response = await self._send(request)
         answer = StreamAnswer(route, events=_empty())
         answer.events = self._events(response, answer, include_usage(checked), started)
+        # Closing the connection is what tells the provider to stop generating; after the
+        # answer completed (released to the pool) it does nothing.
+        answer.closers.append(response.close)
         return answer
 
     async def _events(
@@ -161,7 +172,7 @@ class Provider(ABC):
         finished = False
         try:
             async for event in self.translate(response, writer, answer.usage):
-                if answer.first_byte_s is None:
+                if answer.first_byte_s is None and not isinstance(event, Preamble):
                     answer.first_byte_s = time.monotonic() - started
                 yield event
             answer.cost = answer.route.cost(answer.usage)

@@ -6,7 +6,8 @@
 
 A `ProviderError` says whether the provider's circuit breaker counts it (`counts`: 5xx,
 429, timeouts and broken connections are the provider's trouble; a 4xx about the request
-is the request's) and whether another provider may be tried (`retryable`). Its message
+is the request's; a 404 means the configured model does not exist there, so it counts)
+and whether another provider may be tried (`retryable`). Its message
 is the provider's own message for 4xx (it is about the client's request), and a generic
 one for 5xx and transport failures (their bodies can carry internals). No message ever
 carries a credential: the request headers are never part of one.
@@ -131,9 +132,21 @@ def from_status(
             code="upstream_auth_error",
             counts=True,
         )
+    if status == 404:
+        # The mapped model or deployment does not exist there: the configuration's fault,
+        # and every request for the model will meet it.
+        return ProviderError(
+            provider,
+            502,
+            "does not know the model or deployment it was sent (HTTP 404); the appliance "
+            "operator must check [burst.providers] models.",
+            type="server_error",
+            code="upstream_model_not_found",
+            counts=True,
+        )
     return ProviderError(
         provider,
-        400 if status != 404 else 404,
+        status if 400 <= status < 500 else 400,
         _clip(message or f"refused the request (HTTP {status})"),
         type="invalid_request_error",
         code=code or "upstream_rejected",

@@ -18,7 +18,7 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from appliance.burst import errors
-from appliance.burst.base import CHAT_FIELDS, ChunkWriter, Route, Usage, refuse
+from appliance.burst.base import CHAT_FIELDS, ChunkWriter, Preamble, Route, Usage, refuse
 from appliance.burst.client import HttpRequest, Provider, sse_events
 from appliance.burst.credentials import Secret, api_key
 from appliance.burst.errors import ProviderError, Unhonourable
@@ -91,7 +91,8 @@ class OpenAIProvider(Provider):
             elif not writer.include_usage and "usage" in chunk:
                 chunk.pop("usage")
                 data = orjson.dumps(chunk)
-            yield b"data: " + data + b"\n\n"
+            event = b"data: " + data + b"\n\n"
+            yield Preamble(event) if _no_token(chunk) else event
 
     def read_error(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> ProviderError:
         message = code = param = None
@@ -127,6 +128,19 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     def auth(self) -> dict[str, str]:
         return {"api-key": self.key.reveal()} if self.key else {}
+
+
+def _no_token(chunk: dict[str, Any]) -> bool:
+    """A chunk with only the role (and empty content) in it: OpenAI's first."""
+    choices = chunk.get("choices")
+    if not choices or chunk.get("usage"):
+        return False
+    return all(
+        not c.get("finish_reason")
+        and not (c.get("delta") or {}).get("content")
+        and not (c.get("delta") or {}).get("tool_calls")
+        for c in choices
+    )
 
 
 def _usage(value: Any) -> Usage:

@@ -21,13 +21,13 @@ first event raises from `events`; nothing is retried once bytes went to the clie
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
 
 from appliance.burst.anthropic_api import AnthropicProvider
-from appliance.burst.base import Answer, Route, StreamAnswer
+from appliance.burst.base import Answer, Preamble, Route, StreamAnswer
 from appliance.burst.client import Provider
 from appliance.burst.errors import ProviderError, Unhonourable
 from appliance.burst.health import Breaker, Clock, Latency, order
@@ -40,6 +40,51 @@ from appliance.burst.settings import BurstConfig, ProviderConfig
 from appliance.burst.spend import Hold, SpendBook
 from appliance.gateway.errors import GatewayError
 from appliance.gateway.validate import Checked
+
+
+class _Outcome:
+    """How one streamed request went, told to its provider's breaker and to the spend
+    exactly once, however the stream ends (completed, failed, or abandoned)."""
+
+    def __init__(self, burst: Burst, provider: str, hold: Hold, answer: StreamAnswer) -> None:
+        self.breaker = burst.breakers[provider]
+        self.spend = burst.spend
+        self.hold = hold
+        self.answer = answer
+        self.ended = False
+
+    def _end(self, how: Callable[[], None]) -> None:
+        if not self.ended:
+            self.ended = True
+            how()
+            self.spend.settle(self.hold, self.answer.route.cost(self.answer.usage))
+
+    def completed(self) -> None:
+        self._end(self.breaker.success)
+
+    def failed(self) -> None:
+        self._end(self.breaker.failure)
+
+    def unknown(self) -> None:
+        """Cancelled, or an error about the request: it says nothing about the provider."""
+        self._end(self.breaker.release)
+
+
+async def _rest(
+    first: bytes, events: AsyncIterator[bytes], outcome: _Outcome
+) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for event in events:
+            yield event
+        outcome.completed()
+    except ProviderError as err:
+        if err.counts:
+            outcome.failed()
+        raise
+    finally:
+        outcome.unknown()
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 def _bedrock(name: str, config: ProviderConfig) -> Provider:
@@ -161,49 +206,39 @@ class Burst:
         last: GatewayError | None = None
         skipped: list[str] = []
         for provider, route, hold in self._attempts(checked, key, prompt_tokens, skipped):
+            answer: StreamAnswer | None = None
             try:
                 answer = await provider.stream(checked, route)
+                # The first token is awaited here: a stream that fails before it (an
+                # error event after the role chunk) can still go to the next provider.
+                first = b""
+                while True:
+                    event = await anext(answer.events)
+                    first += event
+                    if not isinstance(event, Preamble):
+                        break
             except (ProviderError, Unhonourable) as err:
+                if answer is not None:
+                    await answer.aclose()
                 self._failed(provider, hold, err)
                 if isinstance(err, ProviderError) and not err.retryable:
                     raise
                 last = err
                 continue
             except BaseException:
+                if answer is not None:
+                    await answer.aclose()
                 self.breakers[provider.name].release()
                 self.spend.settle(hold, 0.0)
                 raise
-            answer.events = self._watch(provider, hold, answer, answer.events)
+            if answer.first_byte_s is not None:
+                self.latency[provider.name].observe(answer.first_byte_s)
+            outcome = _Outcome(self, provider.name, hold, answer)
+            answer.inner.append(answer.events)
+            answer.closers.append(outcome.unknown)
+            answer.events = _rest(first, answer.events, outcome)
             return answer
         raise last or self._no_route(checked.model, skipped)
-
-    async def _watch(
-        self, provider: Provider, hold: Hold, answer: StreamAnswer, events: AsyncIterator[bytes]
-    ) -> AsyncIterator[bytes]:
-        """The provider's events; its breaker, latency and the spend told how it went."""
-        breaker, latency = self.breakers[provider.name], self.latency[provider.name]
-        measured = completed = failed = False
-        try:
-            async for event in events:
-                if not measured and answer.first_byte_s is not None:
-                    latency.observe(answer.first_byte_s)
-                    measured = True
-                yield event
-            completed = True
-        except ProviderError as err:
-            failed = err.counts
-            raise
-        finally:
-            if completed:
-                breaker.success()
-            elif failed:
-                breaker.failure()
-            else:
-                breaker.release()  # cancelled, or a 4xx-like error: says nothing
-            self.spend.settle(hold, answer.route.cost(answer.usage))
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     def _attempts(
         self, checked: Checked, key: str, prompt_tokens: int, skipped: list[str]
