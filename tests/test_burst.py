@@ -890,3 +890,29 @@ def test_a_stream_abandoned_before_it_is_read_closes_its_books(
     asyncio.run(go())
     assert not breaker.probing and breaker.state == "half_open"
     assert burst.spend.held == 0
+
+
+def test_every_burst_key_is_documented() -> None:
+    from pydantic import BaseModel
+
+    from appliance.burst import settings
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = doc[doc.index("### `[burst]`") : doc.index("### `[store]`")]
+    models: list[type[BaseModel]] = [
+        settings.BurstConfig,
+        settings.ProviderConfig,
+        settings.RemoteModel,
+        settings.TriggerConfig,
+        settings.PolicyConfig,
+        settings.BreakerConfig,
+    ]
+    missing = [
+        f"{model.__name__}.{name}"
+        for model in models
+        for name in model.model_fields
+        if not any(
+            form in section for form in (f"`{name}`", f".{name}`", f"`{name}.", f"`[burst.{name}")
+        )
+    ]
+    assert missing == []
