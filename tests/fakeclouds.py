@@ -56,8 +56,9 @@ class Fault:
 
     status: int = 500
     retry_after: float | None = None
-    kind: str = "status"  # status | stream_error (after the first event) | hang | drop
-    seconds: float = 0.0
+    kind: str = "status"  # status | stream_error | hang | drop
+    seconds: float = 0.0  # hang: for this long
+    after: int = 0  # stream_error: after this many pieces of text
 
 
 @dataclass
@@ -284,12 +285,6 @@ class FakeCloud:
                 },
             },
         )
-        if fault is not None:  # stream_error
-            await send(
-                "error",
-                {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
-            )
-            return response
         await send("ping", {"type": "ping"})
         if plan.text:
             await send(
@@ -300,7 +295,11 @@ class FakeCloud:
                     "content_block": {"type": "text", "text": ""},
                 },
             )
-            for piece in plan.text:
+            for i, piece in enumerate(plan.text):
+                if fault is not None and i == fault.after:
+                    error = {"type": "overloaded_error", "message": "Overloaded"}
+                    await send("error", {"type": "error", "error": error})
+                    return response
                 delta = {"type": "text_delta", "text": piece}
                 await send(
                     "content_block_delta",
@@ -432,11 +431,12 @@ class FakeCloud:
             await response.write(data)
 
         await send(event_frame("messageStart", {"role": "assistant"}))
-        if fault is not None:
-            await send(exception_frame("throttlingException", "Too many tokens, please wait."))
-            return response
         if plan.text:
-            for piece in plan.text:
+            for i, piece in enumerate(plan.text):
+                if fault is not None and i == fault.after:
+                    message = "Too many tokens, please wait."
+                    await send(exception_frame("throttlingException", message))
+                    return response
                 delta = {"contentBlockIndex": 0, "delta": {"text": piece}}
                 await send(event_frame("contentBlockDelta", delta))
             await send(event_frame("contentBlockStop", {"contentBlockIndex": 0}))
@@ -584,11 +584,15 @@ class FakeCloud:
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
 
         await send(choice({"role": "assistant", "content": ""}))
-        if fault is not None:
-            error = {"message": "The server had an error.", "type": "server_error", "code": None}
-            await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
-            return response
-        for piece in plan.text:
+        for i, piece in enumerate(plan.text):
+            if fault is not None and i == fault.after:
+                error = {
+                    "message": "The server had an error.",
+                    "type": "server_error",
+                    "code": None,
+                }
+                await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+                return response
             await send(choice({"content": piece}))
         if plan.tool:
             first = {

@@ -480,10 +480,16 @@ def test_a_provider_failure_is_a_502_that_hides_its_body(shim: Shim, cloud: Fake
 
 @pytest.mark.parametrize("shim", ["anthropic", "bedrock", "openai"], indirect=True)
 def test_an_error_inside_a_stream_ends_it_with_an_error_event(shim: Shim, cloud: FakeCloud) -> None:
-    cloud.faults.append(Fault(kind="stream_error"))
+    cloud.faults.append(Fault(kind="stream_error", after=2))
+    received: list[str] = []
     with pytest.raises(openai.APIError) as caught:
-        list(shim.client().chat.completions.create(**_ask(), stream=True))
+        for chunk in shim.client().chat.completions.create(**_ask(), stream=True):
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "Hello from"
     assert "Cloud provider" in caught.value.message
+    (name,) = shim.burst.providers
+    assert len(shim.burst.breakers[name].failures) == 1
+    assert shim.burst.spend.held == 0
 
 
 def test_a_timeout_is_a_504_and_counts_for_the_breaker(
@@ -645,7 +651,7 @@ def test_overflow_stops_at_the_spend_cap(shim: Shim, cloud: FakeCloud) -> None:
 
 def test_policy_refusals() -> None:
     config = BurstConfig.model_validate(
-        {"enabled": True, "providers": {}, "policy": {"opt_in_keys": ["ci"]}}
+        {"enabled": True, "policy": {"opt_in_keys": ["ci"], "monthly_cap": 1.0}}
         | {"providers": {"x": {"type": "openai_compatible", "endpoint": "http://127.0.0.1:1"}}}
     )
     burst = Burst(config)
@@ -672,6 +678,7 @@ def test_config_takes_the_burst_section_and_resolves_credential_paths(tmp_path: 
         {
             "burst": {
                 "enabled": True,
+                "policy": {"monthly_cap": 10.0},
                 "providers": {
                     "claude": {
                         "type": "anthropic",
@@ -705,6 +712,14 @@ def test_config_errors_name_the_field(
         parse_config({"burst": {"providers": {"p": provider}}}, tmp_path / "a.toml")
     assert "burst.providers.p" in str(caught.value)
     assert "sk-ant-123" not in str(caught.value)
+
+
+def test_enabled_without_a_spend_cap_is_refused(tmp_path: Path) -> None:
+    provider = {"type": "openai_compatible", "endpoint": "http://127.0.0.1:1"}
+    with pytest.raises(ConfigError, match="monthly_cap is 0"):
+        parse_config(
+            {"burst": {"enabled": True, "providers": {"p": provider}}}, tmp_path / "a.toml"
+        )
 
 
 def test_restricted_data_can_never_leave(tmp_path: Path) -> None:

@@ -120,6 +120,8 @@ class Provider(ABC):
             raise errors.unreachable(self.name) from None
         except TimeoutError:
             raise errors.timeout(self.name, "waiting for the answer to start") from None
+        except aiohttp.ServerDisconnectedError:
+            raise errors.broken(self.name, "it closed the connection") from None
         except aiohttp.ClientError:
             raise errors.unreachable(self.name) from None
         if response.status != 200:

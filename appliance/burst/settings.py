@@ -228,6 +228,11 @@ class BurstConfig(_Section):
     def _usable(self) -> BurstConfig:
         if self.enabled and not self.providers:
             raise ValueError("burst is enabled but names no providers")
+        if self.enabled and self.policy.monthly_cap == 0:
+            raise ValueError(
+                "burst is enabled but policy.monthly_cap is 0, so nothing could be spent: "
+                "set the monthly cloud spend cap"
+            )
         for name in self.providers:
             if not _ENV_NAME.fullmatch(name.replace("-", "_")):
                 raise ValueError(f"provider name {name!r}: use letters, digits, '_' and '-'")
