@@ -12,8 +12,8 @@ Routes, one server for all (each checks its own credentials):
   SSE (message_start, content_block_start/delta/stop with text_delta and
   input_json_delta, ping, message_delta, message_stop, error), errors as
   {"type": "error", "error": {"type", "message"}} with Anthropic's types.
-- Bedrock: POST /model/{modelId}/converse and /converse-stream (SigV4 `Authorization`
-  with the credential scope checked), Converse JSON, and ConverseStream as binary
+- Bedrock: POST /model/{modelId}/converse and /converse-stream (the SigV4 signature
+  verified over the request as it arrived), Converse JSON, and ConverseStream as binary
   `application/vnd.amazon.eventstream` frames (prelude, headers, payload, CRC32s, as
   AWS publishes the framing), errors with `x-amzn-ErrorType` and {"message"}, stream
   exceptions as exception frames.
@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import json
+import re
 import struct
 import threading
 import uuid
@@ -129,6 +130,7 @@ class FakeCloud:
         self.requests: list[Seen] = []
         self.faults: list[Fault] = []
         self.url = ""
+        self.raw = b""  # the last request's body, as it arrived
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -166,7 +168,7 @@ class FakeCloud:
         return [seen.path for seen in self.requests]
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
+        raw = self.raw = await request.read()
         body = json.loads(raw) if raw else {}
         self.requests.append(
             Seen(
@@ -341,15 +343,38 @@ class FakeCloud:
         }
         return web.json_response({"message": message}, status=status, headers=headers)
 
-    def _bedrock_check(self, request: web.Request) -> web.Response | None:
+    def _bedrock_check(self, request: web.Request, raw: bytes) -> web.Response | None:
+        """Verify the SigV4 signature as AWS would: recompute it (with botocore's signer,
+        at the request's own X-Amz-Date) over what arrived, and compare."""
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
         auth = request.headers.get("authorization", "")
-        if not auth.startswith(f"AWS4-HMAC-SHA256 Credential={AWS_KEY_ID}/") or (
-            "/bedrock/aws4_request" not in auth or "x-amz-date" not in request.headers
-        ):
+        match = re.fullmatch(
+            r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/bedrock/aws4_request, "
+            r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})",
+            auth,
+        )
+        if match is None or match.group(1) != AWS_KEY_ID or "x-amz-date" not in request.headers:
             return self._bedrock_error(
                 403,
                 "UnrecognizedClientException",
                 "The security token included in the request is invalid.",
+            )
+        signed = match.group(4).split(";")
+        headers = {name: request.headers.get(name, "") for name in signed}
+        url = f"http://{request.host}{request.raw_path}"
+        copy = AWSRequest(method=request.method, url=url, data=raw, headers=headers)
+        copy.context["timestamp"] = request.headers["x-amz-date"]
+        signer = SigV4Auth(Credentials(AWS_KEY_ID, AWS_SECRET), "bedrock", match.group(3))
+        string_to_sign = signer.string_to_sign(copy, signer.canonical_request(copy))
+        if signer.signature(string_to_sign, copy) != match.group(5):
+            return self._bedrock_error(
+                403,
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you "
+                "provided. Check your AWS Secret Access Key and signing method.",
             )
         return None
 
@@ -379,7 +404,7 @@ class FakeCloud:
 
     async def converse(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
-        if (refused := self._bedrock_check(request)) is not None:
+        if (refused := self._bedrock_check(request, self.raw)) is not None:
             return refused
         if (fault := self._fault()) is not None:
             return await self._bedrock_fault(request, fault)
@@ -415,7 +440,7 @@ class FakeCloud:
 
     async def converse_stream(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
-        if (refused := self._bedrock_check(request)) is not None:
+        if (refused := self._bedrock_check(request, self.raw)) is not None:
             return refused
         fault = self._fault()
         if fault is not None and fault.kind != "stream_error":

@@ -166,6 +166,24 @@ def test_botocore_parses_the_fakes_converse(cloud: FakeCloud) -> None:
     assert tool["output"]["message"]["content"][0]["toolUse"]["input"] == {"city": "Paris"}
 
 
+def test_the_bedrock_fake_verifies_the_signature(cloud: FakeCloud) -> None:
+    client = boto3.client(
+        "bedrock-runtime",
+        endpoint_url=cloud.url,
+        region_name="eu-west-1",
+        aws_access_key_id=AWS_KEY_ID,
+        aws_secret_access_key="not-" + AWS_SECRET,
+        config=BotoConfig(retries={"total_max_attempts": 1}),
+    )
+    with pytest.raises(ClientError) as caught:
+        client.converse(
+            modelId="m:0",
+            messages=[{"role": "user", "content": [{"text": "x"}]}],
+            inferenceConfig={"maxTokens": 5},
+        )
+    assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
+
+
 def test_botocore_decodes_the_fakes_event_stream(cloud: FakeCloud) -> None:
     client = _bedrock(cloud)
     answer = client.converse_stream(
