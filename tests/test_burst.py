@@ -931,3 +931,62 @@ def test_every_burst_key_is_documented() -> None:
         )
     ]
     assert missing == []
+
+
+# The mappings are complete: a field the gateway forwards, a stop reason or a stream
+# event botocore knows, each has its translation (or its refusal).
+
+# What validate.chat_request accepts but never forwards (advisory, or refused there).
+NOT_FORWARDED = {
+    "user", "metadata", "store", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention", "prompt_cache_options", "service_tier", "verbosity",
+    "modalities", "audio", "prediction", "web_search_options", "moderation", "functions",
+    "function_call",
+}  # fmt: skip
+
+
+def test_every_forwarded_chat_field_is_mapped_or_refused_by_each_translator() -> None:
+    from appliance.burst import anthropic_api, bedrock_api
+    from appliance.burst.base import CHAT_FIELDS
+
+    assert set(validate._CHAT) - NOT_FORWARDED == CHAT_FIELDS
+    for rules in (anthropic_api.RULES, bedrock_api.RULES):
+        assert set(rules) >= CHAT_FIELDS
+
+
+def test_every_bedrock_stop_reason_and_stream_event_is_handled() -> None:
+    from appliance.burst import bedrock_api
+
+    model = bedrock_api._botocore().service
+    assert set(model.shape_for("StopReason").enum) == set(bedrock_api.STOP_REASONS)
+    events = set(model.operation_model("ConverseStream").output_shape.members["stream"].members)
+    handled = {"messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop"}
+    handled |= {"messageStop", "metadata"}
+    errors = {name[:1].lower() + name[1:] for name in bedrock_api.STREAM_ERRORS}
+    assert events == handled | errors
+
+
+def test_every_anthropic_stop_reason_and_stream_event_is_handled() -> None:
+    import typing
+
+    import anthropic.types
+
+    from appliance.burst import anthropic_api
+
+    def kinds(annotated: Any) -> set[str]:
+        members = typing.get_args(typing.get_args(annotated)[0])
+        return {typing.get_args(m.model_fields["type"].annotation)[0] for m in members}
+
+    assert set(typing.get_args(anthropic.types.StopReason)) == set(anthropic_api.STOP_REASONS)
+    assert kinds(anthropic.types.RawMessageStreamEvent) == {
+        "message_start", "message_delta", "message_stop",
+        "content_block_start", "content_block_delta", "content_block_stop",
+    }  # fmt: skip
+    # Translated: text and tool input; thinking, signature and citations are not asked for.
+    assert kinds(anthropic.types.RawContentBlockDelta) == {
+        "text_delta",
+        "input_json_delta",
+        "citations_delta",
+        "thinking_delta",
+        "signature_delta",
+    }

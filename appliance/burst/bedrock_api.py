@@ -65,6 +65,10 @@ STOP_REASONS = {
     "tool_use": "tool_calls",
     "guardrail_intervened": "content_filter",
     "content_filtered": "content_filter",
+    # The model's output did not parse (a tool call especially): OpenAI has no reason for
+    # it, and what came is all there is.
+    "malformed_model_output": "stop",
+    "malformed_tool_use": "stop",
 }
 # Bedrock's error codes, as HTTP statuses, for events inside a stream (a whole answer
 # carries its status itself).
