@@ -990,3 +990,68 @@ def test_every_anthropic_stop_reason_and_stream_event_is_handled() -> None:
         "thinking_delta",
         "signature_delta",
     }
+
+
+# Events split anywhere by the network are put back together.
+
+
+class _Pieces:
+    """Stands in for aiohttp's response: `content.iter_any()` yields these pieces."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.pieces = [data[i : i + size] for i in range(0, len(data), size)]
+        self.content = self
+
+    async def iter_any(self) -> Any:
+        for piece in self.pieces:
+            yield piece
+
+
+def test_server_sent_events_split_anywhere_are_whole_again() -> None:
+    from appliance.burst.client import sse_events
+
+    data = b'event: ping\r\ndata: {"a": 1}\r\n\r\ndata: line one\ndata: line two\n\n: note\n\n'
+
+    async def read(size: int) -> list[tuple[str, bytes]]:
+        return [e async for e in sse_events(_Pieces(data, size))]  # type: ignore[arg-type]
+
+    for size in (1, 3, 7, len(data)):
+        assert asyncio.run(read(size)) == [
+            ("ping", b'{"a": 1}'),
+            ("message", b"line one\nline two"),
+        ]
+
+
+def test_bedrock_frames_split_anywhere_decode_the_same(
+    providers: dict[str, dict[str, Any]],
+) -> None:
+    from appliance.burst.base import ChunkWriter, Usage
+    from tests.fakeclouds import event_frame
+
+    provider = Burst(_config(providers, "bedrock")).providers["bedrock"]
+    data = b"".join(
+        [
+            event_frame("messageStart", {"role": "assistant"}),
+            event_frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Hi"}}),
+            event_frame("messageStop", {"stopReason": "max_tokens"}),
+            event_frame("metadata", {"usage": {"inputTokens": 3, "outputTokens": 1}}),
+        ]
+    )
+
+    async def read(size: int) -> tuple[list[dict[str, Any]], Usage]:
+        usage = Usage()
+        writer = ChunkWriter("m", include_usage=True, id_="chatcmpl-1")
+        stream = provider.translate(_Pieces(data, size), writer, usage)  # type: ignore[arg-type]
+        events = [orjson.loads(e.removeprefix(b"data: ")) async for e in stream]
+        return events, usage
+
+    for size in (1, 5, 64, len(data)):
+        events, usage = asyncio.run(read(size))
+        assert [e["choices"][0]["delta"] for e in events[:3]] == [
+            {"role": "assistant", "content": ""},
+            {"content": "Hi"},
+            {},
+        ]
+        assert events[2]["choices"][0]["finish_reason"] == "length"
+        assert events[3]["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        assert usage.prompt_tokens == 3

@@ -15,7 +15,8 @@ fastest first, within the spend caps; a provider that fails in a way another mig
 When none can take it, the error of the last one tried is raised (`ProviderError` or
 `Unhonourable`, both `GatewayError`s in the OpenAI envelope), or `NoRoute` (503) when
 no provider could be tried at all (caps, breakers). A stream that fails after its
-first event raises from `events`; nothing is retried once bytes went to the client.
+first token raises `ProviderError` from `events`: nothing is retried once a token went
+to the client.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _bedrock(name: str, config: ProviderConfig) -> Provider:
     return BedrockProvider(name, config)
 
 
-PROVIDERS: dict[str, Any] = {
+PROVIDERS: dict[str, Callable[[str, ProviderConfig], Provider]] = {
     "openai": OpenAIProvider,
     "openai_compatible": OpenAICompatibleProvider,
     "azure_openai": AzureOpenAIProvider,
