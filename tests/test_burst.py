@@ -1055,3 +1055,27 @@ def test_bedrock_frames_split_anywhere_decode_the_same(
         assert events[2]["choices"][0]["finish_reason"] == "length"
         assert events[3]["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
         assert usage.prompt_tokens == 3
+
+
+@pytest.mark.parametrize("shim", [KINDS], indirect=True)
+def test_concurrent_streams_all_complete_and_every_hold_is_settled(shim: Shim) -> None:
+    async def one(client: openai.AsyncOpenAI) -> tuple[str, float]:
+        stream = await client.chat.completions.create(
+            **_ask(), stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [c async for c in stream]
+        usage = chunks[-1].usage
+        assert usage is not None
+        cost = (usage.prompt_tokens * 3.0 + usage.completion_tokens * 15.0) / 1e6
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), cost
+
+    async def many() -> list[tuple[str, float]]:
+        async with openai.AsyncOpenAI(api_key="unused", base_url=shim.url) as client:
+            return await asyncio.gather(*(one(client) for _ in range(24)))
+
+    answers = asyncio.run(many())
+    assert [text for text, _ in answers] == ["Hello from the cloud."] * 24
+    assert shim.burst.spend.held == 0
+    assert shim.burst.spend.spent() == pytest.approx(sum(cost for _, cost in answers))
+    assert all(b.state == "closed" and not b.probing for b in shim.burst.breakers.values())
+    assert any(latency.value is not None for latency in shim.burst.latency.values())

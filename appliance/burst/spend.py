@@ -24,6 +24,14 @@ from datetime import UTC, datetime
 
 from appliance.burst.settings import PolicyConfig
 
+# Holds are summed in integer nano-units of the currency: adding and taking away floats
+# drifts (1e-18 left over after a thousand holds), and an empty book must read 0.
+_UNIT = 1e9
+
+
+def _units(amount: float) -> int:
+    return round(amount * _UNIT)
+
 
 def month_start(now: float) -> float:
     moment = datetime.fromtimestamp(now, UTC)
@@ -48,9 +56,14 @@ class SpendBook:
         self.month = month_start(clock())
         self.total = 0.0  # this month, as the ledger last said
         self.per_key: dict[str, float] = {}
-        self.held = 0.0
-        self.held_per_key: dict[str, float] = {}
+        self._held = 0
+        self._held_per_key: dict[str, int] = {}
         self.recent: list[tuple[float, str, float]] = []  # (settled at, key, cost)
+
+    @property
+    def held(self) -> float:
+        """Worst cases held by requests in flight."""
+        return self._held / _UNIT
 
     def cap_of(self, key: str) -> float | None:
         return self.policy.key_caps.get(key, self.policy.key_monthly_cap)
@@ -73,7 +86,7 @@ class SpendBook:
         if key is None:
             return self.total + self.held + sum(cost for _, _, cost in self.recent)
         recent = sum(cost for _, k, cost in self.recent if k == key)
-        return self.per_key.get(key, 0.0) + self.held_per_key.get(key, 0.0) + recent
+        return self.per_key.get(key, 0.0) + self._held_per_key.get(key, 0) / _UNIT + recent
 
     def hold(self, key: str, worst_case: float) -> Hold | str:
         """A hold for one request, or why it may not go (the cap it would cross)."""
@@ -84,19 +97,21 @@ class SpendBook:
         key_cap = self.cap_of(key)
         if key_cap is not None and self.spent(key) + worst_case > key_cap:
             return f"the key's monthly cloud spend cap ({key_cap:g}) would be crossed"
-        self.held += worst_case
-        self.held_per_key[key] = self.held_per_key.get(key, 0.0) + worst_case
-        return Hold(key, worst_case, self.month)
+        units = _units(worst_case)
+        self._held += units
+        self._held_per_key[key] = self._held_per_key.get(key, 0) + units
+        return Hold(key, units / _UNIT, self.month)
 
     def settle(self, hold: Hold, cost: float) -> None:
         """The request ended and cost `cost` (0 when it failed before any token)."""
         if hold.settled:
             return
         hold.settled = True
-        self.held -= hold.amount
-        self.held_per_key[hold.key] -= hold.amount
-        if not self.held_per_key[hold.key]:
-            del self.held_per_key[hold.key]
+        units = _units(hold.amount)
+        self._held -= units
+        self._held_per_key[hold.key] -= units
+        if not self._held_per_key[hold.key]:
+            del self._held_per_key[hold.key]
         now = self.clock()
         if hold.month == month_start(now) and cost > 0:
             self.recent.append((now, hold.key, cost))
