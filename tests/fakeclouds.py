@@ -57,7 +57,7 @@ class Fault:
 
     status: int = 500
     retry_after: float | None = None
-    kind: str = "status"  # status | stream_error | hang | drop
+    kind: str = "status"  # status | stream_error | hang | drop | corrupt (Bedrock: a bad CRC)
     seconds: float = 0.0  # hang: for this long
     after: int = 0  # stream_error: after this many pieces of text
 
@@ -443,7 +443,7 @@ class FakeCloud:
         if (refused := self._bedrock_check(request, self.raw)) is not None:
             return refused
         fault = self._fault()
-        if fault is not None and fault.kind != "stream_error":
+        if fault is not None and fault.kind not in ("stream_error", "corrupt"):
             return await self._bedrock_fault(request, fault)
         plan = self._bedrock_plan(body)
         response = web.StreamResponse(
@@ -456,6 +456,11 @@ class FakeCloud:
             await response.write(data)
 
         await send(event_frame("messageStart", {"role": "assistant"}))
+        if fault is not None and fault.kind == "corrupt":
+            bad = bytearray(event_frame("contentBlockDelta", {"contentBlockIndex": 0}))
+            bad[-6] ^= 0xFF
+            await send(bytes(bad))
+            return response
         if plan.text:
             for i, piece in enumerate(plan.text):
                 if fault is not None and i == fault.after:

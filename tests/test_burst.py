@@ -492,6 +492,27 @@ def test_an_error_inside_a_stream_ends_it_with_an_error_event(shim: Shim, cloud:
     assert shim.burst.spend.held == 0
 
 
+def test_a_corrupt_event_stream_frame_is_an_unreadable_answer(
+    providers: dict[str, dict[str, Any]], cloud: FakeCloud
+) -> None:
+    burst = Burst(_config(providers, "bedrock"))
+    cloud.faults.append(Fault(kind="corrupt"))
+
+    async def go() -> ProviderError:
+        await burst.start()
+        try:
+            with pytest.raises(ProviderError) as caught:
+                await burst.stream(validate.chat_request(_ask(stream=True)), "alice", 10)
+            return caught.value
+        finally:
+            await burst.close()
+
+    err = asyncio.run(go())
+    assert err.status == 502 and err.code == "upstream_error" and err.counts
+    assert "could not be read" in err.message
+    assert burst.spend.held == 0
+
+
 def test_a_timeout_is_a_504_and_counts_for_the_breaker(
     providers: dict[str, dict[str, Any]], cloud: FakeCloud
 ) -> None:

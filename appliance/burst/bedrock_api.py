@@ -182,9 +182,12 @@ class BedrockProvider(Provider):
 
     def read_whole(self, body: bytes, route: Route) -> tuple[dict[str, Any], Usage]:
         operation = self.parts.service.operation_model("Converse")
-        parsed = self.parts.parser.parse(
-            {"status_code": 200, "headers": {}, "body": body}, operation.output_shape
-        )
+        try:
+            parsed = self.parts.parser.parse(
+                {"status_code": 200, "headers": {}, "body": body}, operation.output_shape
+            )
+        except Exception as exc:  # botocore's ResponseParserError: not Converse's JSON
+            raise ValueError(str(exc)) from None
         return from_converse(parsed, route.remote_model)
 
     async def translate(
@@ -196,9 +199,12 @@ class BedrockProvider(Provider):
         translator = StreamTranslator(self.name, writer, usage)
         async for piece in response.content.iter_any():
             buffer.add_data(piece)
-            for message in buffer:
+            for message in _frames(buffer):
                 response_dict = message.to_response_dict()
-                parsed = self.parts.event_parser.parse(response_dict, stream_shape)
+                try:
+                    parsed = self.parts.event_parser.parse(response_dict, stream_shape)
+                except Exception as exc:  # botocore's ResponseParserError
+                    raise ValueError(str(exc)) from None
                 if response_dict["status_code"] != 200:
                     raise _stream_error(self.name, parsed)
                 out = translator.feed(parsed)
@@ -222,6 +228,17 @@ class BedrockProvider(Provider):
             error.get("Code") or None,
             errors.retry_after(headers),
         )
+
+
+def _frames(buffer: Any) -> Any:
+    """The whole frames in the buffer; a frame that fails its CRC or its prelude is a
+    ValueError (the client reports the stream as unreadable)."""
+    from botocore.eventstream import ParserError
+
+    try:
+        yield from buffer
+    except ParserError as exc:
+        raise ValueError(f"event stream: {type(exc).__name__}") from None
 
 
 def _stream_error(provider: str, parsed: dict[str, Any]) -> ProviderError:
