@@ -828,6 +828,9 @@ def test_credentials_never_reach_logs_errors_or_reprs(
     texts.extend([str(err), orjson.dumps(err.body()).decode(), caplog.text])
     everything = "\n".join(texts)
     assert everything.count("Cloud provider") >= 17
+    # The operator's log has the providers' own words, the 401 included.
+    assert "cloud provider openai answered 401: " in caplog.text
+    assert "cloud provider anthropic answered 500: " in caplog.text
     for secret in SECRETS:
         assert secret not in everything
         assert secret[-12:] not in everything

@@ -10,6 +10,7 @@ them as well, in case a provider echoes a header back.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -34,6 +35,8 @@ from appliance.burst.credentials import Secret
 from appliance.burst.errors import ProviderError
 from appliance.burst.settings import ProviderConfig
 from appliance.gateway.validate import Checked
+
+log = logging.getLogger("appliance.burst")
 
 
 @dataclass
@@ -99,11 +102,15 @@ class Provider(ABC):
 
     # Sending.
 
-    def scrub(self, err: ProviderError) -> ProviderError:
+    def scrub_text(self, text: str) -> str:
         for secret in self.secrets():
             value = secret.reveal()
-            if value and value in err.message:
-                err.message = err.message.replace(value, "***")
+            if value and value in text:
+                text = text.replace(value, "***")
+        return text
+
+    def scrub(self, err: ProviderError) -> ProviderError:
+        err.message = self.scrub_text(err.message)
         return err
 
     async def _send(self, request: HttpRequest) -> aiohttp.ClientResponse:
@@ -131,7 +138,16 @@ class Provider(ABC):
                 body = b""
             finally:
                 response.release()
-            raise self.scrub(self.read_error(response.status, response.headers, body))
+            err = self.scrub(self.read_error(response.status, response.headers, body))
+            # The client sees the mapped error only; the operator gets the provider's own
+            # words (5xx bodies are never passed on), scrubbed like every message.
+            log.warning(
+                "cloud provider %s answered %d: %s",
+                self.name,
+                response.status,
+                self.scrub_text(body[:2000].decode(errors="replace")),
+            )
+            raise err
         return response
 
     async def complete(self, checked: Checked, route: Route) -> Answer:
