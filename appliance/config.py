@@ -17,6 +17,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from appliance import versions
+from appliance.burst.settings import BurstConfig
 from appliance.errors import ApplianceError, ConfigError
 from appliance.installer.settings import InstallConfig
 
@@ -388,6 +389,7 @@ class ApplianceConfig(Section):
     )
     install: InstallConfig = InstallConfig()
     governance: GovernanceConfig = GovernanceConfig()
+    burst: BurstConfig = BurstConfig()
 
     # Where this configuration came from; None for the embedded default.
     source: FilePath | None = Field(None, exclude=True)
@@ -538,6 +540,20 @@ def parse_config(data: dict[str, Any], source: Path) -> ApplianceConfig:
     }
     if tls:
         update["gateway"] = config.gateway.model_copy(update=tls)
+    providers = {
+        name: provider.model_copy(update=paths)
+        for name, provider in config.burst.providers.items()
+        if (
+            paths := {
+                key: base / value
+                for key in ("api_key_file", "aws_credentials_file")
+                if (value := getattr(provider, key)) is not None and not value.is_absolute()
+            }
+        )
+    }
+    if providers:
+        burst_providers = {**config.burst.providers, **providers}
+        update["burst"] = config.burst.model_copy(update={"providers": burst_providers})
     return config.model_copy(update=update)
 
 

@@ -1,7 +1,8 @@
 """The usage ledger and the refusals the audit log keeps, written by the gateway.
 
-One row per request: when, which key, which model, where it ran, tokens in and out, time
-to first token, duration, status and request id. Each gateway process appends its rows as
+One row per request: when, which key, which model, where it ran (a replica, or a cloud
+provider with the reason and the cost), tokens in and out, time to first token,
+duration, status and request id. Each gateway process appends its rows as
 JSON lines to a spool file of its own, one write(2) per row, *before* the last byte of the
 answer goes to the client: a gateway killed at any point has every answered request's row
 in the kernel's hands. A thread moves the spool into `state.db` about once a second, in
@@ -52,6 +53,9 @@ class UsageRow:
     completion_tokens: int | None = None
     ttft_ms: float | None = None
     duration_ms: float | None = None
+    upstream: str | None = None  # the cloud provider that answered; None: local
+    upstream_reason: str | None = None
+    cost: float | None = None  # the provider's price for it (appliance.burst)
 
     def to_json(self) -> bytes:
         return orjson.dumps({"kind": "usage", **asdict(self)})

@@ -64,7 +64,10 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens       INTEGER,
     completion_tokens   INTEGER,
     ttft_ms             REAL,
-    duration_ms         REAL
+    duration_ms         REAL,
+    upstream            TEXT,   -- the cloud provider that answered; NULL: a local replica
+    upstream_reason     TEXT,   -- why it went there (appliance.burst)
+    cost                REAL    -- what the provider charges for it, from [burst] prices
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage(ts);
 -- Append-only; each record carries the hash of the one before (appliance.audit).
@@ -101,7 +104,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name)
     WHERE revoked_at IS NULL;
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # An audit record (appliance.audit.admin_event), written in the same transaction as the
 # change it records: the change and its record land together or not at all.
 Event = dict[str, Any]
@@ -136,6 +139,17 @@ def _migrate(conn: sqlite3.Connection) -> None:
             """
             ALTER TABLE api_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}';
             ALTER TABLE api_keys ADD COLUMN rotated_at REAL;
+            """
+        )
+    usage = {r[1] for r in conn.execute("PRAGMA table_info(usage)").fetchall()}
+    if usage and "upstream" not in usage:
+        # 2 -> 3: a request may run at a cloud provider (appliance.burst); rows written
+        # before ran locally (NULL) and cost nothing there.
+        conn.executescript(
+            """
+            ALTER TABLE usage ADD COLUMN upstream TEXT;
+            ALTER TABLE usage ADD COLUMN upstream_reason TEXT;
+            ALTER TABLE usage ADD COLUMN cost REAL;
             """
         )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -393,6 +407,7 @@ class State:
     _USAGE_COLUMNS = (
         "id", "ts", "request_id", "path", "key", "model", "replica", "client", "stream",
         "status", "error", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms",
+        "upstream", "upstream_reason", "cost",
     )  # fmt: skip
 
     def insert_usage(self, rows: list[dict[str, Any]]) -> None:
@@ -431,6 +446,17 @@ class State:
                 (since, until if until is not None else float("inf")),
             )
             return [dict(zip(self._USAGE_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+
+    def cloud_spend(self, since: float) -> tuple[float, dict[str, float]]:
+        """What cloud providers cost since `since`: in all, and per key name."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT key, SUM(cost) FROM usage WHERE ts >= ? AND upstream IS NOT NULL "
+                "AND cost IS NOT NULL GROUP BY key",
+                (since,),
+            ).fetchall()
+        per_key = {str(k): float(c) for k, c in rows if k is not None}
+        return float(sum(c for _, c in rows)), per_key
 
     # The audit log (appliance.audit).
 
