@@ -297,24 +297,25 @@ def _print_tables(
 ) -> None:
     print(
         f"{'conc':>5} {'leg':<16} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p50':>8} "
-        f"{'e2e p99':>8} {'err':>4} {'proxy CPU %':>11} {'us/chunk':>9}"
+        f"{'e2e p99':>8} {'err':>4} {'proxy CPU %':>11} {'us/chunk':>9} {'us/req':>7}"
     )
     for c in concurrencies:
         for leg in legs:
             r = results[(c, leg)]
             cpu = r.cpu.get("target")
-            per_chunk = "-"
+            per_chunk = per_request = "-"
             if cpu is not None and r.requests and leg != "direct":
                 per_chunk = f"{cpu * r.duration / (r.requests * tokens) * 1e6:.1f}"
+                per_request = f"{cpu * r.duration / r.requests * 1e6:.0f}"
             print(
                 f"{c:>5} {leg:<16} {r.rps:>7.1f} {_pct(r.ttft, 50) * 1e3:>9.1f} "
                 f"{_pct(r.ttft, 99) * 1e3:>9.1f} {_pct(r.e2e, 50) * 1e3:>8.1f} "
                 f"{_pct(r.e2e, 99) * 1e3:>8.1f} {r.errors:>4} "
                 f"{(f'{cpu * 100:.0f}' if cpu is not None and leg != 'direct' else '-'):>11} "
-                f"{per_chunk:>9}"
+                f"{per_chunk:>9} {per_request:>7}"
             )
-    print("(proxy CPU: the gateway's processes, or the router's, as % of one core; us/chunk:")
-    print(" that CPU per streamed token chunk)")
+    print("(proxy CPU: the gateway's processes, or the router's, as % of one core; us/chunk")
+    print(" and us/req: that CPU per streamed token chunk and per request)")
 
 
 # The plain proxy (``--gateway proxy``), run as this file with PROXY_ARG

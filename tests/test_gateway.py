@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import re
 import ssl
@@ -17,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from appliance.gateway.relay import ModelRewriter
+from appliance.gateway.relay import ModelRewriter, StreamTap
 from appliance.state import State
 from tests.conftest import Processes, free_port, wait_http
 
@@ -265,6 +266,43 @@ def test_model_rewriter_handles_split_events(cut: int) -> None:
     rewriter = ModelRewriter("/store/m@main", "m")
     out = rewriter.feed(events[:cut]) + rewriter.feed(events[cut:]) + rewriter.flush()
     assert out == events.replace(b"/store/m@main", b"m")
+
+
+_STREAM = (
+    b'data: {"model":"e","choices":[{"delta":{"content":"hi"}}]}\n\n'
+    b'data: {"model":"e","choices":[{"delta":{"content":" there"}}]}\n\n'
+    b'data: {"model":"e","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+# Where each event ends, and so where the tap can pass a chunk on without copying it.
+_ENDS = [i + 2 for i in range(len(_STREAM)) if _STREAM.startswith(b"\n\n", i)]
+
+
+@pytest.mark.parametrize("hide_usage", [False, True])
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [],  # the whole stream at once
+        _ENDS[:-1],  # an event per chunk: the usual case
+        [_ENDS[0] - 1, _ENDS[1] + 5, _ENDS[2]],  # mid-event, then on a boundary
+        list(range(1, len(_STREAM))),  # byte by byte
+    ],
+    ids=["whole", "events", "mixed", "bytes"],
+)
+def test_the_tap_passes_whole_events_however_the_stream_is_cut(
+    cuts: list[int], hide_usage: bool
+) -> None:
+    bounds = [0, *cuts, len(_STREAM)]
+    tap = StreamTap(ModelRewriter("e", "m"), hide_usage)
+    out = [tap.feed(_STREAM[a:b]) for a, b in itertools.pairwise(bounds)] + [tap.flush()]
+    events = _STREAM.replace(b'"e"', b'"m"')
+    if hide_usage:
+        events = b"".join(e + b"\n\n" for e in events.split(b"\n\n") if e and b"usage" not in e)
+    assert b"".join(out) == events
+    assert all(piece.endswith(b"\n\n") for piece in out if piece)  # only whole events
+    assert tap.usage == {"prompt_tokens": 3, "completion_tokens": 2}
 
 
 class _StubEngine(http.server.BaseHTTPRequestHandler):

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from appliance.gateway.tokens import PromptCounter
 from appliance.keys import KeyPolicy
 from appliance.state import State
 from tests.conftest import Processes, free_port, wait_http
@@ -313,6 +314,30 @@ def test_every_request_has_its_usage_row_with_the_usage_the_client_got(gw: Setup
         assert row["status"] == 200 and row["model"] == MODEL and row["replica"]
         assert row["duration_ms"] > 0 and row["request_id"]
     assert ledger[3]["ttft_ms"] is not None
+
+
+def test_a_request_that_ends_before_the_engine_counts_has_its_prompt_counted(
+    gw: Setup,
+) -> None:
+    # A key without token limits: a short prompt is admitted on its upper bound alone, and
+    # counted only when the engine gives no count, as for this client that leaves early.
+    key = gw.create("leaves-early")
+    messages = [{"role": "user", "content": "Tell me a long story about 🦊 and 你好."}]
+    body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": 100}
+    headers = {"authorization": f"Bearer {key}"}
+    with httpx.stream("POST", gw.base + "/v1/chat/completions", headers=headers, json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())  # the first event; then the client is gone
+
+    def rows() -> list[dict[str, object]]:
+        return [r for r in gw.state.usage_rows() if r["key"] == "leaves-early"]
+
+    _wait_for(lambda: len(rows()) == 1)
+    row = rows()[0]
+    assert row["status"] == 499 and row["completion_tokens"] is None
+    counter = PromptCounter.from_model_dir(gw.home / "models" / MODEL)
+    assert counter is not None
+    assert row["prompt_tokens"] == counter.chat(messages)
 
 
 def test_refused_requests_are_audited_with_why_and_never_the_key(gw: Setup) -> None:

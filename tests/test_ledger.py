@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -18,6 +19,16 @@ from appliance.ledger import Mover, Spool, UsageRow, read_spool_file, refusal_li
 from appliance.state import State
 from tests.conftest import Processes, free_port, wait_http
 from tests.test_admission import MODEL, home_with_model
+
+
+def test_a_row_is_written_with_its_kind_and_every_field() -> None:
+    row = UsageRow(
+        "r1", "/v1/chat/completions", key="k", model="m", replica="static-0",
+        client="10.0.0.7", stream=True, status=200, prompt_tokens=5, completion_tokens=7,
+        ttft_ms=1.5, duration_ms=9.25,
+    )  # fmt: skip
+    assert orjson.loads(row.to_json()) == {"kind": "usage", **dataclasses.asdict(row)}
+    assert row.to_json().startswith(b'{"kind":"usage",')
 
 
 def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
 import re
 import time
-import types
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,17 +146,41 @@ def _engine_unreachable() -> GatewayError:
     )
 
 
-def _trace_reuse() -> aiohttp.TraceConfig:
-    """Marks a request whose connection came from the pool (see `_open_upstream`)."""
+class _Attempt:
+    """One try at sending a request upstream: did it go out on a pooled connection?"""
 
-    async def reused(
-        session: aiohttp.ClientSession, ctx: types.SimpleNamespace, params: object
-    ) -> None:
-        ctx.trace_request_ctx.reused = True
+    __slots__ = ("reused",)
 
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_reuseconn.append(reused)
-    return trace
+    def __init__(self) -> None:
+        self.reused = False
+
+
+# Set around each `session.post`; the connector marks it (see `_open_upstream`).
+_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "upstream_attempt", default=None
+)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, telling the request in hand whether its connection came from
+    the pool: a connection that served a request before is a pooled one. (aiohttp's
+    `TraceConfig.on_connection_reuseconn` says the same, but tracing costs every request
+    a trace object and half a dozen signal coroutines, 10-20 us.)"""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._served: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
+        conn = await super().connect(*args, **kwargs)
+        protocol = conn.protocol
+        if protocol in self._served:
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.reused = True
+        elif protocol is not None:
+            self._served.add(protocol)
+        return conn
 
 
 class _ClientGone(Exception):
@@ -191,7 +216,7 @@ class Gateway:
 
     async def startup(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
+            connector=_Connector(
                 limit=0,
                 ttl_dns_cache=300,
                 # Below the engines' own keep-alive (uvicorn's default is 5 s), so a pooled
@@ -206,7 +231,6 @@ class Gateway:
             ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
-            trace_configs=[_trace_reuse()],
         )
         # Read at start, not at the first request: a disk that fills later must find
         # the keys and records already in hand.
@@ -411,41 +435,53 @@ class Gateway:
             raise self._not_found(model)
         if key is not None:
             checked = _within_key_caps(key, checked)
-        prompt_tokens = await self._check_context(checked, info)
-        most = key.policy.max_prompt_tokens if key is not None else None
-        if most is not None and prompt_tokens is not None and prompt_tokens > most:
-            raise _key_cap(
-                f"This request's prompt has {prompt_tokens} tokens; the key "
-                f"'{key.name if key else ''}' allows at most {most}.",
-                "messages" if checked.messages is not None else "prompt",
-            )
-        row.prompt_tokens = prompt_tokens
-        exchange = _Exchange(row)
-        if key is not None and key.policy.log_bodies_days:
-            exchange.keep_days = key.policy.log_bodies_days
-            exchange.request = raw
-        grant = None
-        if key is not None and self.quota is not None and limited(key):
-            grant = self.quota.admit(key, prompt_tokens)
-            exchange.headers.update(grant.headers)
-        # From here on a client that leaves cancels the work: watch for it.
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
+        # The key's token limits need the exact count; the context alone may not.
+        exact = key is not None and (
+            key.policy.tpm is not None or key.policy.max_prompt_tokens is not None
+        )
+        tally = await self._check_context(checked, info, exact)
         try:
-            await self._forward(send, request_id, path, checked, info, raw, body, exchange)
-        except asyncio.CancelledError:
-            if not exchange.gone:
-                raise
-            task.uncancel()
-            raise _ClientGone from None
+            prompt_tokens = tally.exact if tally is not None else None
+            most = key.policy.max_prompt_tokens if key is not None else None
+            if most is not None and prompt_tokens is not None and prompt_tokens > most:
+                raise _key_cap(
+                    f"This request's prompt has {prompt_tokens} tokens; the key "
+                    f"'{key.name if key else ''}' allows at most {most}.",
+                    "messages" if checked.messages is not None else "prompt",
+                )
+            row.prompt_tokens = prompt_tokens
+            exchange = _Exchange(row)
+            exchange.tally = tally
+            if key is not None and key.policy.log_bodies_days:
+                exchange.keep_days = key.policy.log_bodies_days
+                exchange.request = raw
+            grant = None
+            if key is not None and self.quota is not None and limited(key):
+                grant = self.quota.admit(key, prompt_tokens)
+                exchange.headers.update(grant.headers)
+            # From here on a client that leaves cancels the work: watch for it.
+            task = asyncio.current_task()
+            assert task is not None
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
+            try:
+                await self._forward(send, request_id, path, checked, info, raw, body, exchange)
+            except asyncio.CancelledError:
+                if not exchange.gone:
+                    raise
+                task.uncancel()
+                raise _ClientGone from None
+            finally:
+                watcher.cancel()
+                if grant is not None:
+                    assert key is not None and self.quota is not None
+                    self.quota.release(grant)
+                    if row.completion_tokens:
+                        self.quota.settle(key, row.completion_tokens)
         finally:
-            watcher.cancel()
-            if grant is not None:
-                assert key is not None and self.quota is not None
-                self.quota.release(grant)
-                if row.completion_tokens:
-                    self.quota.settle(key, row.completion_tokens)
+            # A prompt admitted on its bound alone is counted when the engine gave no count
+            # (a failed request): the ledger's row has the number either way.
+            if row.prompt_tokens is None and tally is not None:
+                row.prompt_tokens = tally.total()
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes
@@ -484,8 +520,12 @@ class Gateway:
             ) from None
         return b"".join(chunks)
 
-    async def _check_context(self, checked: validate.Checked, info: ModelInfo | None) -> int | None:
-        """Prompt tokens, after checking prompt + max_tokens against the model's context."""
+    async def _check_context(
+        self, checked: validate.Checked, info: ModelInfo | None, exact: bool
+    ) -> _Tally | None:
+        """Prompt tokens, after checking prompt + max_tokens against the model's context;
+        None when uncounted. Unless `exact`, a short prompt whose upper bound plainly fits
+        is left uncounted for now (`_Tally.later`)."""
         if info is None:
             return None
         limit = info.max_model_len
@@ -497,6 +537,7 @@ class Gateway:
                     limit, None, wanted, "messages" if checked.messages else "prompt"
                 )
             return None
+        tally = _Tally()
         if checked.messages is not None:
             kwargs = checked.body.get("chat_template_kwargs")
             template_kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
@@ -504,16 +545,18 @@ class Gateway:
                 if key in checked.body:
                     template_kwargs[key] = checked.body[key]
             messages, tools = checked.messages, checked.tools
-
-            def chat(release_gil: bool) -> int:
-                return counter.chat(messages, tools, template_kwargs, release_gil=release_gil)
-
+            chars = _text_chars(messages)
+            count: Callable[[bool], int]
+            bound = None
             try:
-                counts = [
-                    await self._count(
-                        chat, _text_chars(messages), counter, limit, wanted, "messages"
-                    )
-                ]
+                if chars < INLINE_COUNT_CHARS:
+                    # Rendered here once: the bound and the count both read the text.
+                    text = counter.render(messages, tools, template_kwargs) or ""
+                    count = functools.partial(counter.rendered, text)
+                    bound = None if exact else counter.at_most(text, False)
+                else:
+                    count = functools.partial(counter.chat, messages, tools, template_kwargs)
+                await self._count(count, chars, counter, limit, wanted, "messages", tally, bound)
             except TemplateRefused as exc:
                 raise GatewayError(
                     400, str(exc), param="messages", code="invalid_messages"
@@ -521,7 +564,9 @@ class Gateway:
         else:
             items = checked.prompts if checked.prompts is not None else checked.inputs or []
             param = "prompt" if checked.prompts is not None else "input"
-            counts = [
+            for item in items:
+                # Token ids count as they are (`prompt`): no bound needed.
+                bound = counter.at_most(item, True) if isinstance(item, str) and not exact else None
                 await self._count(
                     functools.partial(counter.prompt, item),
                     len(item) if isinstance(item, str) else 0,
@@ -529,10 +574,10 @@ class Gateway:
                     limit,
                     wanted,
                     param,
+                    tally,
+                    bound,
                 )
-                for item in items
-            ]
-        return sum(counts)
+        return tally
 
     async def _count(
         self,
@@ -542,22 +587,29 @@ class Gateway:
         limit: int | None,
         wanted: int | None,
         param: str,
-    ) -> int:
-        """One prompt's tokens, checked against the context: short texts on the loop,
-        long ones in a counting thread, absurd ones refused on their length alone."""
+        tally: _Tally,
+        bound: int | None = None,
+    ) -> None:
+        """One prompt's tokens into `tally`, checked against the context: short texts on
+        the loop (or not at all when `bound` shows they fit), long ones in a counting
+        thread, absurd ones refused on their length alone."""
         # Embeddings: the input alone must fit; a completion needs room for at least one.
         room = 0 if param == "input" else (wanted or 1)
         if chars < INLINE_COUNT_CHARS:
+            if bound is not None and (limit is None or bound + room <= limit):
+                tally.later.append(count)
+                return
             tokens = count(False)
+            tally.counted += tokens
         else:
             at_least = counter.at_least(chars)
             if limit is not None and at_least + room > limit:
                 raise _context_error(limit, at_least, wanted, param, at_least=True)
             loop = asyncio.get_running_loop()
             tokens = await loop.run_in_executor(self._counting, count, True)
+            tally.counted += tokens
         if limit is not None and tokens + room > limit:
             raise _context_error(limit, tokens, wanted, param)
-        return tokens
 
     # Forwarding.
 
@@ -572,15 +624,16 @@ class Gateway:
         if replica.api_key:
             headers["authorization"] = f"Bearer {replica.api_key}"
         for _ in range(2):
-            ctx = types.SimpleNamespace(reused=False)
+            attempt = _Attempt()
+            token = _ATTEMPT.set(attempt)
             try:
-                return await self.session.post(
-                    replica.url + path, data=data, headers=headers, trace_request_ctx=ctx
-                )
+                return await self.session.post(replica.url + path, data=data, headers=headers)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if not ctx.reused:
+                if not attempt.reused:
                     raise
                 log.info("replica %s had closed a pooled connection; retrying", replica.replica_id)
+            finally:
+                _ATTEMPT.reset(token)
         raise _engine_unreachable()
 
     async def _acquire(self, model: str, info: ModelInfo | None, tried: frozenset[str]) -> Replica:
@@ -723,8 +776,10 @@ class Gateway:
         )
         tap = StreamTap(rewriter, exchange.hide_usage)
         tail = b""
+        content = upstream.content
         try:
-            async for piece in upstream.content.iter_any():
+            # readany() itself, not iter_any(): one coroutine less for every chunk.
+            while piece := await content.readany():
                 chunk = tap.feed(piece)
                 if not chunk:
                     continue
@@ -772,6 +827,8 @@ class Gateway:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             row.prompt_tokens = prompt if isinstance(prompt, int) else row.prompt_tokens
             row.completion_tokens = completion if isinstance(completion, int) else None
+        if row.prompt_tokens is None and exchange.tally is not None:
+            row.prompt_tokens = exchange.tally.total()
         if self.spool is not None and exchange.keep_days:
             answer = b"".join(exchange.kept)
             self.spool.write(body_line(row, exchange.keep_days, exchange.request, answer))
@@ -851,13 +908,38 @@ def _context_error(
     return GatewayError(400, message, param=param, code="context_length_exceeded")
 
 
+class _Tally:
+    """A request's prompt tokens: those counted, and prompts admitted on an upper bound
+    alone, counted only if the number is wanted (`total`)."""
+
+    __slots__ = ("counted", "later")
+
+    def __init__(self) -> None:
+        self.counted = 0
+        self.later: list[Callable[[bool], int]] = []
+
+    @property
+    def exact(self) -> int | None:
+        """The count, when every prompt was counted."""
+        return None if self.later else self.counted
+
+    def total(self) -> int:
+        """The count, counting now what was left (short prompts: on the loop)."""
+        self.counted += sum(count(False) for count in self.later)
+        self.later.clear()
+        return self.counted
+
+
 class _Exchange:
     """One request's relation to its client once the body is in."""
 
-    __slots__ = ("answered", "gone", "headers", "hide_usage", "keep_days", "kept", "request", "row")
+    __slots__ = (
+        "answered", "gone", "headers", "hide_usage", "keep_days", "kept", "request", "row", "tally",
+    )  # fmt: skip
 
     def __init__(self, row: UsageRow) -> None:
         self.row = row
+        self.tally: _Tally | None = None  # the prompt's tokens, or how to count them
         self.headers: dict[str, str] = {}  # the key's rate-limit headers
         self.hide_usage = False  # the engine was asked for usage the client did not want
         # A key that keeps its bodies: for how long, the request, and the answer so far.

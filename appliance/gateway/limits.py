@@ -29,6 +29,8 @@ from appliance.keys import KeyRecord
 SLOTS = 4096
 # key id, rpm tokens, rpm refilled at, tpm tokens, tpm refilled at, in flight per worker
 _SLOT = struct.Struct(f"<q4d{WORKERS_MAX}i")
+# A new slot: tokens -1 at time 0 mean "a full bucket" (see _refill).
+_FRESH = (-1.0, 0.0, -1.0, 0.0) + (0,) * WORKERS_MAX
 
 
 def _duration(seconds: float) -> str:
@@ -62,8 +64,7 @@ class SharedLimits:
         self.table.close()
 
     def _slot(self, key_id: int) -> int:
-        # A new slot: tokens -1 at time 0 mean "a full bucket" (see _refill).
-        return self.table.slot(key_id, [-1.0, 0.0, -1.0, 0.0] + [0] * WORKERS_MAX)
+        return self.table.slot(key_id, _FRESH)
 
     @staticmethod
     def _refill(tokens: float, at: float, capacity: int, now: float) -> float:

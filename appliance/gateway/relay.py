@@ -66,7 +66,10 @@ class StreamTap:
         if cut < 0:
             self.pending = data
             return b""
-        whole, self.pending = data[: cut + 2], data[cut + 2 :]
+        if cut + 2 == len(data):  # the usual chunk: whole events, nothing to copy
+            whole, self.pending = data, b""
+        else:
+            whole, self.pending = data[: cut + 2], data[cut + 2 :]
         if self.rewriter is not None:
             whole = whole.replace(self.rewriter.old, self.rewriter.new)
         if _USAGE in whole:

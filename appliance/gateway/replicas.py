@@ -106,9 +106,16 @@ class SharedCounts:
         self.table = table
         self.column = 1 + table.worker
         table.zero_column(self.column)
+        # Looked up several times a request: the hash and the probe once per replica.
+        self._offsets: dict[str, int] = {}
 
     def _offset(self, replica_id: str) -> int:
-        return self.table.slot(_owner(replica_id), [0] * WORKERS_MAX)
+        offset = self._offsets.get(replica_id)
+        if offset is None:
+            offset = self._offsets[replica_id] = self.table.slot(
+                _owner(replica_id), [0] * WORKERS_MAX
+            )
+        return offset
 
     def total(self, replica_id: str) -> int:
         # Read without the lock: for choosing, a count a moment old is good enough.

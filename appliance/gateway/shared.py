@@ -10,18 +10,40 @@ death correctly: the worker started in a dead one's place zeroes that column fir
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 
 WORKERS_MAX = 8
 _HEARTBEATS = struct.Struct(f"<{WORKERS_MAX}d")
 HEADER = 128
+
+
+class _RangeLock:
+    """`fcntl.lockf` on a byte range for a `with` block. A class rather than a
+    generator-based context manager: several are taken on every request, and
+    `contextlib.contextmanager` costs a few microseconds each."""
+
+    __slots__ = ("_fd", "_length", "_offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd, self._offset, self._length = fd, offset, length
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, self._length, self._offset)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, self._length, self._offset)
 
 
 class SharedTable:
@@ -46,13 +68,8 @@ class SharedTable:
         self.map.close()
         os.close(self._fd)
 
-    @contextlib.contextmanager
-    def locked(self, offset: int, length: int) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, length, offset)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, length, offset)
+    def locked(self, offset: int, length: int) -> _RangeLock:
+        return _RangeLock(self._fd, offset, length)
 
     def offsets(self) -> Iterator[int]:
         for i in range(self.slots):
@@ -64,7 +81,7 @@ class SharedTable:
     def write(self, offset: int, values: list[float]) -> None:
         self.record.pack_into(self.map, offset, *values)
 
-    def slot(self, owner: int, fresh: list[float]) -> int:
+    def slot(self, owner: int, fresh: Sequence[float]) -> int:
         """The slot of `owner`, claimed (with `fresh` values) on first use."""
         found = self._found.get(owner)
         if found is not None:

@@ -14,6 +14,14 @@ thread pool, which added about half a millisecond to each small request.
 
 A template that refuses the conversation (`raise_exception`, e.g. roles that do not
 alternate) is the client's error, reported as the engine would report it.
+
+Where encoding can be skipped: for a byte-level BPE tokenizer with nothing that lengthens
+the text before it is split (no normalizer, pre-tokenizers that only split, no padding),
+every token stands for at least one byte of the text and every added token for at least
+one character, so a text never has more tokens than UTF-8 bytes (`at_most`), plus what
+the post-processor adds around it. The gateway uses that bound to admit a short prompt
+that plainly fits without encoding it, and counts exactly whenever the number itself is
+needed.
 """
 
 from __future__ import annotations
@@ -103,13 +111,96 @@ def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
+# Pre-tokenizers that only cut the text into pieces (or drop some of it): never more bytes.
+_SPLITTING = {"Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit"}
+
+
+def _splits_byte_level(pre: Any) -> bool:
+    """A ByteLevel pre-tokenizer that adds no prefix space, alone or among splitters."""
+    if not isinstance(pre, dict):
+        return False
+    if pre.get("type") == "ByteLevel":
+        return pre.get("add_prefix_space") is False
+    if pre.get("type") != "Sequence":
+        return False
+    parts = pre.get("pretokenizers")
+    if not isinstance(parts, list):
+        return False
+    levels = [p for p in parts if isinstance(p, dict) and p.get("type") == "ByteLevel"]
+    others = [p for p in parts if p not in levels]
+    return (
+        len(levels) == 1
+        and _splits_byte_level(levels[0])
+        and all(isinstance(p, dict) and p.get("type") in _SPLITTING for p in others)
+    )
+
+
+def _added_by_post_processor(post: Any) -> int | None:
+    """Tokens the post-processor adds to one sequence; None when that is not plain."""
+    if post is None:
+        return 0
+    if not isinstance(post, dict):
+        return None
+    kind = post.get("type")
+    if kind == "ByteLevel":
+        return 0
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return 2
+    if kind == "Sequence":
+        counts = [_added_by_post_processor(p) for p in post.get("processors") or [None]]
+        return None if None in counts else sum(c for c in counts if c is not None)
+    if kind == "TemplateProcessing":
+        tokens = post.get("special_tokens") or {}
+        added = 0
+        for piece in post.get("single") or []:
+            special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+            if special is None:
+                continue
+            ids = (tokens.get(special.get("id")) or {}).get("ids")
+            if not isinstance(ids, list):
+                return None
+            added += len(ids)
+        return added
+    return None
+
+
+def byte_bound(spec: dict[str, Any]) -> dict[bool, int]:
+    """For a tokenizer.json whose token count never exceeds the text's UTF-8 bytes: what
+    to add to the bytes without special tokens (False) and with them (True). Empty when
+    the tokenizer gives no such bound (a normalizer may lengthen the text, a Metaspace
+    pre-tokenizer prepends a marker, padding adds tokens...)."""
+    model = spec.get("model")
+    added = spec.get("added_tokens") or []
+    if (
+        spec.get("normalizer") is not None
+        or spec.get("padding") is not None
+        or not isinstance(model, dict)
+        or model.get("type") != "BPE"
+        or not _splits_byte_level(spec.get("pre_tokenizer"))
+        # An added token matches at least one character of the text.
+        or not all(isinstance(t, dict) and t.get("content") for t in added)
+    ):
+        return {}
+    extras = {False: 0}
+    special = _added_by_post_processor(spec.get("post_processor"))
+    if special is not None:
+        extras[True] = special
+    return extras
+
+
 class PromptCounter:
     """Counts prompt tokens for one model."""
 
     def __init__(
-        self, tokenizer: Any, template: str | None, special_tokens: dict[str, str]
+        self,
+        tokenizer: Any,
+        template: str | None,
+        special_tokens: dict[str, str],
+        bound: dict[bool, int] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        # What `at_most` adds to a text's bytes, by add_special_tokens; empty: no bound.
+        self._bound = bound or {}
         # In characters of the vocabulary's own spelling (one per byte for byte-level BPE),
         # which is never shorter than the text a token stands for.
         self._longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -132,8 +223,13 @@ class PromptCounter:
         special = {
             key: text for key in SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key)))
         }
+        raw = tokenizer_file.read_text(encoding="utf-8")
+        spec = json.loads(raw)
         return cls(
-            Tokenizer.from_file(str(tokenizer_file)), _chat_template(model_dir, config), special
+            Tokenizer.from_str(raw),
+            _chat_template(model_dir, config),
+            special,
+            byte_bound(spec) if isinstance(spec, dict) else {},
         )
 
     @property
@@ -146,10 +242,49 @@ class PromptCounter:
             return len(batch[0].ids)
         return len(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def at_most(self, text: str, add_special_tokens: bool) -> int | None:
+        """An upper bound on the tokens of `text`, without encoding it; None when this
+        tokenizer gives none (see the module docstring)."""
+        extra = self._bound.get(add_special_tokens)
+        return None if extra is None else len(text.encode("utf-8", "surrogatepass")) + extra
+
     def at_least(self, chars: int) -> int:
         """A lower bound on the tokens of a text this long, without encoding it: no
         token is longer than the longest in the vocabulary."""
         return chars // self._longest_token
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str | None:
+        """The conversation as the chat template writes it, generation prompt included;
+        None without a template (the engine refuses chat for such a model)."""
+        if self._template is None:
+            return None
+        context: dict[str, Any] = {
+            **self._special,
+            "add_generation_prompt": True,
+            **(template_kwargs or {}),
+            "messages": messages,
+            "tools": tools,
+        }
+        try:
+            rendered: str = self._template.render(**context)
+        except TemplateRefused:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateRefused(f"the model's chat template failed: {exc}") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise TemplateRefused(
+                f"the model's chat template cannot render these messages: {exc}"
+            ) from None
+        return rendered
+
+    def rendered(self, text: str, release_gil: bool = False) -> int:
+        """Tokens of a rendered conversation (its special tokens are in the text)."""
+        return self._encode(text, add_special_tokens=False, release_gil=release_gil)
 
     def chat(
         self,
@@ -159,27 +294,9 @@ class PromptCounter:
         release_gil: bool = False,
     ) -> int:
         """Tokens of the rendered conversation, generation prompt included."""
-        if self._template is None:
-            # No template: the engine refuses chat for this model; nothing to count.
-            return 0
-        context: dict[str, Any] = {
-            **self._special,
-            "add_generation_prompt": True,
-            **(template_kwargs or {}),
-            "messages": messages,
-            "tools": tools,
-        }
-        try:
-            text = self._template.render(**context)
-        except TemplateRefused:
-            raise
-        except jinja2.TemplateError as exc:
-            raise TemplateRefused(f"the model's chat template failed: {exc}") from None
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise TemplateRefused(
-                f"the model's chat template cannot render these messages: {exc}"
-            ) from None
-        return self._encode(text, add_special_tokens=False, release_gil=release_gil)
+        text = self.render(messages, tools, template_kwargs)
+        # No template: the engine refuses chat for this model; nothing to count.
+        return 0 if text is None else self.rendered(text, release_gil)
 
     def prompt(self, prompt: str | list[int], release_gil: bool = False) -> int:
         """Tokens of one completion prompt (token ids count as they are)."""
