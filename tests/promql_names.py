@@ -1,0 +1,100 @@
+"""Reading dashboards and rules the way Prometheus would: every query, parsed, and the metric
+names it selects. Shared by the dashboards' contract test and the live Prometheus test."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+
+from appliance.observability.contract import PROMETHEUS_SERIES, dcgm_series, gateway_series
+
+CONTRACTS = Path(__file__).resolve().parent / "fixtures" / "contracts"
+# Grafana's own variables, replaced by what Grafana would send for a 1-hour range.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
+# Nodes that hold one expression.
+_WRAPPERS = (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)
+_LABEL_VALUES = re.compile(r"^label_values\((.+),\s*\w+\)$", re.S)
+
+
+@dataclass(frozen=True)
+class Query:
+    dashboard: str
+    panel: str
+    expr: str
+
+
+def dashboard_queries(name: str, data: dict[str, Any]) -> list[Query]:
+    """Every panel target's expression and every query variable's selector."""
+    found = []
+    for panel in data.get("panels", []):
+        for target in panel.get("targets", []):
+            found.append(Query(name, panel["title"], target["expr"]))
+    for var in data.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            match = _LABEL_VALUES.match(var["query"])
+            assert match, f"{name}: variable {var['name']}: not label_values(...)"
+            found.append(Query(name, f"variable {var['name']}", match.group(1)))
+    return found
+
+
+def concrete(expr: str, values: dict[str, str] | None = None) -> str:
+    """The expression with Grafana's variables filled in ($model etc. with `values`)."""
+    for var, value in {**GRAFANA_VARS, **(values or {})}.items():
+        expr = expr.replace(var, value)
+    return expr
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects, read from its parse tree."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name in {expr!r}"
+            names.add(node.name)
+        elif isinstance(node, promql_parser.MatrixSelector):
+            walk(node.vector_selector)
+        elif isinstance(node, promql_parser.Call):
+            for arg in node.args:
+                walk(arg)
+        elif isinstance(node, promql_parser.BinaryExpr):
+            walk(node.lhs)
+            walk(node.rhs)
+        elif isinstance(node, promql_parser.AggregateExpr):
+            walk(node.expr)
+            if node.param is not None:
+                walk(node.param)
+        elif isinstance(node, _WRAPPERS):
+            walk(node.expr)
+        elif not isinstance(node, promql_parser.NumberLiteral | promql_parser.StringLiteral):
+            raise AssertionError(f"unexpected {type(node).__name__} in {expr!r}")
+
+    walk(promql_parser.parse(concrete(expr, {"$model": ".*", "$key": ".*", "$node": ".*"})))
+    return names
+
+
+def _with_suffixes(names: set[str]) -> set[str]:
+    # The engines' lists give histograms by their base name.
+    return names | {f"{n}{s}" for n in names for s in ("_bucket", "_sum", "_count")}
+
+
+def engine_series() -> set[str]:
+    vllm = {
+        line.strip()
+        for line in (CONTRACTS / "vllm-0.32-metrics.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    trtllm: set[str] = set()
+    for value in json.loads((CONTRACTS / "trtllm-serve.json").read_text())["metrics"].values():
+        if isinstance(value, list):
+            trtllm |= set(value)
+    return _with_suffixes(vllm) | _with_suffixes(trtllm)
+
+
+def allowed_names() -> set[str]:
+    return gateway_series() | engine_series() | dcgm_series() | set(PROMETHEUS_SERIES)
