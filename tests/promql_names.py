@@ -14,6 +14,7 @@ import promql_parser
 from appliance.observability.contract import PROMETHEUS_SERIES, dcgm_series, gateway_series
 
 CONTRACTS = Path(__file__).resolve().parent / "fixtures" / "contracts"
+DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "playbooks/roles/monitoring/files/dashboards"
 # Grafana's own variables, replaced by what Grafana would send for a 1-hour range.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
 # Nodes that hold one expression.

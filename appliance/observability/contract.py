@@ -99,6 +99,10 @@ GATEWAY_METRICS: tuple[Metric, ...] = (
     ),
 )
 
+# Counters of events (a rejection, an engine error): a labelled counter has no series until
+# its first event, so queries over these alone may rightly return nothing.
+EVENT_COUNTERS = frozenset({"appliance_rejections_total", "appliance_engine_errors_total"})
+
 # NVIDIA dcgm-exporter (etc/default-counters.csv), the fields the GPU dashboard reads; each
 # series has the labels gpu, UUID, device, modelName and Hostname.
 DCGM_METRICS: tuple[Metric, ...] = (
