@@ -4,6 +4,7 @@ the units and the apt pinning files by content."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,9 +40,10 @@ TLS = "tls_cert" in GatewayConfig.model_fields
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("templates")
     out = work / "out"
+    # What the monitoring role's probe step finds: 8 GPUs on the head, none on gpu02.
     hosts = {
-        "gpu01": {"appliance_node_ip": "10.0.0.11"},
-        "gpu02": {"appliance_node_ip": "10.0.0.12"},
+        "gpu01": {"appliance_node_ip": "10.0.0.11", "monitoring_host": {"gpu_count": 8}},
+        "gpu02": {"appliance_node_ip": "10.0.0.12", "monitoring_host": {"gpu_count": 0}},
     }
     group_vars = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     # Extra vars: the role defaults are loaded as vars_files here, which outrank inventory.
@@ -93,6 +95,14 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     },
                 },
                 *tasks,
+                {
+                    "name": "Write the renderer's GPU host arguments",
+                    "ansible.builtin.copy": {
+                        "content": "{{ monitoring_gpu_host_args | to_json }}",
+                        "dest": f"{out}/{{{{ inventory_hostname }}}}/gpu-host-args.json",
+                        "mode": "0644",
+                    },
+                },
             ],
         }
     ]
@@ -186,6 +196,11 @@ def test_grafana_is_provisioned_with_the_dashboards_datasource(rendered: Path) -
     server = (rendered / "gpu01/grafana-server.conf").read_text()
     assert "Environment=GF_SERVER_HTTP_ADDR=127.0.0.1" in server
     assert "Environment=GF_ANALYTICS_REPORTING_ENABLED=false" in server
+
+
+def test_prometheus_scrapes_the_dcgm_exporter_of_every_gpu_host(rendered: Path) -> None:
+    args = json.loads((rendered / "gpu01/gpu-host-args.json").read_text())
+    assert args == ["--gpu-host", "gpu01=10.0.0.11"]  # gpu02 has no GPU: no exporter there
 
 
 def test_the_dcgm_exporter_unit_runs_nvidias_image_on_every_gpu(rendered: Path) -> None:
