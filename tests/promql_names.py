@@ -9,16 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import promql_parser
-
 from appliance.observability.contract import PROMETHEUS_SERIES, dcgm_series, gateway_series
 
 CONTRACTS = Path(__file__).resolve().parent / "fixtures" / "contracts"
 DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "playbooks/roles/monitoring/files/dashboards"
 # Grafana's own variables, replaced by what Grafana would send for a 1-hour range.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s"}
-# Nodes that hold one expression.
-_WRAPPERS = (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)
 _LABEL_VALUES = re.compile(r"^label_values\((.+),\s*\w+\)$", re.S)
 
 
@@ -51,7 +47,12 @@ def concrete(expr: str, values: dict[str, str] | None = None) -> str:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects, read from its parse tree."""
+    """The metric names an expression selects, read from its parse tree (promql-parser, of
+    the test extra: callers skip without it)."""
+    import promql_parser
+
+    # Nodes that hold one expression.
+    wrappers = (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)
     names: set[str] = set()
 
     def walk(node: Any) -> None:
@@ -70,7 +71,7 @@ def metric_names(expr: str) -> set[str]:
             walk(node.expr)
             if node.param is not None:
                 walk(node.param)
-        elif isinstance(node, _WRAPPERS):
+        elif isinstance(node, wrappers):
             walk(node.expr)
         elif not isinstance(node, promql_parser.NumberLiteral | promql_parser.StringLiteral):
             raise AssertionError(f"unexpected {type(node).__name__} in {expr!r}")
@@ -99,3 +100,25 @@ def engine_series() -> set[str]:
 
 def allowed_names() -> set[str]:
     return gateway_series() | engine_series() | dcgm_series() | set(PROMETHEUS_SERIES)
+
+
+def contract_registry() -> tuple[Any, dict[str, Any]]:
+    """A prometheus-client registry with every gateway metric of the contract, built as the
+    gateway builds its own (the stand-in for the gateway's /metrics until that lands), and
+    its metrics by contract name."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from appliance.observability.contract import GATEWAY_METRICS, LATENCY_BUCKETS
+
+    registry = CollectorRegistry()
+    metrics: dict[str, Any] = {}
+    for m in GATEWAY_METRICS:
+        if m.kind == "counter":
+            # prometheus-client appends _total itself.
+            made: Any = Counter(m.name.removesuffix("_total"), m.help, m.labels, registry=registry)
+        elif m.kind == "gauge":
+            made = Gauge(m.name, m.help, m.labels, registry=registry)
+        else:
+            made = Histogram(m.name, m.help, m.labels, buckets=LATENCY_BUCKETS, registry=registry)
+        metrics[m.name] = made
+    return registry, metrics

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -33,8 +32,10 @@ from appliance.engines import get_adapter
 from appliance.engines.base import prometheus_sums
 from appliance.observability.contract import EVENT_COUNTERS, dcgm_series, gateway_series
 from appliance.observability.prometheus import dump, render_config, render_rules, settings_from
-from tests.conftest import ApplianceUnderTest, free_port, wait_http
+from tests.conftest import ApplianceUnderTest
 from tests.installer.testhosts import require_tools
+from tests.liveprom import promql, running_prometheus
+from tests.promql_names import DASHBOARD_DIR, concrete, dashboard_queries, metric_names
 
 pytestmark = pytest.mark.e2e
 
@@ -394,55 +395,29 @@ def prometheus(appliance: Appliance, tmp_path: Path) -> Iterator[str]:
     """Debian's prometheus (installed when missing) on a free loopback port, scraping the
     gateway with an admin key and the engines through the supervisor's file_sd file."""
     require_tools("prometheus")
-    root = tmp_path
-    key_file = root / "gateway.key"
+    key_file = tmp_path / "gateway.key"
     made = appliance.cli("key", "create", "prometheus", "--admin", "--output", str(key_file))
     assert made.returncode == 0, made.stdout + made.stderr
-    rules = root / "appliance-alerts.yml"
+    rules = tmp_path / "appliance-alerts.yml"
     rules.write_text(dump(render_rules()))
     settings = settings_from(load_config(appliance.config), key_file, [])
     settings.rules_files = [rules]
     settings.scrape_interval = "1s"
-    config = root / "prometheus.yml"
+    config = tmp_path / "prometheus.yml"
     config.write_text(dump(render_config(settings)))
-    port = free_port()
-    log = (root / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/-/ready", timeout=60, proc=proc)
+    with running_prometheus(config, tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _promql(url: str, expr: str) -> list[dict[str, Any]]:
-    resp = httpx.get(url + "/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert resp["status"] == "success", (expr, resp)
-    return list(resp["data"]["result"])
 
 
 def test_a_real_prometheus_answers_every_dashboard_query(
     appliance: Appliance, prometheus: str
 ) -> None:
     pytest.importorskip("promql_parser", reason="needs promql-parser: pip install -e '.[test]'")
-    from tests.promql_names import DASHBOARD_DIR, concrete, dashboard_queries, metric_names
-
     up = 'up{job="appliance-engines"}'
-    assert _wait_for(lambda: [r["value"][1] for r in _promql(prometheus, up)] == ["1"], 60), (
-        _promql(prometheus, up)
+    assert _wait_for(lambda: [r["value"][1] for r in promql(prometheus, up)] == ["1"], 60), promql(
+        prometheus, up
     )
-    [target] = _promql(prometheus, up)
+    [target] = promql(prometheus, up)
     replica = appliance.status()["models"][MODEL]["replicas"][0]
     assert target["metric"]["model"] == MODEL
     assert target["metric"]["replica"] == replica["replica_id"]
@@ -459,7 +434,7 @@ def test_a_real_prometheus_answers_every_dashboard_query(
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=HELLO, temperature=5)
     time.sleep(4)  # a few more scrapes
-    gateway_up = [r["value"][1] for r in _promql(prometheus, 'up{job="appliance-gateway"}')]
+    gateway_up = [r["value"][1] for r in promql(prometheus, 'up{job="appliance-gateway"}')]
     gateway_scraped = gateway_up == ["1"]
     answered, pending, no_gpu, empty = [], [], [], []
     fill = {"$model": MODEL, "$key": ".*", "$node": ".*", "$__range": "5m"}
@@ -474,7 +449,7 @@ def test_a_real_prometheus_answers_every_dashboard_query(
             if names & gateway_series() and not gateway_scraped:
                 pending.append(where)  # the gateway's /metrics is not on main yet
                 continue
-            result = _promql(prometheus, concrete(query.expr, fill))
+            result = promql(prometheus, concrete(query.expr, fill))
             if not result:
                 # Counters of events this run does not cause exist only once one happened.
                 if names <= EVENT_COUNTERS:
@@ -489,7 +464,7 @@ def test_a_real_prometheus_answers_every_dashboard_query(
     print(f"no GPU here (DCGM): {len(no_gpu)} queries")
     assert empty == [], empty
     assert len(answered) >= 15
-    ttft = _promql(
+    ttft = promql(
         prometheus,
         "histogram_quantile(0.95, sum by (le, model) "
         "(rate(vllm:time_to_first_token_seconds_bucket[1m])))",

@@ -5,15 +5,23 @@ with input series (promtool test rules)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance.installer.inventory import parse_install
+from appliance.observability.contract import PROMETHEUS_SERIES, gateway_series
 from appliance.observability.prometheus import (
     AlertTargets,
     GpuHost,
@@ -26,6 +34,14 @@ from appliance.observability.prometheus import (
 )
 from appliance.observability.targets import engine_targets, write_engine_targets
 from tests.installer.testhosts import require_tools
+from tests.liveprom import promql, running_prometheus
+from tests.promql_names import (
+    DASHBOARD_DIR,
+    concrete,
+    contract_registry,
+    dashboard_queries,
+    metric_names,
+)
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +246,150 @@ def test_a_rule_unit_test_can_fail(promtool: str, tmp_path: Path) -> None:
     path = tmp_path / "tests.yml"
     path.write_text(yaml.safe_dump(tests))
     assert _check(promtool, "test", "rules", str(path)).returncode != 0
+
+
+class _StandInGateway:
+    """The gateway's /metrics as the contract describes it, behind the admin key, with
+    traffic: what the real Prometheus scrapes until the gateway's own /metrics lands."""
+
+    def __init__(self, key: str) -> None:
+        self.registry, self.metrics = contract_registry()
+        self.authorized = 0
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/metrics":
+                    self.send_error(404)
+                elif self.headers.get("Authorization") != f"Bearer {key}":
+                    outer.refused += 1
+                    self.send_error(401)
+                else:
+                    outer.authorized += 1
+                    body = generate_latest(outer.registry)
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self.server.serve_forever, daemon=True),
+            threading.Thread(target=self._traffic, daemon=True),
+        ]
+
+    def _traffic(self) -> None:
+        m = self.metrics
+        m["appliance_replicas_healthy"].labels("tiny").set(1)
+        m["appliance_replicas_healthy"].labels("down").set(0)
+        n = 0
+        while not self.stop.wait(0.05):
+            n += 1
+            # One answer in five is a 502 (the error-rate alert's 5% is exceeded); bob's
+            # requests are refused by his rate limit.
+            status = "502" if n % 5 == 0 else "200"
+            m["appliance_requests_total"].labels("tiny", "alice", status, "local").inc()
+            m["appliance_requests_total"].labels("tiny", "bob", "429", "local").inc()
+            m["appliance_rejections_total"].labels("tiny", "rate_limited").inc()
+            if status == "502":
+                m["appliance_engine_errors_total"].labels("tiny", "r1").inc()
+            for name, seconds in (
+                ("appliance_time_to_first_token_seconds", 0.02 * (1 + n % 7)),
+                ("appliance_time_per_output_token_seconds", 0.005 * (1 + n % 3)),
+                ("appliance_request_duration_seconds", 0.5 * (1 + n % 5)),
+            ):
+                m[name].labels("tiny", "local").observe(seconds)
+            m["appliance_prompt_tokens_total"].labels("tiny", "alice").inc(12)
+            m["appliance_completion_tokens_total"].labels("tiny", "alice").inc(30)
+            m["appliance_spend_total"].labels("tiny", "alice").inc(0.0004)
+            m["appliance_replica_in_flight"].labels("tiny", "r1").set(n % 4)
+            m["appliance_replica_queued"].labels("tiny", "r1").set(n % 2)
+
+    def __enter__(self) -> _StandInGateway:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_real_prometheus_answers_every_gateway_query_of_the_dashboards(
+    tmp_path: Path,
+) -> None:
+    """Debian's Prometheus scrapes the stand-in with the generated config (admin key from a
+    credentials_file), and every dashboard query over gateway metrics returns data; the
+    rules evaluate, and those whose condition holds are pending."""
+    pytest.importorskip("promql_parser", reason="needs promql-parser: pip install -e '.[test]'")
+    key = "sk-prometheus-test"
+    (tmp_path / "gateway.key").write_text(key + "\n")
+    rules = tmp_path / "rules.yml"
+    rules.write_text(dump(render_rules()))
+    engines = tmp_path / "engines.json"
+    write_engine_targets(engines, [])
+    with _StandInGateway(key) as gateway:
+        settings = ScrapeSettings(
+            gateway=f"127.0.0.1:{gateway.port}",
+            credentials_file=tmp_path / "gateway.key",
+            engines_file=engines,
+            rules_files=[rules],
+            scrape_interval="1s",
+        )
+        config = tmp_path / "prometheus.yml"
+        config.write_text(dump(render_config(settings)))
+        with running_prometheus(config, tmp_path) as url:
+            up = 'up{job="appliance-gateway"}'
+            assert _wait(lambda: [r["value"][1] for r in promql(url, up)] == ["1"], 30)
+            time.sleep(4)  # enough scrapes for every rate
+            fill = {"$model": "tiny", "$key": ".*", "$node": ".*", "$__range": "1m"}
+            checked, empty = 0, []
+            for path in sorted(DASHBOARD_DIR.glob("*.json")):
+                for query in dashboard_queries(path.stem, json.loads(path.read_text())):
+                    names = metric_names(query.expr)
+                    if not names & gateway_series() or names - gateway_series() - PROMETHEUS_SERIES:
+                        continue  # engines' and DCGM's: tests/test_e2e.py, GPU hosts
+                    checked += 1
+                    result = promql(url, concrete(query.expr, fill))
+                    if not result:
+                        empty.append(f"{path.stem} / {query.panel}: {query.expr}")
+                        continue
+                    values = ", ".join(r["value"][1] for r in result[:3])
+                    print(f"{path.stem} / {query.panel}: {concrete(query.expr, fill)} => {values}")
+            assert empty == [] and checked >= 40, (checked, empty)
+            ratio = promql(url, concrete(_error_ratio_query(), fill))
+            assert 0.05 < float(ratio[0]["value"][1]) < 0.35, ratio
+            pending = {
+                (a["labels"]["alertname"], a["labels"].get("model"))
+                for a in httpx.get(url + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+            }
+            assert ("ApplianceModelWithoutHealthyReplica", "down") in pending
+            assert ("ApplianceErrorRateHigh", "tiny") in pending
+            assert ("ApplianceModelWithoutHealthyReplica", "tiny") not in pending
+    assert gateway.authorized >= 3 and gateway.refused == 0
+
+
+def _error_ratio_query() -> str:
+    [panel] = [
+        p
+        for p in json.loads((DASHBOARD_DIR / "model.json").read_text())["panels"]
+        if p["title"] == "Error ratio (5xx)"
+    ]
+    return str(panel["targets"][0]["expr"])
