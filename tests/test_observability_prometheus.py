@@ -126,6 +126,9 @@ def test_the_module_prints_a_config_and_says_how_to_give_hosts(
     assert printed["scrape_configs"][1]["file_sd_configs"][0]["files"] == [
         str(tmp_path / "run" / "prometheus" / "engines.json")
     ]
+    assert main(["--config", str(config), "--engines-file", "/srv/t/engines.json"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["scrape_configs"][1]["file_sd_configs"][0]["files"] == ["/srv/t/engines.json"]
     assert main(["--config", str(config), "--gpu-host", "gpu01"]) == 1
     err = capsys.readouterr().err
     assert "NAME=ADDRESS" in err and "--gpu-host gpu01=10.0.0.11" in err

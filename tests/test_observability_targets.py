@@ -79,3 +79,15 @@ def test_the_file_is_replaced_only_when_the_table_changes(tmp_path: Path) -> Non
     assert path.stat().st_ino != first.st_ino  # renamed into place, never half written
     assert json.loads(path.read_text()) == []
     assert [p.name for p in path.parent.iterdir()] == ["engines.json"]
+
+
+def test_the_file_is_written_through_a_symlinked_directory(tmp_path: Path) -> None:
+    """Installed heads link <home>/run/prometheus to a directory Prometheus may read."""
+    shared = tmp_path / "var-lib-prometheus-appliance"
+    shared.mkdir()
+    (tmp_path / "home" / "run").mkdir(parents=True)
+    (tmp_path / "home" / "run" / "prometheus").symlink_to(shared)
+    config = parse_config({"home": str(tmp_path / "home")}, tmp_path / "appliance.toml")
+    assert write_engine_targets(engine_targets_path(config), [])
+    assert (shared / "engines.json").read_text() == "[]\n"
+    assert (tmp_path / "home" / "run" / "prometheus").is_symlink()

@@ -236,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         "--gpu-host", action="append", default=[], metavar="NAME=ADDRESS",
         help="a host running the DCGM exporter (repeat for each)",
     )  # fmt: skip
+    parser.add_argument(
+        "--engines-file", type=Path, default=None,
+        help="the engines' file_sd file as Prometheus reads it (default: in the home's run/)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ca-file", type=Path, default=None,
+        help="the CA Prometheus verifies the gateway with (default: ca.pem beside tls_cert)",
+    )  # fmt: skip
     parser.add_argument("--scrape-interval", default="15s")
     parser.add_argument("--ttft-p95-s", type=float, default=AlertTargets.ttft_p95_s)
     parser.add_argument("--error-ratio", type=float, default=AlertTargets.error_ratio)
@@ -258,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(load_config(args.config), args.credentials_file, hosts)
         settings.rules_files = args.rules_file
         settings.scrape_interval = args.scrape_interval
+        if args.engines_file is not None:
+            settings.engines_file = args.engines_file
+        if args.ca_file is not None:
+            settings.ca_file = args.ca_file
         sys.stdout.write(dump(render_config(settings)))
     except ApplianceError as exc:
         print(f"error: {exc}", file=sys.stderr)
