@@ -152,7 +152,8 @@ def test_the_gateway_contract_is_what_prometheus_client_exports() -> None:
     it exposes are the ones the dashboards are checked against."""
     registry, metrics = contract_registry()
     for metric in GATEWAY_METRICS:
-        child = metrics[metric.name].labels(*["x"] * len(metric.labels))
+        made = metrics[metric.name]
+        child = made.labels(*["x"] * len(metric.labels)) if metric.labels else made
         if metric.kind == "counter":
             child.inc()
         elif metric.kind == "gauge":
@@ -169,3 +170,29 @@ def test_the_gateway_contract_is_what_prometheus_client_exports() -> None:
     }
     assert exposed == gateway_series()
     assert LATENCY_BUCKETS[0] == 0.005 and LATENCY_BUCKETS[-1] == 60.0
+
+
+def test_the_contract_is_the_gateways_own_registry() -> None:
+    """Names, types, labels and buckets: what the gateway's /metrics really exports."""
+    from appliance.gateway.metrics import BUCKETS, GatewayMetrics
+    from appliance.gateway.replicas import ReplicaTable
+
+    real = GatewayMetrics(ReplicaTable())
+    families = {f.name: f.type for f in real.registry().collect()}
+    # prometheus-client names a counter's family without its _total.
+    assert families == {
+        m.name.removesuffix("_total") if m.kind == "counter" else m.name: m.kind
+        for m in GATEWAY_METRICS
+    }
+    # The label names live only on the metric objects (prometheus-client keeps no public view).
+    by_name = {
+        metric._name: metric._labelnames
+        for metric in vars(real).values()
+        if hasattr(metric, "_labelnames")
+    }
+    for m in GATEWAY_METRICS:
+        base = m.name.removesuffix("_total") if m.kind == "counter" else m.name
+        if base in by_name:
+            assert by_name[base] == m.labels, m.name
+    assert len(by_name) >= 10
+    assert BUCKETS == LATENCY_BUCKETS

@@ -1,7 +1,8 @@
 """The metric names dashboards and alert rules may use, besides the engines' own.
 
 The gateway's names are the contract of its `/metrics` (on the gateway's port, admin-scope API
-key): each with its type and labels. The engines' names (`vllm:*`, `trtllm_*`) are the lists
+key): each with its type and labels; a test holds them to the gateway's own registry
+(appliance/gateway/metrics.py). The engines' names (`vllm:*`, `trtllm_*`) are the lists
 read from the real engines in tests/fixtures/contracts/. DCGM's are the fields of NVIDIA's
 dcgm-exporter default counters (etc/default-counters.csv) that the GPU dashboard reads.
 A test parses every dashboard and rule expression and checks each metric name against these.
@@ -31,7 +32,8 @@ class Metric:
 
 # Buckets of the gateway's latency histograms: 5 ms to 60 s.
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 )  # fmt: skip
 
 GATEWAY_METRICS: tuple[Metric, ...] = (
@@ -84,6 +86,12 @@ GATEWAY_METRICS: tuple[Metric, ...] = (
         "gauge",
         ("model",),
         "Replicas of a model that are healthy and fresh in the gateway's table.",
+    ),
+    Metric(
+        "appliance_gateway_in_flight",
+        "gauge",
+        (),
+        "Requests the gateway is handling now, all workers.",
     ),
     Metric(
         "appliance_rejections_total",
