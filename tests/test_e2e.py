@@ -30,7 +30,7 @@ from appliance.config import load_config
 from appliance.control.runtime import pid_alive, session_pids
 from appliance.engines import get_adapter
 from appliance.engines.base import prometheus_sums
-from appliance.observability.contract import EVENT_COUNTERS, dcgm_series, gateway_series
+from appliance.observability.contract import EVENT_COUNTERS, dcgm_series
 from appliance.observability.prometheus import dump, render_config, render_rules, settings_from
 from tests.conftest import ApplianceUnderTest
 from tests.installer.testhosts import require_tools
@@ -435,8 +435,9 @@ def test_a_real_prometheus_answers_every_dashboard_query(
         client.chat.completions.create(model=MODEL, messages=HELLO, temperature=5)
     time.sleep(4)  # a few more scrapes
     gateway_up = [r["value"][1] for r in promql(prometheus, 'up{job="appliance-gateway"}')]
-    gateway_scraped = gateway_up == ["1"]
-    answered, pending, no_gpu, empty = [], [], [], []
+    # The gateway's /metrics, with the admin key from the credentials file.
+    assert gateway_up == ["1"], gateway_up
+    answered, no_gpu, empty = [], [], []
     fill = {"$model": MODEL, "$key": ".*", "$node": ".*", "$__range": "5m"}
     for path in sorted(DASHBOARD_DIR.glob("*.json")):
         name = path.stem
@@ -445,9 +446,6 @@ def test_a_real_prometheus_answers_every_dashboard_query(
             where = f"{name} / {query.panel}"
             if names & dcgm_series():
                 no_gpu.append(where)  # no DCGM exporter without an NVIDIA GPU
-                continue
-            if names & gateway_series() and not gateway_scraped:
-                pending.append(where)  # the gateway's /metrics is not on main yet
                 continue
             result = promql(prometheus, concrete(query.expr, fill))
             if not result:
@@ -459,17 +457,17 @@ def test_a_real_prometheus_answers_every_dashboard_query(
             values = ", ".join(r["value"][1] for r in result[:3])
             answered.append(f"{where}: {concrete(query.expr, fill)} => {values}")
     print("\nanswered by Prometheus:\n  " + "\n  ".join(answered))
-    print(f"gateway /metrics scraped: {gateway_scraped} (up={gateway_up});"
-          f" waiting for it: {len(pending)} queries")  # fmt: skip
     print(f"no GPU here (DCGM): {len(no_gpu)} queries")
     assert empty == [], empty
-    assert len(answered) >= 15
-    ttft = promql(
-        prometheus,
-        "histogram_quantile(0.95, sum by (le, model) "
-        "(rate(vllm:time_to_first_token_seconds_bucket[1m])))",
-    )
-    assert ttft[0]["metric"] == {"model": MODEL} and 0 < float(ttft[0]["value"][1]) < 60
+    assert len(answered) >= 60
+    # TTFT p95 as the callers see it (the gateway) and as the engine does.
+    for histogram in ("appliance_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"):
+        [ttft] = promql(
+            prometheus,
+            f"histogram_quantile(0.95, sum by (le, model) (rate({histogram}_bucket[1m])))",
+        )
+        assert ttft["metric"] == {"model": MODEL} and 0 < float(ttft["value"][1]) < 60, ttft
+        print(f"TTFT p95 ({histogram}): {float(ttft['value'][1]) * 1000:.1f} ms")
     # The alert rules load and evaluate.
     rules = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     health = {r["name"]: r["health"] for g in rules for r in g["rules"]}
