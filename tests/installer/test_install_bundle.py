@@ -12,7 +12,7 @@ import pytest
 
 from appliance import versions
 from appliance.installer import InstallError
-from appliance.installer.bundle import image_names, missing_images
+from appliance.installer.bundle import image_names, is_deb, missing_images
 from tests.installer.conftest import BundleRun
 from tests.installer.test_install_cli import cli, text
 
@@ -101,6 +101,7 @@ def test_bundle_shows_progress_creates_its_directory_and_names_missing_images(
     assert f"Wrote {bundle_run.path}" in out
     assert f"warning: the bundle holds no image for vllm ({VLLM}), trtllm ({TRTLLM})" in out
     assert "images/build.sh --save" in out and "vllm trtllm" in out and "--image FILE" in out
+    assert "warning: the bundle holds no Grafana package" in out and "--grafana-deb FILE" in out
 
 
 def test_bundle_into_a_directory_is_refused_before_any_download(tmp_path: Path) -> None:
@@ -118,3 +119,20 @@ def test_bundle_with_an_image_that_is_no_archive(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"error: {bogus} is not an image archive" in text(proc)
     assert not (tmp_path / "b.tar").exists()
+
+
+def test_a_grafana_deb_that_is_no_debian_package_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "grafana.deb"
+    bogus.write_text("not a package")
+    proc = cli(tmp_path / "home", "bundle", str(tmp_path / "b.tar"), "--grafana-deb", str(bogus))
+    assert proc.returncode == 1
+    assert f"error: {bogus} is not a Debian package" in text(proc)
+    assert "grafana.com/grafana/download" in text(proc)
+    assert not (tmp_path / "b.tar").exists()
+
+
+def test_is_deb_reads_the_ar_header(tmp_path: Path) -> None:
+    deb = tmp_path / "grafana_11.6.0_amd64.deb"
+    deb.write_bytes(b"!<arch>\ndebian-binary   1700000000  0     0     100644  4         `\n2.0\n")
+    assert is_deb(deb)
+    assert not is_deb(tmp_path / "missing.deb")

@@ -91,6 +91,10 @@ def _host_vars(root: Path, disks: list[str]) -> dict[str, Any]:
         "firewall_cluster_addresses": [SERVER_IP, PEER_IP],
         # The gateway serves the certificate once the appliance's config has tls_cert.
         "appliance_gateway_tls": tls_ready,
+        # Not Prometheus and Grafana: minutes of packages this run cannot spare, and Grafana's
+        # repository is not on the test's mirror. The role is covered by lint, the syntax
+        # check, its rendered templates and tests/test_e2e.py's live Prometheus.
+        "monitoring_enabled": False,
     }
 
 

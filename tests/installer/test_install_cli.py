@@ -141,6 +141,13 @@ def test_open_bundle_checks_every_file(tmp_path: Path) -> None:
     assert extra["nvidia_driver_repo_key_file"] == str(
         tmp_path / "a/appliance-bundle/repos/keys/nvidia_cuda.asc"
     )
+    # Offline, nothing is pulled; without Grafana's .deb the head gets Prometheus alone.
+    assert extra["monitoring_dcgm_pull"] is False
+    assert extra["monitoring_grafana_enabled"] is False
+    opened.manifest["packages"] = {"grafana": "debs/grafana_11.6.0_amd64.deb"}
+    assert opened.extravars()["monitoring_grafana_deb"] == str(
+        tmp_path / "a/appliance-bundle/debs/grafana_11.6.0_amd64.deb"
+    )
     bad = tmp_path / "bad.tar"
     _bundle(
         bad,

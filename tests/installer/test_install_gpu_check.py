@@ -3,8 +3,8 @@
 Each fixture host is the Debian test root under its own overlay, with fake nvidia-smi,
 lspci, lsblk, mokutil and wipefs that print the fixture outputs (tests/fixtures/hosts, in
 the formats real machines print), and the OS facts of the distribution it stands for. The
-preflight, nvidia_driver, container_runtime and model_store roles run through the
-installer's driver in check mode, as `appliance install --check` does; nothing is written
+preflight, nvidia_driver, container_runtime, model_store and monitoring roles run through
+the installer's driver in check mode, as `appliance install --check` does; nothing is written
 to the hosts.
 """
 
@@ -132,7 +132,10 @@ def check_run(tmp_path_factory: pytest.TempPathFactory, debian: Path) -> Iterato
                 **extra,
             }
         inventory = work / "inventory.yml"
-        inventory.write_text(yaml.safe_dump({"all": {"children": {"appliance": {"hosts": hosts}}}}))
+        # In HOSTS's order: the first, an Ubuntu HGX, is the head (monitoring's Prometheus).
+        inventory.write_text(
+            yaml.safe_dump({"all": {"children": {"appliance": {"hosts": hosts}}}}, sort_keys=False)
+        )
         run_dir = work / "run"
         run_dir.mkdir()
         events: list[dict[str, Any]] = []
@@ -142,7 +145,13 @@ def check_run(tmp_path_factory: pytest.TempPathFactory, debian: Path) -> Iterato
                 inventory=inventory,
                 check=True,
                 diff=True,
-                tags=["preflight", "nvidia_driver", "container_runtime", "model_store"],
+                tags=[
+                    "preflight",
+                    "nvidia_driver",
+                    "container_runtime",
+                    "model_store",
+                    "monitoring",
+                ],
                 env={"ANSIBLE_GATHERING": "smart"},
                 playbooks=playbooks,
             ),
@@ -275,6 +284,23 @@ def test_container_runtime_follows_the_os(check_run: CheckRun) -> None:
     assert "nvidia-container-toolkit=1.17.8-*" in msgs["h100-hgx-ubuntu2204"].split()
     assert "podman" in msgs["h100-hgx-rhel9"].split()
     assert "nvidia-container-toolkit-1.17.8" in msgs["h100-hgx-rhel9"].split()
+
+
+def _ran(check_run: CheckRun, task: str) -> set[str]:
+    return {
+        str(e["event_data"]["host"])
+        for e in check_run.events
+        if e.get("event") == "runner_on_ok" and e["event_data"].get("task") == task
+    }
+
+
+def test_monitoring_on_the_head_and_the_dcgm_exporter_on_gpu_hosts(check_run: CheckRun) -> None:
+    head = "h100-hgx-ubuntu2204"
+    assert _ran(check_run, "Install Prometheus") == {head}
+    (grafana,) = check_run.messages(head, "Report the package a real run installs")
+    assert "grafana=11.6.*" in grafana
+    gpu_hosts = {name for name in HOSTS if not name.startswith("no-gpu")}
+    assert _ran(check_run, "Install the DCGM exporter's service") == gpu_hosts
 
 
 def test_run_directory_keeps_the_artifacts(check_run: CheckRun) -> None:

@@ -4,6 +4,7 @@ the units and the apt pinning files by content."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,10 @@ TEMPLATES = {
     "nvidia-pin.pref": "nvidia_driver/templates/nvidia-pin.pref.j2",
     "51appliance-nvidia": "nvidia_driver/templates/51appliance-nvidia.j2",
     "nvidia-cuda.sources": "nvidia_driver/templates/nvidia-cuda.sources.j2",
+    "grafana-datasources.yaml": "monitoring/templates/grafana-datasources.yaml.j2",
+    "grafana-dashboards.yaml": "monitoring/templates/grafana-dashboards.yaml.j2",
+    "grafana-server.conf": "monitoring/templates/grafana-server.conf.j2",
+    "appliance-dcgm-exporter.service": "monitoring/templates/appliance-dcgm-exporter.service.j2",
 }
 TLS = "tls_cert" in GatewayConfig.model_fields
 
@@ -35,9 +40,10 @@ TLS = "tls_cert" in GatewayConfig.model_fields
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("templates")
     out = work / "out"
+    # What the monitoring role's probe step finds: 8 GPUs on the head, none on gpu02.
     hosts = {
-        "gpu01": {"appliance_node_ip": "10.0.0.11"},
-        "gpu02": {"appliance_node_ip": "10.0.0.12"},
+        "gpu01": {"appliance_node_ip": "10.0.0.11", "monitoring_host": {"gpu_count": 8}},
+        "gpu02": {"appliance_node_ip": "10.0.0.12", "monitoring_host": {"gpu_count": 0}},
     }
     group_vars = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     # Extra vars: the role defaults are loaded as vars_files here, which outrank inventory.
@@ -60,7 +66,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "settings.yml").write_text(yaml.safe_dump(settings))
     defaults = [
         str(ROLES / r / "defaults/main.yml")
-        for r in ("appliance", "ray_cluster", "firewall", "nvidia_driver")
+        for r in ("appliance", "ray_cluster", "firewall", "nvidia_driver", "monitoring")
     ]
     tasks = [
         {
@@ -89,6 +95,14 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     },
                 },
                 *tasks,
+                {
+                    "name": "Write the renderer's GPU host arguments",
+                    "ansible.builtin.copy": {
+                        "content": "{{ monitoring_gpu_host_args | to_json }}",
+                        "dest": f"{out}/{{{{ inventory_hostname }}}}/gpu-host-args.json",
+                        "mode": "0644",
+                    },
+                },
             ],
         }
     ]
@@ -155,10 +169,47 @@ def test_firewall_opens_the_gateway_on_the_head_only(rendered: Path) -> None:
         assert "elements = { 10.0.0.11, 10.0.0.12 }" in rules
         assert "elements = { 10.0.0.0/24, 192.168.10.5 }" in rules
         assert "ip saddr @admin tcp dport 22 accept" in rules
-        ray = "6379-6381, 8076-8077, 10001-10999, 52365-52366, 32768-60999"
+        ray = "6379-6381, 8076-8077, 10001-10999, 52365-52366, 32768-60999, 9400"
         assert f"ip saddr @cluster tcp dport {{ {ray} }}" in rules
         assert "tcp dport { 9100 } accept" in rules
         assert rules.index("delete table inet appliance") < rules.index("table inet appliance {")
+
+
+def test_grafana_is_provisioned_with_the_dashboards_datasource(rendered: Path) -> None:
+    sources = yaml.safe_load((rendered / "gpu01/grafana-datasources.yaml").read_text())
+    [source] = sources["datasources"]
+    dashboards = ROLES / "monitoring/files/dashboards"
+    # The uid every panel of every shipped dashboard names.
+    uids = {
+        target["datasource"]["uid"]
+        for path in dashboards.glob("*.json")
+        for panel in yaml.safe_load(path.read_text())["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert uids == {source["uid"]}
+    assert source["type"] == "prometheus" and source["url"] == "http://127.0.0.1:9090"
+    [provider] = yaml.safe_load((rendered / "gpu01/grafana-dashboards.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards/appliance"
+    server = (rendered / "gpu01/grafana-server.conf").read_text()
+    assert "Environment=GF_SERVER_HTTP_ADDR=127.0.0.1" in server
+    assert "Environment=GF_ANALYTICS_REPORTING_ENABLED=false" in server
+
+
+def test_prometheus_scrapes_the_dcgm_exporter_of_every_gpu_host(rendered: Path) -> None:
+    args = json.loads((rendered / "gpu01/gpu-host-args.json").read_text())
+    assert args == ["--gpu-host", "gpu01=10.0.0.11"]  # gpu02 has no GPU: no exporter there
+
+
+def test_the_dcgm_exporter_unit_runs_nvidias_image_on_every_gpu(rendered: Path) -> None:
+    unit = (rendered / "gpu02/appliance-dcgm-exporter.service").read_text()
+    [start] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert start.startswith("ExecStart=/usr/bin/docker run --rm --name appliance-dcgm-exporter")
+    assert "--gpus all" in start and "-p 9400:9400" in start
+    assert start.endswith("nvcr.io/nvidia/k8s/dcgm-exporter:4.2.0-4.1.0-ubuntu22.04")
+    assert "Restart=always" in unit and "Requires=docker.service" in unit
 
 
 def test_nvidia_packages_are_pinned_and_blacklisted(rendered: Path) -> None:

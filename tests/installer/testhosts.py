@@ -63,6 +63,9 @@ HOST_TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "mdadm": "mdadm",
     "systemd-analyze": "systemd",
+    # The observability tests: Debian's Prometheus and its promtool.
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
 }
 # Set to 1 to have missing tools skip their tests instead of being installed.
 NO_INSTALL_ENV = "APPLIANCE_TEST_NO_INSTALL"
