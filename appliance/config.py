@@ -20,6 +20,7 @@ from appliance import versions
 from appliance.burst.settings import BurstConfig
 from appliance.errors import ApplianceError, ConfigError
 from appliance.installer.settings import InstallConfig
+from appliance.prices import token_cost
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 HOME_ENV = "APPLIANCE_HOME"
@@ -342,9 +343,9 @@ class ModelPrice(Section):
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """What one answer cost (`appliance usage` and the gateway's spend metric)."""
-        return (
-            prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
-        ) / 1e6
+        return token_cost(
+            prompt_tokens, completion_tokens, self.input_per_million, self.output_per_million
+        )
 
 
 class GovernanceConfig(Section):

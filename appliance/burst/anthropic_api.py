@@ -35,7 +35,7 @@ from appliance.burst.base import (
     Route,
     Rule,
     Usage,
-    only,
+    message_api_rules,
     parse_data_url,
     refuse,
     text_of,
@@ -59,38 +59,9 @@ STOP_REASONS = {
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 
-def _temperature(value: Any) -> str | None:
-    return None if value <= 1 else "Anthropic's temperature goes from 0 to 1."
-
-
-def _response_format(value: Any) -> str | None:
-    if value.get("type") == "text":
-        return None
-    return "Messages has no JSON mode; describe the format in the messages, or use a tool."
-
-
 RULES: dict[str, Rule | None] = {
-    "model": None,
-    "messages": None,
-    "stream": None,
-    "stream_options": None,
-    "temperature": _temperature,
-    "top_p": None,
+    **message_api_rules("Messages", "Anthropic's temperature"),
     "top_k": None,
-    "max_tokens": None,
-    "max_completion_tokens": None,
-    "stop": None,
-    "tools": None,
-    "tool_choice": None,
-    "parallel_tool_calls": None,
-    "n": only([1], "Messages returns one answer per request; send n requests."),
-    "logprobs": only([False], "Messages returns no log probabilities."),
-    "top_logprobs": only([0], "Messages returns no log probabilities."),
-    "seed": lambda _: "Messages has no seed.",
-    "presence_penalty": only([0], "Messages has no presence penalty."),
-    "frequency_penalty": only([0], "Messages has no frequency penalty."),
-    "logit_bias": only([{}], "Messages has no logit bias."),
-    "response_format": _response_format,
     "reasoning_effort": lambda _: "extended thinking is not mapped; leave it out.",
 }
 

@@ -19,6 +19,7 @@ import orjson
 
 from appliance.burst.errors import Unhonourable
 from appliance.gateway.validate import Checked
+from appliance.prices import token_cost
 
 # Every top-level field `validate.chat_request` forwards for a chat request (advisory
 # fields are already gone). A translator maps each or refuses it; an engine extension
@@ -44,10 +45,12 @@ class Route:
     output_per_million: float
 
     def cost(self, usage: Usage) -> float:
-        return (
-            usage.prompt_tokens * self.input_per_million
-            + usage.completion_tokens * self.output_per_million
-        ) / 1_000_000
+        return token_cost(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            self.input_per_million,
+            self.output_per_million,
+        )
 
 
 @dataclass
@@ -203,6 +206,40 @@ def only(values: Iterable[Any], why: str) -> Rule:
     """A rule that accepts only values that ask for nothing (false, 0, 1, "text"...)."""
     allowed = list(values)
     return lambda value: None if value in allowed else why
+
+
+def message_api_rules(api: str, temperature_of: str) -> dict[str, Rule | None]:
+    """The fields Anthropic Messages and Bedrock Converse share: one answer per request,
+    temperature 0-1, no log probabilities, seed, penalties, logit bias or JSON mode. `api`
+    names the API in the reasons; each translator adds or overrides its own fields."""
+
+    def response_format(value: Any) -> str | None:
+        if value.get("type") == "text":
+            return None
+        return f"{api} has no JSON mode; describe the format in the messages, or use a tool."
+
+    return {
+        "model": None,
+        "messages": None,
+        "stream": None,
+        "stream_options": None,
+        "temperature": lambda v: None if v <= 1 else f"{temperature_of} goes from 0 to 1.",
+        "top_p": None,
+        "max_tokens": None,
+        "max_completion_tokens": None,
+        "stop": None,
+        "tools": None,
+        "tool_choice": None,
+        "parallel_tool_calls": None,
+        "n": only([1], f"{api} returns one answer per request; send n requests."),
+        "logprobs": only([False], f"{api} returns no log probabilities."),
+        "top_logprobs": only([0], f"{api} returns no log probabilities."),
+        "seed": lambda _: f"{api} has no seed.",
+        "presence_penalty": only([0], f"{api} has no presence penalty."),
+        "frequency_penalty": only([0], f"{api} has no frequency penalty."),
+        "logit_bias": only([{}], f"{api} has no logit bias."),
+        "response_format": response_format,
+    }
 
 
 def text_of(content: Any) -> str:

@@ -44,6 +44,7 @@ from appliance.burst.base import (
     Rule,
     Usage,
     completion_id,
+    message_api_rules,
     only,
     parse_data_url,
     refuse,
@@ -82,37 +83,9 @@ STREAM_ERRORS = {
 IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
 
 
-def _temperature(value: Any) -> str | None:
-    return None if value <= 1 else "Converse's temperature goes from 0 to 1."
-
-
-def _response_format(value: Any) -> str | None:
-    if value.get("type") == "text":
-        return None
-    return "Converse has no JSON mode; describe the format in the messages, or use a tool."
-
-
 RULES: dict[str, Rule | None] = {
-    "model": None,
-    "messages": None,
-    "stream": None,
-    "stream_options": None,
-    "temperature": _temperature,
-    "top_p": None,
-    "max_tokens": None,
-    "max_completion_tokens": None,
-    "stop": None,
-    "tools": None,
-    "tool_choice": None,
+    **message_api_rules("Converse", "Converse's temperature"),
     "parallel_tool_calls": only([True], "Converse cannot turn off parallel tool calls."),
-    "n": only([1], "Converse returns one answer per request; send n requests."),
-    "logprobs": only([False], "Converse returns no log probabilities."),
-    "top_logprobs": only([0], "Converse returns no log probabilities."),
-    "seed": lambda _: "Converse has no seed.",
-    "presence_penalty": only([0], "Converse has no presence penalty."),
-    "frequency_penalty": only([0], "Converse has no frequency penalty."),
-    "logit_bias": only([{}], "Converse has no logit bias."),
-    "response_format": _response_format,
     "reasoning_effort": lambda _: "reasoning settings are not mapped; leave it out.",
 }
 

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from appliance.burst.anthropic_api import AnthropicProvider
-from appliance.burst.base import Answer, Preamble, Route, StreamAnswer
+from appliance.burst.base import Answer, Preamble, Route, StreamAnswer, Usage
 from appliance.burst.client import Provider
 from appliance.burst.errors import ProviderError, Unhonourable
 from appliance.burst.health import Breaker, Clock, Latency, order
@@ -177,9 +177,7 @@ class Burst:
 
     def _worst_case(self, route: Route, provider: Provider, checked: Checked, prompt: int) -> float:
         completion = checked.max_tokens or provider.config.default_max_tokens
-        return (
-            prompt * route.input_per_million + completion * route.output_per_million
-        ) / 1_000_000
+        return route.cost(Usage(prompt, completion))
 
     async def complete(self, checked: Checked, key: str, prompt_tokens: int) -> Answer:
         last: GatewayError | None = None
