@@ -208,6 +208,22 @@ def _ask(**extra: Any) -> dict[str, Any]:
     }
 
 
+def _refused(burst: Burst, body: dict[str, Any], stream: bool = False) -> ProviderError:
+    """The ProviderError that one request through `burst` ends in (started, then closed)."""
+
+    async def go() -> ProviderError:
+        await burst.start()
+        try:
+            with pytest.raises(ProviderError) as caught:
+                send = burst.stream if stream else burst.complete
+                await send(validate.chat_request(body), "alice", 10)
+            return caught.value
+        finally:
+            await burst.close()
+
+    return asyncio.run(go())
+
+
 # The same answer, through every translator, as the openai client sees it.
 
 
@@ -498,16 +514,7 @@ def test_a_corrupt_event_stream_frame_is_an_unreadable_answer(
     burst = Burst(_config(providers, "bedrock"))
     cloud.faults.append(Fault(kind="corrupt"))
 
-    async def go() -> ProviderError:
-        await burst.start()
-        try:
-            with pytest.raises(ProviderError) as caught:
-                await burst.stream(validate.chat_request(_ask(stream=True)), "alice", 10)
-            return caught.value
-        finally:
-            await burst.close()
-
-    err = asyncio.run(go())
+    err = _refused(burst, _ask(stream=True), stream=True)
     assert err.status == 502 and err.code == "upstream_error" and err.counts
     assert "could not be read" in err.message
     assert burst.spend.held == 0
@@ -520,16 +527,7 @@ def test_a_timeout_is_a_504_and_counts_for_the_breaker(
     burst = Burst(_config(providers, "openai"))
     cloud.faults.append(Fault(kind="hang", seconds=1.0))
 
-    async def go() -> ProviderError:
-        await burst.start()
-        try:
-            with pytest.raises(ProviderError) as caught:
-                await burst.complete(validate.chat_request(_ask()), "alice", 10)
-            return caught.value
-        finally:
-            await burst.close()
-
-    err = asyncio.run(go())
+    err = _refused(burst, _ask())
     assert err.status == 504 and err.code == "upstream_timeout" and err.counts
     assert len(burst.breakers["openai"].failures) == 1
 
@@ -540,16 +538,7 @@ def test_a_4xx_about_the_request_is_passed_on_and_not_counted(
     burst = Burst(_config(providers, "anthropic"))
     cloud.faults.append(Fault(400))
 
-    async def go() -> ProviderError:
-        await burst.start()
-        try:
-            with pytest.raises(ProviderError) as caught:
-                await burst.complete(validate.chat_request(_ask()), "alice", 10)
-            return caught.value
-        finally:
-            await burst.close()
-
-    err = asyncio.run(go())
+    err = _refused(burst, _ask())
     assert err.status == 400 and not err.counts
     assert "Fault injected." in err.message and "'anthropic'" in err.message
     assert len(burst.breakers["anthropic"].failures) == 0
@@ -880,16 +869,7 @@ def test_an_unknown_deployment_is_the_operators_problem_and_counts(
     providers["azure_openai"]["models"]["llama"]["model"] = "missing-deployment"
     burst = Burst(_config(providers, "azure_openai"))
 
-    async def go() -> ProviderError:
-        await burst.start()
-        try:
-            with pytest.raises(ProviderError) as caught:
-                await burst.complete(validate.chat_request(_ask()), "alice", 10)
-            return caught.value
-        finally:
-            await burst.close()
-
-    err = asyncio.run(go())
+    err = _refused(burst, _ask())
     assert err.status == 502 and err.code == "upstream_model_not_found" and err.counts
 
 
