@@ -107,6 +107,20 @@ class Processes:
         self.procs.append(proc)
         return proc
 
+    def fake_engine(
+        self, model: str, tokens: int, delay_ms: int, port: int | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """The fake engine serving `model` (`tokens` per answer, `delay_ms` apart), once it
+        answers /health; with its base URL."""
+        port = port or free_port()
+        proc = self.start(
+            "-m", "appliance.engines.fake", "--port", str(port), "--model", model,
+            "--tokens", str(tokens), "--delay-ms", str(delay_ms),
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc=proc)
+        return proc, url
+
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -96,27 +96,23 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     home = tmp / "home"
     key = home_with_model(home)
     config = tmp / "appliance.toml"
-    engine_port, port = free_port(), free_port()
+    port = free_port()
     # One worker: these tests pin exact per-process semantics (test_workers.py shares).
     config.write_text(f'home = "{home}"\n[gateway]\nport = {port}\nworkers = 1\n{LIMITS}')
     procs = Processes(tmp)
     try:
         # 20 tokens x 50 ms: a request holds its replica for about a second.
-        engine = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(engine_port), "--model", MODEL,
-            "--tokens", "20", "--delay-ms", "50",
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{engine_port}/health", proc=engine)
+        _, upstream = procs.fake_engine(MODEL, 20, 50)
         gateway = procs.start(
             "-m", "appliance.gateway", "--config", str(config),
-            "--static-replica", f"{MODEL}=http://127.0.0.1:{engine_port}",
+            "--static-replica", f"{MODEL}={upstream}",
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=gateway)
         yield Setup(
             f"http://127.0.0.1:{port}",
             port,
             key,
-            f"http://127.0.0.1:{engine_port}",
+            upstream,
             tmp / f"proc-{len(procs.procs) - 1}.log",
         )
         assert gateway.poll() is None, "the gateway died during the tests"

@@ -53,15 +53,11 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     key = State(home / "state.db").create_key("fuzz")
     procs = Processes(tmp)
     try:
-        engine_port, port = free_port(), free_port()
-        engine = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(engine_port), "--model", MODEL,
-            "--tokens", "3", "--delay-ms", "0",
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{engine_port}/health", proc=engine)
+        port = free_port()
+        engine, upstream = procs.fake_engine(MODEL, 3, 0)
         gw = procs.start(
             "-m", "appliance.gateway", "--port", str(port),
-            "--static-replica", f"{MODEL}=http://127.0.0.1:{engine_port}",
+            "--static-replica", f"{MODEL}={upstream}",
             env={"APPLIANCE_HOME": str(home)},
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{port}/readyz", proc=gw)

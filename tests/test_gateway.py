@@ -398,18 +398,14 @@ def test_gateway_serves_https_with_the_configured_certificate(
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    engine_port, port = free_port(), free_port()
-    engine = processes.start(
-        "-m", "appliance.engines.fake", "--port", str(engine_port), "--model", "fake",
-        "--tokens", "3", "--delay-ms", "1",
-    )  # fmt: skip
-    wait_http(f"http://127.0.0.1:{engine_port}/health", proc=engine)
+    port = free_port()
+    _, upstream = processes.fake_engine("fake", 3, 1)
     trust = ssl.create_default_context(cafile=str(cert))
     config = tmp_path / "appliance.toml"
     config.write_text(f'[gateway]\nport = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
     gw = processes.start(
         "-m", "appliance.gateway", "--config", str(config), "--no-auth",
-        "--static-replica", f"fake=http://127.0.0.1:{engine_port}",
+        "--static-replica", f"fake={upstream}",
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -68,14 +68,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     state = State(home / "state.db")
     state.add_deployment(OTHER, "vllm", state.deployments()[0].plan)
     procs = Processes(tmp)
-    engine_port, port = free_port(), free_port()
+    port = free_port()
     try:
-        engine = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(engine_port), "--model", MODEL,
-            "--tokens", "200", "--delay-ms", "5",
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{engine_port}/health", proc=engine)
-        upstream = f"http://127.0.0.1:{engine_port}"
+        _, upstream = procs.fake_engine(MODEL, 200, 5)
         gateway = procs.start(
             "-m", "appliance.gateway", "--port", str(port),
             "--static-replica", f"{MODEL}={upstream}", "--static-replica", f"{OTHER}={upstream}",

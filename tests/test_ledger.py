@@ -104,18 +104,14 @@ def test_a_killed_gateway_loses_no_answered_request(tmp_path: Path) -> None:
     key = home_with_model(home)
     state = State(home / "state.db")
     procs = Processes(tmp_path)
-    engine_port, port = free_port(), free_port()
+    port = free_port()
     try:
-        engine = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(engine_port), "--model", MODEL,
-            "--tokens", "4", "--delay-ms", "2",
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{engine_port}/health", proc=engine)
+        _, upstream = procs.fake_engine(MODEL, 4, 2)
 
         def gateway() -> object:
             proc = procs.start(
                 "-m", "appliance.gateway", "--port", str(port),
-                "--static-replica", f"{MODEL}=http://127.0.0.1:{engine_port}",
+                "--static-replica", f"{MODEL}={upstream}",
                 env={"APPLIANCE_HOME": str(home)},
             )  # fmt: skip
             wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)

@@ -95,7 +95,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "admin": state.create_key("admin", KeyPolicy(scope="admin")),
     }
     procs = Processes(tmp)
-    fast_port, other_port, slow_port, port = free_port(), free_port(), free_port(), free_port()
+    port = free_port()
     config = tmp / "appliance.toml"
     config.write_text(
         f'home = "{home}"\n[gateway]\nport = {port}\nworkers = 2\n'
@@ -104,26 +104,13 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         f"output_per_million = {PRICE.output_per_million}\n"
     )
     try:
-        fast = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(fast_port), "--model", MODEL,
-            "--tokens", "6", "--delay-ms", "1",
-        )  # fmt: skip
-        other = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(other_port), "--model", OTHER,
-            "--tokens", "6", "--delay-ms", "1",
-        )  # fmt: skip
-        slow = procs.start(
-            "-m", "appliance.engines.fake", "--port", str(slow_port), "--model", SLOW,
-            "--tokens", "400", "--delay-ms", "10",
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{fast_port}/health", proc=fast)
-        wait_http(f"http://127.0.0.1:{other_port}/health", proc=other)
-        wait_http(f"http://127.0.0.1:{slow_port}/health", proc=slow)
-        fast_url = f"http://127.0.0.1:{fast_port}"
+        _, fast_url = procs.fake_engine(MODEL, 6, 1)
+        _, other_url = procs.fake_engine(OTHER, 6, 1)
+        _, slow_url = procs.fake_engine(SLOW, 400, 10)
         gateway = procs.start(
             "-m", "appliance.gateway", "--config", str(config),
-            "--static-replica", f"{MODEL}={fast_url}", "--static-replica", f"{OTHER}=http://127.0.0.1:{other_port}",
-            "--static-replica", f"{SLOW}=http://127.0.0.1:{slow_port}",
+            "--static-replica", f"{MODEL}={fast_url}", "--static-replica", f"{OTHER}={other_url}",
+            "--static-replica", f"{SLOW}={slow_url}",
             "--static-replica", f"{DEAD}=http://127.0.0.1:{free_port()}",
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=gateway)
