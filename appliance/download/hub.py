@@ -3,7 +3,8 @@
 The library does the transfer: endpoint, token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, then its
 token file; sent to the Hub, never to the CDN a file redirects to), offline mode
 (HF_HUB_OFFLINE), redirects, paging, parallel files, Range resumes of a dropped
-connection, and Xet-backed repos when ``hf_xet`` is installed. What stays here:
+connection (from its last whole 10 MiB chunk), and Xet-backed repos when ``hf_xet`` is
+installed (not exercised by the tests: the fake Hub has no Xet storage). What stays here:
 
 - ``plan``: the revision resolved to a commit once (``repo_info``), so every file comes
   from one commit even if the branch moves, and the tree listing read (``list_repo_tree``)
