@@ -502,7 +502,7 @@ def _run_scenario(
     engine_port = _free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
     engine_argv = [
-        *(sys.executable, "-m", "appliance.engines.fake", "--host", "127.0.0.1"),
+        *(sys.executable, "-m", "appliance.testing.fake_engine", "--host", "127.0.0.1"),
         *("--port", str(engine_port), "--model", MODEL, "--tokens", str(scenario.tokens)),
         *("--delay-ms", str(scenario.delay_ms)),
     ]

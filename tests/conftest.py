@@ -114,7 +114,7 @@ class Processes:
         answers /health; with its base URL."""
         port = port or free_port()
         proc = self.start(
-            "-m", "appliance.engines.fake", "--port", str(port), "--model", model,
+            "-m", "appliance.testing.fake_engine", "--port", str(port), "--model", model,
             "--tokens", str(tokens), "--delay-ms", str(delay_ms),
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"

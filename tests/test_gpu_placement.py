@@ -28,7 +28,9 @@ class Cluster(ApplianceUnderTest):
     def __init__(self, root: Path) -> None:
         stand_in = root / "fake-vllm"
         # Given `-m vllm.entrypoints.openai.api_server ...`, which the fake takes as vLLM's.
-        stand_in.write_text(f'#!/bin/sh\nexec {sys.executable} -m appliance.engines.fake "$@"\n')
+        stand_in.write_text(
+            f'#!/bin/sh\nexec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
+        )
         stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
         super().__init__(
             root,
