@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from appliance.control.records import ReplicaState
+
 _engine_install: threading.Thread | None = None
 
 
@@ -142,6 +144,21 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+def replica_state(replica_id: str = "r1", **fields: Any) -> ReplicaState:
+    """A replica as the registry reports it (routable unless told otherwise)."""
+    values: dict[str, Any] = {
+        "replica_id": replica_id,
+        "model": "tiny-random-llama",
+        "engine": "vllm",
+        "url": "http://127.0.0.1:9",
+        "engine_model": "tiny-random-llama",
+        "node": "127.0.0.1",
+        "healthy": True,
+        "fresh": True,
+    }
+    return ReplicaState.model_validate({**values, **fields})
 
 
 @pytest.fixture
