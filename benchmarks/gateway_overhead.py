@@ -433,7 +433,7 @@ def _admission_home(root: Path) -> str:
     Store(root / "models").install(MODEL, tinymodel.build, source="builtin:tiny-random-llama")
     plan = Plan("vllm", "bf16", max_model_len=2048, max_num_seqs=1024, gpus_per_replica=1)
     state = State(root / "state.db")
-    state.add_deployment(MODEL, "vllm", plan.to_dict())
+    state.add_deployment(MODEL, plan)
     # Limits far above the load: every request goes through the shared buckets and the
     # in-flight count, and none is refused.
     policy = KeyPolicy(rpm=10_000_000, tpm=10_000_000_000, concurrency=100_000)

@@ -55,7 +55,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
         max_model_len=8192,
         max_num_seqs=64,
     )
-    State(c.home / "state.db").add_deployment(MODEL, "vllm", plan.to_dict())
+    State(c.home / "state.db").add_deployment(MODEL, plan)
     up = c.cli("up", "--timeout", "240")
     try:
         assert up.returncode == 0, up.stdout + up.stderr

@@ -86,9 +86,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     home = tmp / "home"
     state = State(home / "state.db")
     # A record with a context (no weights: prompts are not counted, max_tokens is checked).
-    plan = Plan("vllm", "fp32", max_model_len=CONTEXT, max_num_seqs=64).to_dict()
+    plan = Plan("vllm", "fp32", max_model_len=CONTEXT, max_num_seqs=64)
     for model in (MODEL, OTHER, SLOW, DEAD):
-        state.add_deployment(model, "vllm", plan)
+        state.add_deployment(model, plan)
     keys = {
         "alice": state.create_key("alice"),
         "bob": state.create_key("bob", KeyPolicy(models=(MODEL,))),
