@@ -72,16 +72,19 @@ def test_a_replica_gets_an_engine_key_and_a_printed_command_none(tmp_path: Path)
     entry = load_catalog(config.catalog).get(MODEL)
     plan = plan_model(entry, Cluster.parse("8xH100-80GB"), engine="vllm")
     spec = replica_spec(config, entry, plan, None)
-    common = {
-        "host": "127.0.0.1",
-        "port": 8001,
-        "gpu_ids": ["0"],
-        "work_dir": tmp_path,
-        "container": "c",
-        "base_env": {},
-    }
-    keyed = engine_start(spec, with_api_key=True, **common)  # type: ignore[arg-type]
-    printed = engine_start(spec, with_api_key=False, **common)  # type: ignore[arg-type]
+    keyed, printed = (
+        engine_start(
+            spec,
+            host="127.0.0.1",
+            port=8001,
+            gpu_ids=["0"],
+            work_dir=tmp_path,
+            container="c",
+            base_env={},
+            with_api_key=with_key,
+        )
+        for with_key in (True, False)
+    )
     assert keyed.launch.api_key and keyed.command.env["VLLM_API_KEY"] == keyed.launch.api_key
     assert printed.launch.api_key is None and "VLLM_API_KEY" not in printed.command.env
     assert keyed.command.argv == printed.command.argv  # the key is never on the command line
