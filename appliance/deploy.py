@@ -35,7 +35,7 @@ def free_cluster(config: ApplianceConfig, replanning: str | None = None) -> Clus
     used: Counter[str] = Counter()
     for dep in State(config.state_db).deployments():
         if dep.model != replanning:
-            used.update(Plan.from_dict(dep.plan).gpus_per_node())
+            used.update(dep.plan.gpus_per_node())
     return local_cluster(config.ray.num_gpus).without(used)
 
 
@@ -133,8 +133,7 @@ def add_model(
     detail = {"engine": plan.engine, "precision": plan.precision, "replicas": plan.replicas}
     State(config.state_db).add_deployment(
         entry.name,
-        plan.engine,
-        plan.to_dict(),
+        plan,
         audit=admin_event("model added", entry.name, detail),
     )
     return AddResult(entry, plan, built)
@@ -148,10 +147,11 @@ def remove_model(
     A model the running appliance is serving stays unless `force`: removing it cuts off
     every client using it.
     """
-    live = (read_status(config) or {}).get("models", {}).get(name)
-    if live and live.get("healthy_replicas") and not force:
+    status = read_status(config)
+    live = status.models.get(name) if status is not None else None
+    if live is not None and live.healthy_replicas and not force:
         raise StoreError(
-            f"{name} is being served right now ({live['healthy_replicas']} healthy replica(s))",
+            f"{name} is being served right now ({live.healthy_replicas} healthy replica(s))",
             hint=f"Run `appliance model remove {name} --force` to stop serving it and remove it.",
         )
     was_deployed = State(config.state_db).remove_deployment(

@@ -18,13 +18,14 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.audit import GENESIS, record_hash
+from appliance.control.records import Deployment
 from appliance.errors import ApplianceError
 from appliance.keys import KEY_PREFIX, KeyPolicy, KeyRecord, validate_key_name
+from appliance.planner.plan import Plan
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -178,14 +179,6 @@ def _state_error(path: Path, exc: Exception) -> ApplianceError:
     return ApplianceError(f"the state file {path} could not be used: {text}", hint=hint)
 
 
-@dataclass(frozen=True)
-class Deployment:
-    model: str
-    engine: str
-    plan: dict[str, Any]
-    added_at: float
-
-
 def _chain(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> None:
     """Append audit records after the last one, inside the caller's write transaction."""
     row = conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -232,6 +225,9 @@ class State:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._ready = False
+        # Deployment records by their row: the supervisor reads the table every second,
+        # and a plan is parsed again only when its row changes.
+        self._deployments: dict[tuple[str, str, float], Deployment] = {}
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -261,14 +257,12 @@ class State:
 
     # Deployments: the models the appliance should be serving.
 
-    def add_deployment(
-        self, model: str, engine: str, plan: dict[str, Any], audit: Event | None = None
-    ) -> None:
+    def add_deployment(self, model: str, plan: Plan, audit: Event | None = None) -> None:
         with self._connect() as conn:
             conn.execute(
                 "INSERT INTO deployments(model, engine, plan, added_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(model) DO UPDATE SET engine=excluded.engine, plan=excluded.plan",
-                (model, engine, json.dumps(plan, sort_keys=True), time.time()),
+                (model, plan.engine, json.dumps(plan.to_dict(), sort_keys=True), time.time()),
             )
             _chain(conn, [audit] if audit else [])
 
@@ -282,9 +276,15 @@ class State:
     def deployments(self) -> list[Deployment]:
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT model, engine, plan, added_at FROM deployments ORDER BY model"
+                "SELECT model, plan, added_at FROM deployments ORDER BY model"
             ).fetchall()
-        return [Deployment(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+        known, self._deployments = self._deployments, {}
+        for row in rows:
+            record = known.get(row)
+            if record is None:
+                record = Deployment(model=row[0], plan=json.loads(row[1]), added_at=row[2])
+            self._deployments[row] = record
+        return list(self._deployments.values())
 
     def deployment(self, model: str) -> Deployment | None:
         return next((d for d in self.deployments() if d.model == model), None)

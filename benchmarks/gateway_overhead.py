@@ -433,7 +433,7 @@ def _admission_home(root: Path) -> str:
     Store(root / "models").install(MODEL, tinymodel.build, source="builtin:tiny-random-llama")
     plan = Plan("vllm", "bf16", max_model_len=2048, max_num_seqs=1024, gpus_per_replica=1)
     state = State(root / "state.db")
-    state.add_deployment(MODEL, "vllm", plan.to_dict())
+    state.add_deployment(MODEL, plan)
     # Limits far above the load: every request goes through the shared buckets and the
     # in-flight count, and none is refused.
     policy = KeyPolicy(rpm=10_000_000, tpm=10_000_000_000, concurrency=100_000)
@@ -502,7 +502,7 @@ def _run_scenario(
     engine_port = _free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
     engine_argv = [
-        *(sys.executable, "-m", "appliance.engines.fake", "--host", "127.0.0.1"),
+        *(sys.executable, "-m", "appliance.testing.fake_engine", "--host", "127.0.0.1"),
         *("--port", str(engine_port), "--model", MODEL, "--tokens", str(scenario.tokens)),
         *("--delay-ms", str(scenario.delay_ms)),
     ]

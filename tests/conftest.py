@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from appliance.control.records import ReplicaState
+
 _engine_install: threading.Thread | None = None
 
 
@@ -114,7 +116,7 @@ class Processes:
         answers /health; with its base URL."""
         port = port or free_port()
         proc = self.start(
-            "-m", "appliance.engines.fake", "--port", str(port), "--model", model,
+            "-m", "appliance.testing.fake_engine", "--port", str(port), "--model", model,
             "--tokens", str(tokens), "--delay-ms", str(delay_ms),
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -142,6 +144,21 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+def replica_state(replica_id: str = "r1", **fields: Any) -> ReplicaState:
+    """A replica as the registry reports it (routable unless told otherwise)."""
+    values: dict[str, Any] = {
+        "replica_id": replica_id,
+        "model": "tiny-random-llama",
+        "engine": "vllm",
+        "url": "http://127.0.0.1:9",
+        "engine_model": "tiny-random-llama",
+        "node": "127.0.0.1",
+        "healthy": True,
+        "fresh": True,
+    }
+    return ReplicaState.model_validate({**values, **fields})
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def home_with_model(home: Path, engine: str = "vllm") -> str:
     Store(home / "models").install(MODEL, tinymodel.build, source="builtin:tiny-random-llama")
     plan = Plan(engine, "fp32", max_model_len=CONTEXT, max_num_seqs=MAX_NUM_SEQS)
     state = State(home / "state.db")
-    state.add_deployment(MODEL, engine, plan.to_dict())
+    state.add_deployment(MODEL, plan)
     return state.create_key("tests")
 
 

@@ -15,10 +15,12 @@ from appliance import __version__, deploy, versions
 from appliance.catalog import load_catalog
 from appliance.cli import main
 from appliance.config import load_config
+from appliance.control.records import GatewayStatus, ModelStatus, StatusFile
 from appliance.control.runtime import write_status
 from appliance.placement import Cluster
+from appliance.planner import Plan
 from appliance.state import State
-from tests.conftest import Result
+from tests.conftest import Result, replica_state
 
 KEY = re.compile(r"sk-app-[A-Za-z0-9_-]+")
 TINY = "tiny-random-llama"
@@ -246,34 +248,35 @@ def test_status_json_when_not_running(cli: Cli) -> None:
 
 
 def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None:
-    status = {
-        "pid": supervisor_pid,
-        "phase": "running",
-        "endpoint": "http://127.0.0.1:8000/v1",
-        "started_at": time.time(),
-        "gateway": {"ready": True, "pid": os.getpid(), "restarts": 0},
-        "models": {
-            TINY: {
-                "engine": "vllm",
-                "status": "RUNNING",
-                "healthy_replicas": 1,
-                "replicas": [
-                    {
-                        "replica_id": "r1",
-                        "url": "http://127.0.0.1:9",
-                        "healthy": True,
-                        "fresh": True,
-                        "load": {"running": 2.0, "waiting": 1.0, "kv_cache_usage": 0.25},
-                    }
-                ],
-            }
+    replica = replica_state(
+        model=TINY,
+        load={"running": 2.0, "waiting": 1.0, "kv_cache_usage": 0.25},
+        engine_key="sk-engine-secret",
+    )
+    status = StatusFile(
+        pid=supervisor_pid,
+        phase="running",
+        endpoint="http://127.0.0.1:8000/v1",
+        started_at=time.time(),
+        gateway=GatewayStatus(ready=True, pid=os.getpid(), restarts=0),
+        models={
+            TINY: ModelStatus(
+                engine="vllm",
+                plan=Plan(engine="vllm", precision="fp32"),
+                status="RUNNING",
+                replicas=[replica],
+            )
         },
-    }
+    )
     write_status(load_config(), status)
 
     as_json = cli("status", "--json")
     assert as_json.code == 0, as_json.text
-    assert as_json.json()["models"] == status["models"]
+    models = as_json.json()["models"]
+    assert models[TINY]["healthy_replicas"] == 1
+    [shown] = models[TINY]["replicas"]
+    assert shown == {k: v for k, v in replica.model_dump(mode="json").items() if k != "engine_key"}
+    assert "sk-engine-secret" not in as_json.text  # the engine's key is the gateway's only
 
     table = cli("status")
     assert table.code == 0, table.text
@@ -449,14 +452,14 @@ def test_adding_a_model_again_plans_with_its_own_gpus_free(
     first = cli("model", "add", model, "--from", str(checkpoint))
     assert first.code == 0, first.text
     plan = State(load_config().state_db).deployment(model)
-    assert plan is not None and plan.plan["replicas"] >= 2
+    assert plan is not None and plan.plan.replicas >= 2
     again = cli("model", "add", model)
     assert again.code == 0, again.text
     replanned = State(load_config().state_db).deployment(model)
-    assert replanned is not None and replanned.plan["replicas"] == plan.plan["replicas"]
+    assert replanned is not None and replanned.plan.replicas == plan.plan.replicas
     trt = cli("model", "add", model, "--engine", "trtllm")
     assert trt.code == 0, trt.text
-    assert State(load_config().state_db).deployment(model).plan["engine"] == "trtllm"  # type: ignore[union-attr]
+    assert State(load_config().state_db).deployment(model).plan.engine == "trtllm"  # type: ignore[union-attr]
 
 
 def test_up_plans_again_what_an_earlier_version_planned_for_its_cpu_engine(
@@ -474,11 +477,11 @@ def test_up_plans_again_what_an_earlier_version_planned_for_its_cpu_engine(
     store.install(
         TINY, lambda d: (d / "config.json").write_text("{}"), source="builtin:tiny-random-llama"
     )
-    old = {"engine": "cpu", "precision": "fp32", "replicas": 1, "max_model_len": 2048}
-    State(config.state_db).add_deployment(TINY, "cpu", old)
+    old = Plan(engine="cpu", precision="fp32", replicas=1, max_model_len=2048)
+    State(config.state_db).add_deployment(TINY, old)
     _replan_retired_engines(config)
     [dep] = State(config.state_db).deployments()
-    assert dep.plan["engine"] == "vllm" and dep.plan["gpus_per_replica"] == 0
+    assert dep.plan.engine == "vllm" and dep.plan.gpus_per_replica == 0
     assert store.get(TINY).manifest.source == tinymodel.SOURCE  # rebuilt, head_dim 64
     assert json.loads((store.path(TINY) / "config.json").read_text())["head_dim"] == 64
     _replan_retired_engines(config)  # nothing left to do: no second rebuild

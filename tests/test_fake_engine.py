@@ -15,7 +15,7 @@ import openai
 import pytest
 import uvicorn
 
-from appliance.engines.fake import FakeEngine, create_app
+from appliance.testing.fake_engine import FakeEngine, create_app
 
 MODEL = "fake-model"
 TOKENS = 6

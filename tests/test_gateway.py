@@ -44,7 +44,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         engine_port, dead_port, port = free_port(), free_port(), free_port()
         engine = procs.start(
             "-m",
-            "appliance.engines.fake",
+            "appliance.testing.fake_engine",
             "--port",
             str(engine_port),
             "--model",
@@ -195,7 +195,7 @@ def _slow_engine_behind_gateway(processes: Processes) -> tuple[str, str, object,
     engine_port, port = free_port(), free_port()
     engine = processes.start(
         "-m",
-        "appliance.engines.fake",
+        "appliance.testing.fake_engine",
         "--port",
         str(engine_port),
         "--model",

@@ -66,7 +66,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     home = tmp / "home"
     home_with_model(home)
     state = State(home / "state.db")
-    state.add_deployment(OTHER, "vllm", state.deployments()[0].plan)
+    state.add_deployment(OTHER, state.deployments()[0].plan)
     procs = Processes(tmp)
     port = free_port()
     try:

@@ -28,7 +28,9 @@ class Cluster(ApplianceUnderTest):
     def __init__(self, root: Path) -> None:
         stand_in = root / "fake-vllm"
         # Given `-m vllm.entrypoints.openai.api_server ...`, which the fake takes as vLLM's.
-        stand_in.write_text(f'#!/bin/sh\nexec {sys.executable} -m appliance.engines.fake "$@"\n')
+        stand_in.write_text(
+            f'#!/bin/sh\nexec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
+        )
         stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
         super().__init__(
             root,
@@ -53,7 +55,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
         max_model_len=8192,
         max_num_seqs=64,
     )
-    State(c.home / "state.db").add_deployment(MODEL, "vllm", plan.to_dict())
+    State(c.home / "state.db").add_deployment(MODEL, plan)
     up = c.cli("up", "--timeout", "240")
     try:
         assert up.returncode == 0, up.stdout + up.stderr

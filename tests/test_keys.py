@@ -10,6 +10,7 @@ import pytest
 
 from appliance.errors import ApplianceError
 from appliance.keys import KeyPolicy, parse_expiry, validate_key_name
+from appliance.planner import Plan
 from appliance.state import State, key_digest
 
 
@@ -98,7 +99,7 @@ def test_every_key_change_bumps_the_version(state: State) -> None:
     state.delete_key("a")
     versions.append(state.keys_version())
     assert versions == sorted(set(versions)), versions  # strictly increasing
-    state.add_deployment("m", "cpu", {"engine": "cpu", "precision": "fp32"})
+    state.add_deployment("m", Plan(engine="cpu", precision="fp32"))
     assert state.keys_version() == versions[-1]  # other writes do not
 
 

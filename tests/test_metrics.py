@@ -27,13 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.cli.top import quantile
 from appliance.config import ModelPrice
+from appliance.control.records import ModelStatus, StatusFile
 from appliance.control.runtime import write_status
 from appliance.gateway.errors import GatewayError
 from appliance.gateway.metrics import INVALID_REQUEST, NOT_REFUSALS, REASONS, rejection_reason
 from appliance.keys import KeyPolicy
 from appliance.planner import Plan
 from appliance.state import State
-from tests.conftest import Processes, Result, free_port, wait_http
+from tests.conftest import Processes, Result, free_port, replica_state, wait_http
 from tests.test_cli import Cli
 
 MODEL = "metered"
@@ -85,9 +86,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     home = tmp / "home"
     state = State(home / "state.db")
     # A record with a context (no weights: prompts are not counted, max_tokens is checked).
-    plan = Plan("vllm", "fp32", max_model_len=CONTEXT, max_num_seqs=64).to_dict()
+    plan = Plan("vllm", "fp32", max_model_len=CONTEXT, max_num_seqs=64)
     for model in (MODEL, OTHER, SLOW, DEAD):
-        state.add_deployment(model, "vllm", plan)
+        state.add_deployment(model, plan)
     keys = {
         "alice": state.create_key("alice"),
         "bob": state.create_key("bob", KeyPolicy(models=(MODEL,))),
@@ -334,21 +335,13 @@ def test_appliance_top_once_shows_each_models_traffic(
     from appliance.config import load_config
 
     config = load_config(gw.config)
-    write_status(
-        config,
-        {
-            "pid": supervisor_pid,
-            "phase": "running",
-            "endpoint": gw.base + "/v1",
-            "models": {
-                MODEL: {
-                    "status": "RUNNING",
-                    "healthy_replicas": 1,
-                    "replicas": [{"healthy": True, "load": {"running": 3, "waiting": 2}}],
-                }
-            },
-        },
+    replica = replica_state(model=MODEL, load={"running": 3, "waiting": 2})
+    plan = Plan(engine="vllm", precision="fp32")
+    model = ModelStatus(engine="vllm", plan=plan, status="RUNNING", replicas=[replica])
+    status = StatusFile(
+        pid=supervisor_pid, phase="running", endpoint=gw.base + "/v1", models={MODEL: model}
     )
+    write_status(config, status)
     stop = threading.Event()
 
     def traffic() -> None:

@@ -33,6 +33,7 @@ from appliance.observability.prometheus import (
     render_rules,
 )
 from appliance.observability.targets import engine_targets, write_engine_targets
+from tests.conftest import replica_state
 from tests.installer.testhosts import require_tools
 from tests.liveprom import promql, running_prometheus
 from tests.promql_names import (
@@ -56,8 +57,7 @@ def _check(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_config_with_every_job_passes_promtool(promtool: str, tmp_path: Path) -> None:
     engines = tmp_path / "run" / "prometheus" / "engines.json"
-    replica = {"replica_id": "r1", "model": "m", "engine": "vllm", "url": "http://10.0.0.12:40001",
-               "node": "10.0.0.12", "healthy": True, "fresh": True}  # fmt: skip
+    replica = replica_state(model="m", url="http://10.0.0.12:40001", node="10.0.0.12")
     write_engine_targets(engines, engine_targets([replica]))
     (tmp_path / "key").write_text("sk-test\n")
     (tmp_path / "ca.pem").write_text("")

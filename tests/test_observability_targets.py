@@ -7,24 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import parse_config
+from appliance.control.records import ReplicaState
 from appliance.observability.targets import (
     engine_targets,
     engine_targets_path,
     write_engine_targets,
 )
+from tests.conftest import replica_state
 
 
-def _replica(rid: str, url: str, **over: Any) -> dict[str, Any]:
-    return {
-        "replica_id": rid,
-        "model": "llama",
-        "engine": "vllm",
-        "url": url,
-        "node": "10.0.0.12",
-        "healthy": True,
-        "fresh": True,
-        **over,
-    }
+def _replica(rid: str, url: str, **over: Any) -> ReplicaState:
+    return replica_state(rid, **{"model": "llama", "url": url, "node": "10.0.0.12", **over})
 
 
 def test_each_healthy_fresh_replica_is_a_target_with_our_labels() -> None:

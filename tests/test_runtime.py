@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig, load_config
+from appliance.control.records import StatusFile
 from appliance.control.runtime import (
     STALE_AFTER_S,
     clear_status,
@@ -69,21 +70,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def test_status_round_trip_with_a_live_pid(config: ApplianceConfig, supervisor_pid: int) -> None:
-    status = {"pid": supervisor_pid, "phase": "running", "endpoint": "http://127.0.0.1:8000/v1"}
+    status = StatusFile(pid=supervisor_pid, phase="running", endpoint="http://127.0.0.1:8000/v1")
 
     write_status(config, status)
     read = read_status(config)
 
     assert read is not None
-    assert {k: read[k] for k in status} == status
-    assert read["stale"] is False
-    assert abs(read["updated_at"] - time.time()) < 60
+    assert read.model_copy(update={"updated_at": 0.0}) == status
+    assert read.stale is False
+    assert abs(read.updated_at - time.time()) < 60
     assert status_path(config) == config.run_dir / "appliance.json"
     assert [p.name for p in config.run_dir.iterdir()] == ["appliance.json"]
 
 
 def test_old_status_is_marked_stale(config: ApplianceConfig, supervisor_pid: int) -> None:
-    write_status(config, {"pid": supervisor_pid})
+    write_status(config, StatusFile(pid=supervisor_pid))
     data = json.loads(status_path(config).read_text())
     data["updated_at"] = time.time() - STALE_AFTER_S - 1
     status_path(config).write_text(json.dumps(data))
@@ -91,7 +92,7 @@ def test_old_status_is_marked_stale(config: ApplianceConfig, supervisor_pid: int
     read = read_status(config)
 
     assert read is not None
-    assert read["stale"] is True
+    assert read.stale is True
 
 
 def test_status_of_a_dead_pid_is_none(
@@ -100,14 +101,14 @@ def test_status_of_a_dead_pid_is_none(
     proc = sleeper(children, "pass")
     proc.wait(timeout=10)
 
-    write_status(config, {"pid": proc.pid, "phase": "running"})
+    write_status(config, StatusFile(pid=proc.pid, phase="running"))
 
     assert read_status(config) is None
 
 
 def test_status_of_a_live_pid_that_is_no_supervisor_is_none(config: ApplianceConfig) -> None:
     # A pid recycled by an unrelated process must never be taken for the appliance.
-    write_status(config, {"pid": os.getpid(), "phase": "running"})
+    write_status(config, StatusFile(pid=os.getpid(), phase="running"))
     assert read_status(config) is None
 
 
@@ -123,7 +124,7 @@ def test_missing_or_unreadable_status_is_none(config: ApplianceConfig, text: str
 
 def test_clear_status(config: ApplianceConfig, supervisor_pid: int) -> None:
     clear_status(config)  # nothing there yet: no error
-    write_status(config, {"pid": supervisor_pid})
+    write_status(config, StatusFile(pid=supervisor_pid))
     clear_status(config)
     assert not status_path(config).exists()
     assert read_status(config) is None

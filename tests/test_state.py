@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from appliance.errors import ApplianceError
+from appliance.planner import Plan
 from appliance.state import KEY_PREFIX, State, key_digest
 
-PLAN = {"engine": "vllm", "precision": "fp32", "replicas": 1}
+PLAN = Plan(engine="vllm", precision="fp32", replicas=1)
 
 
 @pytest.fixture
@@ -30,8 +32,8 @@ def test_a_new_state_is_empty_and_creates_its_directory(state: State) -> None:
 
 
 def test_add_and_list_deployments(state: State) -> None:
-    state.add_deployment("zeta", "vllm", PLAN)
-    state.add_deployment("alpha", "vllm", {**PLAN, "engine": "vllm"})
+    state.add_deployment("zeta", PLAN)
+    state.add_deployment("alpha", replace(PLAN, engine="vllm"))
 
     deployments = state.deployments()
 
@@ -44,23 +46,23 @@ def test_add_and_list_deployments(state: State) -> None:
 
 
 def test_adding_again_updates_the_deployment(state: State) -> None:
-    state.add_deployment("m", "vllm", PLAN)
+    state.add_deployment("m", PLAN)
     first = state.deployment("m")
     assert first is not None
 
-    state.add_deployment("m", "vllm", {**PLAN, "replicas": 2})
+    state.add_deployment("m", replace(PLAN, replicas=2))
 
     updated = state.deployment("m")
     assert updated is not None
     assert updated.engine == "vllm"
-    assert updated.plan["replicas"] == 2
+    assert updated.plan.replicas == 2
     assert updated.added_at == first.added_at
     assert len(state.deployments()) == 1
 
 
 def test_remove_deployment(state: State) -> None:
-    state.add_deployment("m", "vllm", PLAN)
-    state.add_deployment("n", "vllm", PLAN)
+    state.add_deployment("m", PLAN)
+    state.add_deployment("n", PLAN)
 
     assert state.remove_deployment("m") is True
     assert state.remove_deployment("m") is False
@@ -68,7 +70,7 @@ def test_remove_deployment(state: State) -> None:
 
 
 def test_state_is_shared_through_the_file(state: State) -> None:
-    state.add_deployment("m", "vllm", PLAN)
+    state.add_deployment("m", PLAN)
     key = state.create_key("ci")
 
     other = State(state.path)

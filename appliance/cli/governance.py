@@ -17,7 +17,6 @@ from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError
 from appliance.keys import describe_time, parse_duration
-from appliance.planner import Plan
 from appliance.state import State
 
 audit_app = typer.Typer(
@@ -50,7 +49,7 @@ def _gpu_hours(config: ApplianceConfig, state: State, since: float, now: float) 
     """GPU-hours each deployed model held within the window (GPUs x hours deployed)."""
     hours = {}
     for dep in state.deployments():
-        plan = Plan.from_dict(dep.plan)
+        plan = dep.plan
         gpus = plan.gpus_per_replica * plan.replicas
         held = max(0.0, now - max(since, dep.added_at)) / 3600
         hours[dep.model] = gpus * held

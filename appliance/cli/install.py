@@ -303,7 +303,7 @@ def _own_ports(config: ApplianceConfig) -> set[int]:
     status = read_status(config)
     if status is None:
         return set()
-    return listening_ports(session_pids(int(status["pid"])))
+    return listening_ports(session_pids(status.pid))
 
 
 def _failing(items: list[dict[str, Any]]) -> bool:

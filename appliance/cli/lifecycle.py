@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -19,6 +18,7 @@ from appliance.audit import admin_event
 from appliance.catalog import load_catalog
 from appliance.cli.common import config_of, console, print_json
 from appliance.config import ApplianceConfig, EngineConfig
+from appliance.control.records import StatusFile
 from appliance.control.runtime import (
     clear_status,
     last_supervisor_pid,
@@ -30,11 +30,10 @@ from appliance.control.runtime import (
     supervisor_env,
 )
 from appliance.deploy import DEFAULT_MODEL, add_model
-from appliance.engines import ADAPTERS
+from appliance.engines import ADAPTERS, EngineLoad
 from appliance.engines.cpuenv import CpuEngineEnv
 from appliance.errors import ClusterError
 from appliance.logs import ensure_log_dir
-from appliance.planner import Plan
 from appliance.state import State
 
 
@@ -58,29 +57,15 @@ def _ensure_api_key(config: ApplianceConfig) -> None:
     console.print(f"Created API key 'default'; it is in {path} (readable by you only).")
 
 
-def _ready(status: dict[str, Any]) -> bool:
-    if status.get("phase") != "running" or not status.get("gateway", {}).get("ready"):
-        return False
-    return all(
-        m.get("status") == "RUNNING" and m.get("healthy_replicas", 0) > 0
-        for m in status.get("models", {}).values()
-    )
-
-
-def _failed(status: dict[str, Any] | None) -> dict[str, str]:
+def _failed(status: StatusFile | None) -> dict[str, str]:
     """Models that failed to deploy or cannot be deployed (the supervisor keeps trying)."""
-    models = (status or {}).get("models", {})
-    return {
-        name: str(m.get("message") or "no message")
-        for name, m in models.items()
-        if m.get("status") == "DEPLOY_FAILED"
-        or (m.get("status") == "NOT_DEPLOYED" and m.get("message"))
-    }
+    models = status.models if status is not None else {}
+    return {name: m.message or "no message" for name, m in models.items() if m.failed}
 
 
-def _endpoint(status: dict[str, Any]) -> str:
+def _endpoint(status: StatusFile) -> str:
     """The endpoint as bound; a wildcard bind is said to be one, with a name to use."""
-    endpoint = str(status.get("endpoint"))
+    endpoint = status.endpoint
     for wildcard in ("://0.0.0.0:", "://[::]:"):
         if wildcard in endpoint:
             named = endpoint.replace(wildcard, f"://{socket.getfqdn()}:")
@@ -88,15 +73,15 @@ def _endpoint(status: dict[str, Any]) -> str:
     return endpoint
 
 
-def _progress_line(status: dict[str, Any] | None) -> str:
+def _progress_line(status: StatusFile | None) -> str:
     if status is None:
         return "starting supervisor"
-    parts = [str(status.get("phase", "starting"))]
-    if status.get("phase") == "running" and not status.get("gateway", {}).get("ready"):
+    parts = [status.phase]
+    if status.phase == "running" and not status.gateway.ready:
         parts.append("gateway starting")
-    for name, model in status.get("models", {}).items():
-        n = model.get("healthy_replicas", 0)
-        parts.append(f"{name}: {n} healthy" if n else f"{name}: {model.get('status', '').lower()}")
+    for name, model in status.models.items():
+        n = model.healthy_replicas
+        parts.append(f"{name}: {n} healthy" if n else f"{name}: {model.status.lower()}")
     return ", ".join(parts)
 
 
@@ -117,7 +102,7 @@ def _replan_retired_engines(config: ApplianceConfig) -> None:
     `transformers serve`, of earlier versions) are planned again, and their builtin
     weights rebuilt if their shape changed."""
     for dep in State(config.state_db).deployments():
-        engine = dep.plan.get("engine")
+        engine = dep.engine
         if engine not in ADAPTERS:
             with console.status(f"Planning {dep.model} again (its engine {engine} is gone)..."):
                 result = add_model(config, dep.model)
@@ -132,7 +117,7 @@ def ensure_cpu_engine(config: ApplianceConfig) -> None:
     when it is installed already (the common case: one check of a file)."""
     if config.engines.vllm.command:
         return
-    plans = [Plan.from_dict(d.plan) for d in State(config.state_db).deployments()]
+    plans = [d.plan for d in State(config.state_db).deployments()]
     if not any(p.engine == "vllm" and p.on_cpu for p in plans):
         return
     env = CpuEngineEnv.of(config.engines)
@@ -180,7 +165,7 @@ def up(
     config = config_of(ctx)
     running = read_status(config)
     if running is not None:
-        console.print(f"The appliance is already running (pid {running['pid']}).")
+        console.print(f"The appliance is already running (pid {running.pid}).")
         console.print(f"Endpoint: {_endpoint(running)}")
         return
     state = State(config.state_db)
@@ -224,7 +209,7 @@ def up(
             start_new_session=True,
             env=env,
         )
-    status: dict[str, Any] | None = None
+    status: StatusFile | None = None
     with console.status("Starting the appliance...") as spinner:
         while True:
             if proc.poll() is not None:
@@ -233,7 +218,7 @@ def up(
                     hint=f"Its log {log_path} ends with:\n{log_tail(log_path)}",
                 )
             status = read_status(config)
-            if status is not None and _ready(status):
+            if status is not None and status.ready:
                 break
             if failed := _failed(status):
                 details = "\n".join(f"  {name}: {msg}" for name, msg in failed.items())
@@ -255,10 +240,10 @@ def up(
     assert status is not None
     console.print(f"[green]The appliance is up[/] ({elapsed:.1f}s).")
     console.print(f"Endpoint: {_endpoint(status)}")
-    console.print(f"Models:   {', '.join(status['models']) or 'none'}")
-    for name, model in status["models"].items():
-        if model.get("message"):
-            console.print(f"[yellow]warning:[/] {name}: {model['message']}")
+    console.print(f"Models:   {', '.join(status.models) or 'none'}")
+    for name, model in status.models.items():
+        if model.message:
+            console.print(f"[yellow]warning:[/] {name}: {model.message}")
     if config.gateway.require_api_key and key_file(config).exists():
         console.print(f"API key:  export OPENAI_API_KEY=$(cat {key_file(config)})")
 
@@ -271,7 +256,7 @@ def down(ctx: typer.Context) -> None:
         _stop_leftovers(config)
         console.print("The appliance is not running.")
         return
-    pid = int(status["pid"])
+    pid = status.pid
     with console.status("Stopping models, the gateway and Ray..."):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 120
@@ -297,56 +282,51 @@ def status(
     config = config_of(ctx)
     current = read_status(config)
     if as_json:
-        print_json(current or {"phase": "stopped"})
+        print_json(current.public() if current is not None else {"phase": "stopped"})
         if current is None:
             raise typer.Exit(1)
         return
     if current is None:
         console.print("The appliance is not running. Start it with `appliance up`.")
         raise typer.Exit(1)
-    uptime = time.time() - float(current.get("started_at", time.time()))
-    gateway = current.get("gateway", {})
+    uptime = time.time() - (current.started_at or time.time())
+    gateway = current.gateway
     console.print(f"Endpoint  {_endpoint(current)}")
+    console.print(f"State     {current.phase} for {uptime:.0f}s (supervisor pid {current.pid})")
     console.print(
-        f"State     {current.get('phase')} for {uptime:.0f}s (supervisor pid {current['pid']})"
+        f"Gateway   {'ready' if gateway.ready else '[red]not ready[/]'} "
+        f"(pid {gateway.pid}, {gateway.restarts} restarts)"
     )
-    console.print(
-        f"Gateway   {'ready' if gateway.get('ready') else '[red]not ready[/]'} "
-        f"(pid {gateway.get('pid')}, {gateway.get('restarts', 0)} restarts)"
-    )
-    if current.get("stale"):
+    if current.stale:
         console.print("[yellow]The supervisor has not updated its status for a while.[/]")
-    models = current.get("models", {})
-    if not models:
+    if not current.models:
         console.print("\nNo models deployed. `appliance model add NAME` adds one.")
-    for name, model in models.items():
-        replicas = model.get("replicas", [])
+    for name, model in current.models.items():
         console.print(
-            f"\n[bold]{name}[/]  engine {model.get('engine')}  {model.get('status')}  "
-            f"{model.get('healthy_replicas', 0)}/{len(replicas)} healthy"
+            f"\n[bold]{name}[/]  engine {model.engine}  {model.status}  "
+            f"{model.healthy_replicas}/{len(model.replicas)} healthy"
         )
-        if model.get("message"):
-            console.print(f"  [yellow]{model['message']}[/]")
-        for rep in replicas:
-            healthy = rep.get("healthy") and rep.get("fresh")
-            age = time.time() - float(rep.get("started_at", time.time()))
+        if model.message:
+            console.print(f"  [yellow]{model.message}[/]")
+        for rep in model.replicas:
+            age = time.time() - (rep.started_at or time.time())
             console.print(
-                f"  replica {rep.get('replica_id')}  "
-                f"{'healthy' if healthy else '[red]unhealthy[/]'}  {rep.get('url')}  "
-                f"engine pid {rep.get('pid')}  up {age:.0f}s{_load_text(rep.get('load'))}"
+                f"  replica {rep.replica_id}  "
+                f"{'healthy' if rep.routable else '[red]unhealthy[/]'}  {rep.url}  "
+                f"engine pid {rep.pid}  up {age:.0f}s{_load_text(rep.load)}"
             )
-            if not healthy:
-                why = rep.get("problem") or "no report for a while (replica stopped or stuck?)"
+            if not rep.routable:
+                why = rep.problem or "no report for a while (replica stopped or stuck?)"
                 console.print(f"    [yellow]{why}[/]")
 
 
-def _load_text(load: dict[str, Any] | None) -> str:
+def _load_text(load: EngineLoad | None) -> str:
     """The engine's own figures, as its replica last read them from its metrics."""
-    if not load:
+    if load is None:
         return ""
-    text = f"  running {load.get('running', 0):g}, waiting {load.get('waiting', 0):g}"
-    if load.get("kv_cache_usage") is not None:
-        text += f", KV cache {float(load['kv_cache_usage']) * 100:.0f}% used"
+    text = f"  running {load.running:g}, waiting {load.waiting:g}"
+    if load.kv_cache_usage is not None:
+        text += f", KV cache {load.kv_cache_usage * 100:.0f}% used"
     return text
 
 

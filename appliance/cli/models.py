@@ -130,7 +130,7 @@ def list_models(
     deployed = {d.model: d for d in State(config.state_db).deployments()}
     store = Store(config.store_dir)
     live_status = read_status(config)
-    live = (live_status or {}).get("models", {})
+    live = live_status.models if live_status is not None else {}
     names = catalog.names() if all_ else list(deployed)
     rows: list[dict[str, Any]] = []
     for name in names:
@@ -143,7 +143,7 @@ def list_models(
                 "engines": entry.engines if entry else [],
                 "added": name in deployed,
                 "in_store": store.is_installed(name),
-                "healthy_replicas": live.get(name, {}).get("healthy_replicas"),
+                "healthy_replicas": live[name].healthy_replicas if name in live else None,
             }
         )
     if as_json:
@@ -188,10 +188,11 @@ def show(
     dep = State(config.state_db).deployment(name)
     store = Store(config.store_dir)
     installed = store.get(name) if store.is_installed(name) else None
-    live = (read_status(config) or {}).get("models", {}).get(name)
+    status = read_status(config)
+    live = status.models.get(name) if status is not None else None
     data = {
         "catalog": entry.model_dump(mode="json"),
-        "plan": dep.plan if dep else None,
+        "plan": dep.plan.to_dict() if dep else None,
         "store": {
             "path": str(installed.path),
             "bytes": installed.total_bytes,
@@ -200,7 +201,7 @@ def show(
         }
         if installed
         else None,
-        "live": live,
+        "live": live.public() if live else None,
     }
     if as_json:
         print_json(data)
@@ -220,15 +221,14 @@ def show(
         p = dep.plan
         where = (
             "on the CPU (no GPUs)"
-            if not p["gpus_per_replica"]
-            else f"TP {p['tensor_parallel']}, {p['gpus_per_replica']} GPU(s) per replica"
+            if p.on_cpu
+            else f"TP {p.tensor_parallel}, {p.gpus_per_replica} GPU(s) per replica"
         )
         console.print(
-            f"Plan: engine {p['engine']}, precision {p['precision']}, "
-            f"{p['replicas']} replica(s), {where}"
+            f"Plan: engine {p.engine}, precision {p.precision}, {p.replicas} replica(s), {where}"
         )
-        if p.get("explanation"):
-            console.print(f"Why: {p['explanation']}")
+        if p.explanation:
+            console.print(f"Why: {p.explanation}")
     else:
         console.print("Not added. `appliance model add " + name + "` adds it.")
     if installed:
@@ -237,9 +237,7 @@ def show(
             f"{len(installed.manifest.files)} files)"
         )
     if live:
-        console.print(
-            f"Live: {live.get('status')}, {live.get('healthy_replicas')} healthy replica(s)"
-        )
+        console.print(f"Live: {live.status}, {live.healthy_replicas} healthy replica(s)")
 
 
 @app.command("remove")

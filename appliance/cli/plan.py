@@ -11,8 +11,7 @@ import typer
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.config import ApplianceConfig
-from appliance.engines import LaunchSpec, get_adapter
-from appliance.engines.runner import engine_command
+from appliance.control.launch import engine_start, replica_spec
 from appliance.placement import Cluster, local_cluster
 from appliance.planner import (
     GIB,
@@ -204,27 +203,22 @@ def _speed(c: Candidate) -> list[str]:
 
 
 def engine_command_line(config: ApplianceConfig, entry: ModelEntry, plan: Plan) -> dict[str, Any]:
-    """argv, env and files of one replica's engine, as the appliance would start it."""
-    gpus = tuple(str(i) for i in range(plan.tensor_parallel if plan.gpus_per_replica else 0))
-    spec = LaunchSpec(
-        model=entry.name,
-        weights=config.store_dir / entry.name,
+    """argv, env and files of one replica's engine, as the appliance would start it: the
+    replica's own builder, given placeholders for what only Ray decides."""
+    spec = replica_spec(config, entry, plan, ray_address="RAY_HEAD:6379")
+    start = engine_start(
+        spec,
         host="0.0.0.0",
         port=8001,
-        entry=entry,
-        plan=plan,
-        gpu_ids=gpus,
-        work_dir=config.run_dir / "engines" / entry.name,
-        extra_args=tuple(config.models[entry.name].engine_args)
-        if entry.name in config.models
-        else (),
-        extra_env=dict(config.models[entry.name].engine_env) if entry.name in config.models else {},
-        ray_address="RAY_HEAD:6379",
+        gpu_ids=[str(i) for i in range(plan.tensor_parallel if plan.gpus_per_replica else 0)],
+        work_dir=Path(spec.work_dir) / entry.name,
+        container=f"{entry.name}-debug",
+        base_env={},
+        with_api_key=False,
     )
-    launch = get_adapter(plan.engine, config.engines.of(plan.engine)).launch(spec)
-    cmd = engine_command(spec, launch, plan.engine, config.engines, f"{entry.name}-debug", {})
+    launch, cmd = start.launch, start.command
     env = {k: v for k, v in cmd.env.items() if k in launch.env or k == "CUDA_VISIBLE_DEVICES"}
-    files = {str(spec.work_dir / name): content for name, content in launch.files.items()}
+    files = {str(start.spec.work_dir / name): content for name, content in launch.files.items()}
     return {"argv": cmd.argv, "env": env, "files": files}
 
 

@@ -15,7 +15,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console, Group
@@ -25,6 +24,7 @@ from rich.text import Text
 
 from appliance.cli.common import config_of, console
 from appliance.config import ApplianceConfig
+from appliance.control.records import StatusFile
 from appliance.control.runtime import read_status
 from appliance.errors import ApplianceError
 
@@ -123,11 +123,11 @@ def _ms(seconds: float | None) -> str:
     return NONE if seconds is None else f"{seconds * 1000:.0f}ms"
 
 
-def frame(samples: deque[Sample], status: dict[str, Any] | None) -> Group:
+def frame(samples: deque[Sample], status: StatusFile | None) -> Group:
     """One view: a header and a row per model."""
     first, last = samples[0], samples[-1]
     span = last.at - first.at
-    served = status.get("models", {}) if status else {}
+    served = status.models if status is not None else {}
     table = Table(box=None, pad_edge=False, collapse_padding=True, header_style="bold")
     for name in COLUMNS:
         table.add_column(
@@ -138,15 +138,14 @@ def frame(samples: deque[Sample], status: dict[str, Any] | None) -> Group:
         window = _delta(now, first.models.get(model)) if span > 0 else ModelFigures()
         info = served.get(model)
         if info is not None:
-            replicas = info.get("replicas", [])
-            healthy = int(info.get("healthy_replicas", 0))
-            loads = [r.get("load") or {} for r in replicas]
+            healthy = info.healthy_replicas
+            loads = [r.load for r in info.replicas if r.load is not None]
             health = Text("healthy" if healthy else "down", style="green" if healthy else "red")
-            if info.get("message"):
-                health = Text(str(info.get("status") or "degraded"), style="yellow")
-            replica_text = f"{healthy}/{len(replicas)}"
-            running = f"{sum(float(x.get('running', 0)) for x in loads):g}"
-            waiting = f"{sum(float(x.get('waiting', 0)) for x in loads):g}"
+            if info.message:
+                health = Text(info.status or "degraded", style="yellow")
+            replica_text = f"{healthy}/{len(info.replicas)}"
+            running = f"{sum(x.running for x in loads):g}"
+            waiting = f"{sum(x.waiting for x in loads):g}"
         else:
             health, replica_text, running, waiting = Text(NONE), NONE, NONE, NONE
         rate = f"{window.requests / span:.1f}" if span > 0 else NONE
@@ -168,7 +167,7 @@ def frame(samples: deque[Sample], status: dict[str, Any] | None) -> Group:
     if status is None:
         where = "no supervisor running (replicas and health unknown)"
     else:
-        where = f"endpoint {status.get('endpoint') or NONE}, phase {status.get('phase')}"
+        where = f"endpoint {status.endpoint or NONE}, phase {status.phase}"
     header = Text(
         f"appliance top  {when}  {where}\ngateway in flight {last.in_flight:g}; rates and "
         f"TTFT over the last {span:.1f}s"

@@ -12,20 +12,26 @@ from typing import Any
 
 import ray
 
+from appliance.control.records import RegistrySnapshot, ReplicaInfo, ReplicaState
+
 
 @ray.remote(num_cpus=0, max_concurrency=64)  # type: ignore[call-overload]
 class ReplicaRegistry:
+    """Takes ReplicaInfo as plain data and gives out RegistrySnapshot as plain data: both
+    ends validate them with appliance.control.records."""
+
     def __init__(self) -> None:
-        self._replicas: dict[str, dict[str, Any]] = {}
+        self._replicas: dict[str, tuple[ReplicaInfo, float]] = {}  # id -> (report, received)
         self._models: list[str] = []
 
     def set_models(self, models: list[str]) -> None:
         """The models that are deployed, whether or not a replica is up."""
         self._models = sorted(models)
-        self._replicas = {k: v for k, v in self._replicas.items() if v["model"] in models}
+        self._replicas = {k: v for k, v in self._replicas.items() if v[0].model in models}
 
     def report(self, info: dict[str, Any]) -> None:
-        self._replicas[info["replica_id"]] = {**info, "received_at": time.monotonic()}
+        report = ReplicaInfo.model_validate(info)
+        self._replicas[report.replica_id] = (report, time.monotonic())
 
     def forget(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
@@ -34,17 +40,14 @@ class ReplicaRegistry:
         now = time.monotonic()
         # A replica that stopped reporting (killed, its node gone) shows as not fresh at
         # once and is dropped soon after: status must not list it for minutes.
-        stale = [k for k, v in self._replicas.items() if now - v["received_at"] > 3 * max_age_s]
+        stale = [k for k, (_, at) in self._replicas.items() if now - at > 3 * max_age_s]
         for key in stale:
             del self._replicas[key]
-        replicas = []
-        for info in self._replicas.values():
-            age = now - info["received_at"]
-            entry = {k: v for k, v in info.items() if k != "received_at"}
-            entry["age_s"] = round(age, 3)
-            entry["fresh"] = age <= max_age_s
-            replicas.append(entry)
-        return {"models": list(self._models), "replicas": replicas}
+        replicas = [
+            ReplicaState(**dict(info), age_s=round(now - at, 3), fresh=now - at <= max_age_s)
+            for info, at in self._replicas.values()
+        ]
+        return RegistrySnapshot(models=list(self._models), replicas=replicas).model_dump()
 
 
 def get_or_create_registry() -> Any:

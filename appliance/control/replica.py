@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,39 +25,15 @@ import aiohttp
 import ray
 from ray import serve
 
-from appliance.catalog import ModelEntry
-from appliance.config import EnginesConfig
 from appliance.control import NAMESPACE, REGISTRY_NAME
+from appliance.control.launch import engine_start
+from appliance.control.records import ReplicaInfo, ReplicaSpec
 from appliance.control.runtime import die_with_parent, log_tail
-from appliance.engines import EngineLaunch, LaunchSpec, get_adapter
-from appliance.engines.runner import container_name, engine_command
+from appliance.engines import EngineLaunch, EngineLoad
+from appliance.engines.runner import container_name
 from appliance.errors import EngineError
 from appliance.logs import ensure_log_dir, popen_logged
-from appliance.planner import Plan
 from appliance.store import Store
-
-
-@dataclass(frozen=True)
-class ReplicaSpec:
-    model: str
-    engine: str
-    weights: str
-    entry: dict[str, Any]  # the catalog entry, as JSON
-    plan: dict[str, Any]
-    engines: dict[str, Any]  # the [engines] config section, as JSON
-    extra_args: list[str]
-    extra_env: dict[str, str]
-    log_dir: str
-    work_dir: str  # per-replica engine files go in a directory below this
-    engine_host: str | None  # None: the node's address (multi-host); embedded: 127.0.0.1
-    ray_address: str | None
-    start_timeout_s: float
-    report_interval_s: float
-    probe_interval_s: float = 5.0
-    probe_timeout_s: float = 20.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _bind_serve_grpc_to(host: str) -> None:
@@ -93,10 +67,8 @@ def free_port(host: str) -> int:
 class EngineReplica:
     # Serve awaits an async constructor, so the engine starts before traffic arrives.
     async def __init__(self, spec: dict[str, Any]) -> None:  # type: ignore[misc]
-        self.spec = ReplicaSpec(**spec)
+        self.spec = ReplicaSpec.model_validate(spec)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        engines = EnginesConfig.model_validate(self.spec.engines)
-        self.adapter = get_adapter(self.spec.engine, engines.of(self.spec.engine))
         self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
         self.host = self.spec.engine_host or ray.util.get_node_ip_address()
         _bind_serve_grpc_to(self.host)
@@ -106,36 +78,27 @@ class EngineReplica:
         # Cheap, and it catches a truncated or rewritten file before an engine loads it.
         weights = Path(self.spec.weights)
         Store(weights.parent).check_files(weights.name)
-        # Only the gateway learns this key (from the registry): the engine's API is not
-        # open to whoever reaches its address.
-        api_key = secrets.token_urlsafe(32) if self.adapter.accepts_api_key else None
-        launch_spec = LaunchSpec(
-            model=self.spec.model,
-            weights=Path(self.spec.weights),
+        # The engine gets a key when it can require one, and only the gateway learns it
+        # (from the registry): the engine's API is not open to whoever reaches its address.
+        start = engine_start(
+            self.spec,
             host=self.host,
             port=self.port,
-            entry=ModelEntry.model_validate(self.spec.entry),
-            plan=Plan.from_dict(self.spec.plan),
             gpu_ids=self.gpu_ids,
             work_dir=work_dir,
-            extra_args=tuple(self.spec.extra_args),
-            extra_env=dict(self.spec.extra_env),
-            ray_address=self.spec.ray_address,
-            api_key=api_key,
+            container=container_name(self.spec.model, self.replica_id),
+            base_env=os.environ,
+            with_api_key=True,
         )
-        self.launch: EngineLaunch = self.adapter.launch(launch_spec)
-        self._auth = {"authorization": f"Bearer {api_key}"} if self.launch.api_key else {}
+        self.adapter = start.adapter
+        self.launch: EngineLaunch = start.launch
+        self.command = start.command
+        self._auth = (
+            {"authorization": f"Bearer {self.launch.api_key}"} if self.launch.api_key else {}
+        )
         work_dir.mkdir(parents=True, exist_ok=True)
         for name, content in self.launch.files.items():
             (work_dir / name).write_text(content)
-        self.command = engine_command(
-            launch_spec,
-            self.launch,
-            self.spec.engine,
-            engines,
-            container_name(self.spec.model, self.replica_id),
-            os.environ,
-        )
         log_dir = Path(self.spec.log_dir)
         ensure_log_dir(log_dir)
         self.log_path = log_dir / f"engine-{self.spec.model}-{self.replica_id}.log"
@@ -169,7 +132,7 @@ class EngineReplica:
             )
         except OSError as exc:
             program = self.command.argv[0]
-            if Plan.from_dict(self.spec.plan).on_cpu:
+            if self.spec.plan.on_cpu:
                 hint = (
                     "`appliance up` installs vLLM's CPU build before it starts the replicas; "
                     "run it again, or set engines.vllm.command in appliance.toml to the Python "
@@ -221,46 +184,44 @@ class EngineReplica:
             f"{log_tail(self.log_path)}",
         )
 
-    async def _load(self) -> dict[str, Any]:
+    async def _load(self) -> EngineLoad | None:
         if self.adapter.metrics_path is None:
-            return {}
+            return None
         try:
             async with self.session.get(self.url + self.adapter.metrics_path) as resp:
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError):
-            return {}
-        load = self.adapter.parse_load(text)
-        return asdict(load) if load else {}
+            return None
+        return self.adapter.parse_load(text)
 
-    def info(self, healthy: bool, load: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
-            "replica_id": self.replica_id,
-            "model": self.spec.model,
-            "engine": self.spec.engine,
-            "url": self.url,
-            "engine_model": self.launch.engine_model,
-            "response_model": self.launch.response_model or self.launch.engine_model,
-            "node": self.host,
-            "pid": self.proc.pid,
-            "gpu_ids": list(self.gpu_ids),
-            "argv": self.command.argv,
-            "healthy": healthy,
-            "problem": self.problem,
-            # For the gateway only (over Ray, which authenticates); never in status.
-            "engine_key": self.launch.api_key,
-            "load": load or {},
-            "started_at": self.started_at,
-            "log": str(self.log_path),
-        }
+    def info(self, healthy: bool, load: EngineLoad | None = None) -> ReplicaInfo:
+        return ReplicaInfo(
+            replica_id=self.replica_id,
+            model=self.spec.model,
+            engine=self.spec.engine,
+            url=self.url,
+            engine_model=self.launch.engine_model,
+            response_model=self.launch.response_model,
+            node=self.host,
+            pid=self.proc.pid,
+            gpu_ids=self.gpu_ids,
+            argv=self.command.argv,
+            healthy=healthy,
+            problem=self.problem,
+            engine_key=self.launch.api_key,
+            load=load,
+            started_at=self.started_at,
+            log=str(self.log_path),
+        )
 
     def _registry_handle(self) -> Any:
         if self._registry is None:
             self._registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
         return self._registry
 
-    def _publish(self, info: dict[str, Any]) -> None:
+    def _publish(self, info: ReplicaInfo) -> None:
         try:
-            self._registry_handle().report.remote(info)
+            self._registry_handle().report.remote(info.model_dump())
         except Exception:  # registry restarting: look it up again next time
             self._registry = None
 
@@ -335,7 +296,7 @@ class EngineReplica:
             raise EngineError(self.problem)
 
     async def describe(self) -> dict[str, Any]:
-        return self.info(self.proc.poll() is None and self.problem is None)
+        return self.info(self.proc.poll() is None and self.problem is None).model_dump()
 
     def _group_alive(self) -> bool:
         try:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import secrets
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from appliance.config import ApplianceConfig
+from appliance.control.records import StatusFile
 from appliance.errors import ClusterError
 
 STALE_AFTER_S = 15.0
@@ -29,34 +28,34 @@ def status_path(config: ApplianceConfig) -> Path:
     return config.run_dir / "appliance.json"
 
 
-def write_status(config: ApplianceConfig, status: dict[str, Any]) -> None:
+def write_status(config: ApplianceConfig, status: StatusFile) -> None:
     path = status_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**status, "updated_at": time.time()}, indent=2, sort_keys=True))
+    tmp.write_text(status.model_copy(update={"updated_at": time.time()}).file_text())
     os.replace(tmp, path)
+
+
+def _status_file(config: ApplianceConfig) -> StatusFile | None:
+    try:
+        return StatusFile.model_validate_json(status_path(config).read_bytes())
+    except (OSError, ValueError):  # missing, half-written by hand, or not a status
+        return None
 
 
 def last_supervisor_pid(config: ApplianceConfig) -> int | None:
     """The pid the status file names, whether or not that process still lives."""
-    try:
-        status = json.loads(status_path(config).read_text())
-        return int(status["pid"]) if isinstance(status, dict) else None
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    status = _status_file(config)
+    return status.pid if status is not None else None
 
 
-def read_status(config: ApplianceConfig) -> dict[str, Any] | None:
+def read_status(config: ApplianceConfig) -> StatusFile | None:
     """The supervisor's last status, or None when no supervisor process is alive."""
-    pid = last_supervisor_pid(config)
-    if pid is None or not is_supervisor(pid):
+    status = _status_file(config)
+    if status is None or not is_supervisor(status.pid):
         return None
-    try:
-        status: dict[str, Any] = json.loads(status_path(config).read_text())
-    except (OSError, ValueError):
-        return None
-    status["stale"] = time.time() - float(status.get("updated_at", 0)) > STALE_AFTER_S
-    return status
+    stale = time.time() - status.updated_at > STALE_AFTER_S
+    return status.model_copy(update={"stale": stale})
 
 
 def clear_status(config: ApplianceConfig) -> None:

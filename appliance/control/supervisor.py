@@ -33,7 +33,16 @@ from typing import Any
 from appliance.catalog import load_catalog
 from appliance.config import ApplianceConfig, load_config
 from appliance.control import NAMESPACE
-from appliance.control.replica import ReplicaSpec, engine_replica_deployment
+from appliance.control.launch import replica_spec
+from appliance.control.records import (
+    Deployment,
+    GatewayStatus,
+    ModelStatus,
+    RegistrySnapshot,
+    ReplicaSpec,
+    StatusFile,
+)
+from appliance.control.replica import engine_replica_deployment
 from appliance.control.runtime import clear_status, die_with_parent, supervisor_env, write_status
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
@@ -45,7 +54,7 @@ from appliance.observability.targets import (
 )
 from appliance.placement import Cluster, Node, place
 from appliance.planner import Plan
-from appliance.state import Deployment, State
+from appliance.state import State
 from appliance.store import Store
 
 log = logging.getLogger("appliance.supervisor")
@@ -317,31 +326,14 @@ class Supervisor:
     # Reconciliation: Serve applications follow the deployments in the state file.
 
     def _spec(self, dep: Deployment) -> ReplicaSpec:
-        plan = Plan.from_dict(dep.plan)
-        override = self.config.models.get(dep.model)
-        return ReplicaSpec(
-            model=dep.model,
-            engine=plan.engine,
-            weights=str(self.store.path(dep.model)),
-            entry=self.catalog.get(dep.model).model_dump(mode="json"),
-            plan=dep.plan,
-            engines=self.config.engines.model_dump(mode="json"),
-            extra_args=list(override.engine_args) if override else [],
-            extra_env=dict(override.engine_env) if override else {},
-            log_dir=str(self.config.log_dir),
-            work_dir=str(self.config.run_dir / "engines"),
-            engine_host="127.0.0.1" if not self.config.ray.address else None,
-            ray_address=self.ray_address or None,
-            start_timeout_s=self.config.serve.engine_start_timeout_s,
-            report_interval_s=self.config.serve.report_interval_s,
-            probe_interval_s=self.config.serve.probe_interval_s,
-            probe_timeout_s=self.config.serve.probe_timeout_s,
+        return replica_spec(
+            self.config, self.catalog.get(dep.model), dep.plan, self.ray_address or None
         )
 
     def _deploy(self, dep: Deployment, spec: ReplicaSpec, replicas: int) -> None:
         from ray import serve
 
-        plan = Plan.from_dict(dep.plan)
+        plan = dep.plan
         sc = self.config.serve
         app = (
             engine_replica_deployment()
@@ -357,7 +349,7 @@ class Supervisor:
                 graceful_shutdown_timeout_s=30,
                 max_constructor_retry_count=3,
             )
-            .bind(spec.to_dict())
+            .bind(spec.model_dump(mode="json"))
         )
         serve._run(app, _blocking=False, name=dep.model, route_prefix=None)
 
@@ -375,9 +367,7 @@ class Supervisor:
         from ray.serve.schema import ApplicationStatus
 
         desired = {d.model: d for d in self.state.deployments()}
-        fits = fit_replicas(
-            [(d.model, Plan.from_dict(d.plan)) for d in desired.values()], self._gpu_nodes()
-        )
+        fits = fit_replicas([(d.model, d.plan) for d in desired.values()], self._gpu_nodes())
         apps = serve.status().applications
         now = time.monotonic()
         for model, app in apps.items():
@@ -400,9 +390,8 @@ class Supervisor:
                     del self.deployed[model]
                 continue
             spec = self._spec(dep)
-            fingerprint = hashlib.sha256(
-                json.dumps([spec.to_dict(), dep.plan, placed], sort_keys=True).encode()
-            ).hexdigest()
+            # The spec holds the plan: a replan or a config change redeploys.
+            fingerprint = hashlib.sha256(f"{spec.model_dump_json()} {placed}".encode()).hexdigest()
             if self.deployed.get(model) != fingerprint:
                 log.info("deploying %s (%d replicas)", model, placed)
                 self._deploy(dep, spec, placed)
@@ -424,57 +413,50 @@ class Supervisor:
 
     # Status.
 
-    def _models_status(self) -> dict[str, Any]:
+    def _models_status(self) -> dict[str, ModelStatus]:
         import ray
         from ray import serve
 
         try:
-            snapshot = ray.get(
-                self.registry.snapshot.remote(self.config.serve.stale_after_s), timeout=5
+            snapshot = RegistrySnapshot.model_validate(
+                ray.get(self.registry.snapshot.remote(self.config.serve.stale_after_s), timeout=5)
             )
         except Exception as exc:
             log.warning("registry snapshot failed: %r", exc)
-            snapshot = {"models": [], "replicas": []}
+            snapshot = RegistrySnapshot()
         apps = serve.status().applications
-        models: dict[str, Any] = {}
+        models: dict[str, ModelStatus] = {}
         for dep in self.state.deployments():
             app = apps.get(dep.model)
-            # The engine's key is for the gateway: never in the status file.
-            replicas = [
-                {k: v for k, v in r.items() if k != "engine_key"}
-                for r in snapshot["replicas"]
-                if r["model"] == dep.model
-            ]
-            models[dep.model] = {
-                "engine": dep.plan.get("engine"),
-                "plan": dep.plan,
-                "status": str(app.status.value) if app else "NOT_DEPLOYED",
-                "message": self.problems.get(dep.model) or _app_message(app),
-                "replicas": replicas,
-                "healthy_replicas": sum(1 for r in replicas if r["healthy"] and r["fresh"]),
-            }
+            models[dep.model] = ModelStatus(
+                engine=dep.engine,
+                plan=dep.plan,
+                status=str(app.status.value) if app else "NOT_DEPLOYED",
+                message=self.problems.get(dep.model) or _app_message(app),
+                replicas=[r for r in snapshot.replicas if r.model == dep.model],
+            )
         return models
 
     def _publish(self, phase: str) -> None:
-        status: dict[str, Any] = {
-            "pid": os.getpid(),
-            "phase": phase,
-            "started_at": self.started_at,
-            "ray_address": self.ray_address,
-            "gateway": {
-                "pid": self.gateway.pid if self.gateway else None,
-                "ready": self.gateway_ok,
-                "restarts": self.gateway_restarts,
-                "listen": self.gateway_listen,
-            },
-            "models": {},
-        }
-        # The address the gateway really bound (wildcard included), once it has said so.
-        status["endpoint"] = (self.gateway_listen or gateway_url(self.config)) + "/v1"
-        if self.registry is not None and phase == "running":
-            status["models"] = self._models_status()
-            replicas = [r for m in status["models"].values() for r in m["replicas"]]
-            targets = engine_targets(replicas)
+        live = self.registry is not None and phase == "running"
+        models = self._models_status() if live else {}
+        status = StatusFile(
+            pid=os.getpid(),
+            phase=phase,
+            started_at=self.started_at,
+            ray_address=self.ray_address,
+            gateway=GatewayStatus(
+                pid=self.gateway.pid if self.gateway else None,
+                ready=self.gateway_ok,
+                restarts=self.gateway_restarts,
+                listen=self.gateway_listen,
+            ),
+            # The address the gateway really bound (wildcard included), once it has said so.
+            endpoint=(self.gateway_listen or gateway_url(self.config)) + "/v1",
+            models=models,
+        )
+        if live:
+            targets = engine_targets(status.replicas())
             if write_engine_targets(engine_targets_path(self.config), targets):
                 log.info("engine scrape targets: %d replica(s)", len(targets))
         write_status(self.config, status)
@@ -515,8 +497,7 @@ class Supervisor:
     def _publish_quietly(self, phase: str) -> None:
         with contextlib.suppress(OSError):
             write_status(
-                self.config,
-                {"pid": os.getpid(), "phase": phase, "started_at": self.started_at},
+                self.config, StatusFile(pid=os.getpid(), phase=phase, started_at=self.started_at)
             )
 
 

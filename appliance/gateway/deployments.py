@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.catalog import ModelEntry
+from appliance.control.records import Deployment
 from appliance.gateway.tokens import PromptCounter
 from appliance.gateway.validate import NO_TOOL_CALLS, extensions_for
-from appliance.planner import Plan
-from appliance.state import Deployment
 from appliance.store import MANIFEST
 
 log = logging.getLogger("appliance.gateway")
@@ -87,7 +86,7 @@ class DeploymentBook:
         assert self._load is not None
         models = {}
         for dep in self._load():
-            plan = Plan.from_dict(dep.plan)
+            plan = dep.plan
             entry = self._entries(dep.model) if self._entries else None
             reads = entry.modalities if entry is not None else ()
             parts = {MODALITY_PARTS[m] for m in reads if m in MODALITY_PARTS}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.control.records import RegistrySnapshot
 from appliance.gateway.shared import WORKERS_MAX, SharedTable
 
 log = logging.getLogger("appliance.gateway")
@@ -343,18 +344,10 @@ class ReplicaTable:
         return {m: len(self.healthy(m)) for m in self.models}
 
 
-def replicas_from_snapshot(snapshot: dict[str, Any]) -> list[Replica]:
+def replicas_from_snapshot(snapshot: RegistrySnapshot) -> list[Replica]:
     return [
-        Replica(
-            r["replica_id"],
-            r["model"],
-            r["url"],
-            r["engine_model"],
-            r.get("response_model") or r["engine_model"],
-            r.get("engine_key"),
-        )
-        for r in snapshot["replicas"]
-        if r.get("healthy") and r.get("fresh")
+        Replica(r.replica_id, r.model, r.url, r.engine_model, r.response_model, r.engine_key)
+        for r in snapshot.routable()
     ]
 
 
@@ -402,10 +395,10 @@ class RayRegistrySource:
             try:
                 if handle is None:
                     handle = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-                snapshot: dict[str, Any] = ray.get(
-                    handle.snapshot.remote(self.stale_after_s), timeout=5
+                snapshot = RegistrySnapshot.model_validate(
+                    ray.get(handle.snapshot.remote(self.stale_after_s), timeout=5)
                 )
-                self.table.replace(snapshot["models"], replicas_from_snapshot(snapshot))
+                self.table.replace(snapshot.models, replicas_from_snapshot(snapshot))
             except Exception as exc:
                 handle = None
                 log.warning("replica registry not readable yet: %r", exc)

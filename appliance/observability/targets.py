@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
 from appliance.config import ApplianceConfig
+from appliance.control.records import ReplicaState
 from appliance.engines import ADAPTERS
 
 
@@ -41,15 +41,15 @@ def engine_targets_path(config: ApplianceConfig) -> Path:
     return config.run_dir / "prometheus" / "engines.json"
 
 
-def engine_targets(replicas: list[dict[str, Any]]) -> list[TargetGroup]:
-    """A target group per healthy, fresh replica whose engine has a metrics page."""
+def engine_targets(replicas: list[ReplicaState]) -> list[TargetGroup]:
+    """A target group per routable replica whose engine has a metrics page."""
     groups = []
     for replica in replicas:
-        if not (replica.get("healthy") and replica.get("fresh")):
+        if not replica.routable:
             continue
-        adapter = ADAPTERS.get(replica["engine"])
+        adapter = ADAPTERS.get(replica.engine)
         metrics_path = adapter.metrics_path if adapter is not None else None
-        url = urlsplit(replica["url"])
+        url = urlsplit(replica.url)
         if metrics_path is None or url.hostname is None or url.port is None:
             continue
         host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
@@ -57,10 +57,10 @@ def engine_targets(replicas: list[dict[str, Any]]) -> list[TargetGroup]:
             TargetGroup(
                 targets=[f"{host}:{url.port}"],
                 labels={
-                    "model": replica["model"],
-                    "replica": replica["replica_id"],
-                    "node": str(replica.get("node") or url.hostname),
-                    "engine": replica["engine"],
+                    "model": replica.model,
+                    "replica": replica.replica_id,
+                    "node": replica.node or url.hostname,
+                    "engine": replica.engine,
                     "__metrics_path__": metrics_path,
                 },
             )

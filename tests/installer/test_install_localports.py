@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig
+from appliance.control.records import StatusFile
 from appliance.control.runtime import is_supervisor, write_status
 from appliance.installer.localports import listening_ports
 from tests.installer.test_install_cli import cli
@@ -65,7 +66,7 @@ def test_doctor_local_passes_the_running_appliances_ports(
 ) -> None:
     proc, (port, port6, _) = listener
     home = tmp_path / "home"
-    write_status(ApplianceConfig(home=home), {"pid": proc.pid, "phase": "running"})
+    write_status(ApplianceConfig(home=home), StatusFile(pid=proc.pid, phase="running"))
     cli(home, "doctor", "--local", "--json", cwd=tmp_path)
     (run,) = (home / "installs").iterdir()
     extravars = json.loads((run / "env" / "extravars").read_text())

@@ -17,7 +17,7 @@ test sends it spec-valid requests of every shape.
 
 It is a raw ASGI app with pre-encoded bytes because it must be cheap per request.
 
-    python -m appliance.engines.fake --port 8001 --model fake --tokens 32 --delay-ms 20
+    python -m appliance.testing.fake_engine --port 8001 --model fake --tokens 32 --delay-ms 20
 """
 
 from __future__ import annotations
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         _run(args, info)
         return
     parser = argparse.ArgumentParser(
-        prog="python -m appliance.engines.fake",
+        prog="python -m appliance.testing.fake_engine",
         description="A fake OpenAI-compatible engine speaking vLLM's wire format.",
     )
     parser.add_argument("--host", default="127.0.0.1")

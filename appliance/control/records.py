@@ -1,0 +1,188 @@
+"""The records that cross a process boundary, typed once for writer and reader.
+
+    record            carried by                  written by      read by
+    Deployment        the state file (SQLite)     `model add`     supervisor, gateway, CLI
+    ReplicaSpec       Serve's deployment argument supervisor      replica
+    ReplicaInfo       registry report (Ray)       replica         registry actor
+    RegistrySnapshot  registry answer (Ray)       registry actor  supervisor, gateway
+    StatusFile        <home>/run/appliance.json   supervisor      CLI (`status`, `up`, `top`)
+
+Writers dump a record to plain data (JSON, or dicts over Ray); readers validate it back.
+Readers ignore fields they do not know, so a newer writer (a host upgraded first, a
+status file left by a newer version) does not break an older reader. Nested config
+(the catalog entry, the [engines] section) keeps its own `extra="forbid"`: it is written
+by the same version that reads it, within one `appliance up`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
+
+from appliance.catalog import ModelEntry
+from appliance.config import EnginesConfig
+from appliance.engines.base import EngineLoad
+from appliance.planner.plan import Plan
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Deployment(Record):
+    """A model the appliance should be serving, and the plan it was added with."""
+
+    model: str
+    plan: Plan
+    added_at: float = 0.0
+
+    @property
+    def engine(self) -> str:
+        return self.plan.engine
+
+
+class ReplicaSpec(Record):
+    """What the supervisor hands each replica of a model (Serve's deployment argument)."""
+
+    model: str
+    weights: str  # the model's directory in the store
+    entry: ModelEntry
+    plan: Plan
+    engines: EnginesConfig  # the [engines] config section
+    extra_args: tuple[str, ...] = ()
+    extra_env: dict[str, str] = Field(default_factory=dict)
+    log_dir: str
+    work_dir: str  # per-replica engine files go in a directory below this
+    engine_host: str | None  # None: the node's address (multi-host); embedded: 127.0.0.1
+    ray_address: str | None
+    start_timeout_s: float
+    report_interval_s: float
+    probe_interval_s: float = 5.0
+    probe_timeout_s: float = 20.0
+
+    @property
+    def engine(self) -> str:
+        return self.plan.engine
+
+
+class ReplicaInfo(Record):
+    """What a replica reports about its engine, every report interval."""
+
+    replica_id: str
+    model: str
+    engine: str
+    url: str
+    engine_model: str  # the name requests must carry
+    # The name responses carry; a writer's None (or nothing) means engine_model.
+    response_model: str = Field(None, validate_default=True)
+    node: str = ""
+    pid: int | None = None
+    gpu_ids: tuple[str, ...] = ()
+    argv: list[str] = Field(default_factory=list)
+    healthy: bool
+    problem: str | None = None  # why the engine is not fit for traffic
+    # For the gateway only (over Ray, which authenticates); never in the status file.
+    engine_key: str | None = None
+    load: EngineLoad | None = None  # None: not read (unhealthy, or no metrics page)
+    started_at: float = 0.0
+    log: str = ""
+
+    @field_validator("response_model", mode="before")
+    @classmethod
+    def _answers_as_requested(cls, value: str | None, info: ValidationInfo) -> Any:
+        # An engine names the model in responses as requests did, unless its adapter says.
+        return value or info.data.get("engine_model")
+
+
+class ReplicaState(ReplicaInfo):
+    """A replica as the registry last heard of it: its report, and how old that is."""
+
+    age_s: float = 0.0
+    fresh: bool = False  # reported within the registry's max age
+
+    @property
+    def routable(self) -> bool:
+        """Fit for traffic: the engine answered its checks, and said so recently.
+
+        The one definition used by the supervisor's counts, the gateway's replica table,
+        the scrape targets and the CLI.
+        """
+        return self.healthy and self.fresh
+
+
+class RegistrySnapshot(Record):
+    models: list[str] = Field(default_factory=list)  # deployed, whether or not a replica is up
+    replicas: list[ReplicaState] = Field(default_factory=list)
+
+    def routable(self) -> list[ReplicaState]:
+        return [r for r in self.replicas if r.routable]
+
+
+class GatewayStatus(Record):
+    pid: int | None = None
+    ready: bool = False  # its /healthz answered, as the instance the supervisor started
+    restarts: int = 0
+    listen: str = ""  # the address it reported it bound
+
+
+# The engines' keys are for the gateway: never in the status file, nor in CLI output.
+_NO_KEYS: dict[str, Any] = {"replicas": {"__all__": {"engine_key"}}}
+
+
+class ModelStatus(Record):
+    engine: str
+    plan: Plan
+    status: str  # Serve's application status, or NOT_DEPLOYED
+    message: str = ""  # why it is not (fully) deployed
+    replicas: list[ReplicaState] = Field(default_factory=list)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def healthy_replicas(self) -> int:
+        return sum(1 for r in self.replicas if r.routable)
+
+    @property
+    def failed(self) -> bool:
+        """Deploying failed, or it cannot be deployed (the supervisor keeps trying)."""
+        return self.status == "DEPLOY_FAILED" or (
+            self.status == "NOT_DEPLOYED" and bool(self.message)
+        )
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=_NO_KEYS)
+
+
+class StatusFile(Record):
+    """The supervisor's status, rewritten every second; `stale` is the reader's verdict."""
+
+    pid: int
+    phase: str = "starting"
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    ray_address: str = ""
+    endpoint: str = ""  # the gateway's /v1 URL, as it bound it once it has said so
+    gateway: GatewayStatus = Field(default_factory=GatewayStatus)
+    models: dict[str, ModelStatus] = Field(default_factory=dict)
+    stale: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Running, the gateway answers, and every model has a routable replica."""
+        if self.phase != "running" or not self.gateway.ready:
+            return False
+        return all(m.status == "RUNNING" and m.healthy_replicas > 0 for m in self.models.values())
+
+    def replicas(self) -> list[ReplicaState]:
+        return [r for m in self.models.values() for r in m.replicas]
+
+    def public(self) -> dict[str, Any]:
+        """As shown to people and scripts (`appliance status --json`)."""
+        return self.model_dump(mode="json", exclude={"models": {"__all__": _NO_KEYS}})
+
+    def file_text(self) -> str:
+        data = self.model_dump(
+            mode="json", exclude={"models": {"__all__": _NO_KEYS}, "stale": True}
+        )
+        return json.dumps(data, indent=2, sort_keys=True)

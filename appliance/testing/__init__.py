@@ -1,0 +1,5 @@
+"""Stand-ins for what cannot run on a machine without GPUs, kept apart from the real parts.
+
+`fake_engine` speaks vLLM's wire format (OpenAI API, `vllm:*` metrics): tests, benchmarks
+and GPU-less demos of GPU plans use it where a real engine cannot start.
+"""
