@@ -248,6 +248,18 @@ class ServeConfig(Section):
         description="A probe request not answered in this time marks the replica unhealthy: "
         "it takes no traffic, and Serve replaces it if it stays so.",
     )
+    warm_start: bool = Field(
+        True,
+        description="With a local Ray, start each CPU model's first engine while Ray starts "
+        "(the replica adopts it), instead of after its replica is placed: `up` takes about "
+        "10 s less on a small host. No effect with ray.address or on GPUs.",
+    )
+    warm_claim_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=7200,
+        description="A warm engine no replica adopted within this time is stopped.",
+    )
 
     @property
     def stale_after_s(self) -> float:

@@ -526,6 +526,9 @@ def test_remove_refuses_a_model_being_served(appliance: Appliance) -> None:
 def test_engine_killed_mid_request_then_replaced(appliance: Appliance) -> None:
     client = appliance.client(timeout=120)
     [engine_pid] = appliance.engine_pids()
+    # The supervisor started the first engine while Ray started (control/warm.py).
+    [first] = appliance.status()["models"][MODEL]["replicas"]
+    assert first["warm_start"] and first["log"].endswith(f"engine-{MODEL}-warm.log"), first
     # vLLM is several processes in one group: the API server, its engine core and helpers.
     group = _group_members(engine_pid)
     assert len(group) >= 2, group
@@ -574,6 +577,8 @@ def test_engine_killed_mid_request_then_replaced(appliance: Appliance) -> None:
             time.sleep(1)
     assert answered, appliance.status()
     assert engine_pid not in appliance.engine_pids()
+    # Its replacement starts its own: the warm engine was for the first replica only.
+    assert not any(r["warm_start"] for r in appliance.status()["models"][MODEL]["replicas"])
     # Nothing of the killed engine keeps running (its engine core would keep computing).
     assert _wait_for(lambda: not [p for p in group if pid_alive(p)], 30), group
 

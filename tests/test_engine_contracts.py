@@ -398,7 +398,6 @@ def test_a_cpu_plan_gets_vllms_cpu_flags_and_environment() -> None:
     assert "--tensor-parallel-size" not in flags and "--kv-cache-dtype" not in flags
     assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert launch.env["OMP_NUM_THREADS"] == "1"
-    assert launch.env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
     assert launch.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # no separate worker
     assert launch.env["HF_HUB_OFFLINE"] == "1"
     assert launch.secret_env == {}  # no key in this spec; the replica passes one

@@ -42,6 +42,9 @@ def replica_spec(
         report_interval_s=config.serve.report_interval_s,
         probe_interval_s=config.serve.probe_interval_s,
         probe_timeout_s=config.serve.probe_timeout_s,
+        warm_dir=str(config.run_dir / "warm")
+        if config.serve.warm_start and not config.ray.address
+        else None,
     )
 
 
@@ -63,14 +66,19 @@ def engine_start(
     container: str,
     base_env: Mapping[str, str],
     with_api_key: bool,
+    api_key: str | None = None,
 ) -> EngineStart:
     """The engine of one replica: its adapter, argv, env and files.
 
     `with_api_key`: give an engine that can require a key a fresh one (a replica does;
-    a command printed for a person does not).
+    a command printed for a person does not); `api_key`: the one a warm engine was
+    started with, which the replica adopting it must use.
     """
     adapter = get_adapter(spec.engine, spec.engines.of(spec.engine))
-    api_key = secrets.token_urlsafe(32) if with_api_key and adapter.accepts_api_key else None
+    if not (with_api_key and adapter.accepts_api_key):
+        api_key = None
+    elif api_key is None:
+        api_key = secrets.token_urlsafe(32)
     launch_spec = LaunchSpec(
         model=spec.model,
         weights=Path(spec.weights),

@@ -61,6 +61,9 @@ class ReplicaSpec(Record):
     report_interval_s: float
     probe_interval_s: float = 5.0
     probe_timeout_s: float = 20.0
+    # Where the supervisor offers an engine it started before Ray (control/warm.py);
+    # None: every replica starts its own.
+    warm_dir: str | None = None
 
     @property
     def engine(self) -> str:
@@ -88,6 +91,7 @@ class ReplicaInfo(Record):
     load: EngineLoad | None = None  # None: not read (unhealthy, or no metrics page)
     started_at: float = 0.0
     log: str = ""
+    warm_start: bool = False  # the engine was started by the supervisor, before Ray
 
     @field_validator("response_model", mode="before")
     @classmethod

@@ -26,9 +26,10 @@ import ray
 from ray import serve
 
 from appliance.control import NAMESPACE, REGISTRY_NAME
-from appliance.control.launch import engine_start
+from appliance.control.launch import EngineStart, engine_start
 from appliance.control.records import ReplicaInfo, ReplicaSpec
 from appliance.control.runtime import die_with_parent, log_tail
+from appliance.control.warm import AdoptedProcess, WarmOffer, claim, exit_text, read_offer
 from appliance.engines import EngineLaunch, EngineLoad
 from appliance.engines.runner import container_name
 from appliance.errors import EngineError
@@ -72,38 +73,41 @@ class EngineReplica:
         self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
         self.host = self.spec.engine_host or ray.util.get_node_ip_address()
         _bind_serve_grpc_to(self.host)
-        self.port = free_port(self.host)
-        self.url = f"http://{self.host}:{self.port}"
-        self.work_dir = work_dir = Path(self.spec.work_dir) / f"{self.spec.model}-{self.replica_id}"
         # Cheap, and it catches a truncated or rewritten file before an engine loads it.
         weights = Path(self.spec.weights)
         Store(weights.parent).check_files(weights.name)
-        # The engine gets a key when it can require one, and only the gateway learns it
-        # (from the registry): the engine's API is not open to whoever reaches its address.
-        start = engine_start(
-            self.spec,
-            host=self.host,
-            port=self.port,
-            gpu_ids=self.gpu_ids,
-            work_dir=work_dir,
-            container=container_name(self.spec.model, self.replica_id),
-            base_env=os.environ,
-            with_api_key=True,
-        )
+        warm = Path(self.spec.warm_dir) if self.spec.warm_dir else None
+        offer = read_offer(warm, self.spec.model) if warm is not None else None
+        start = self._engine_start(offer)
+        if (
+            offer is not None
+            and warm is not None
+            and not claim(warm, offer, start.command, dict(start.launch.env))
+        ):
+            offer = None
+            start = self._engine_start(None)
         self.adapter = start.adapter
         self.launch: EngineLaunch = start.launch
         self.command = start.command
         self._auth = (
             {"authorization": f"Bearer {self.launch.api_key}"} if self.launch.api_key else {}
         )
-        work_dir.mkdir(parents=True, exist_ok=True)
-        for name, content in self.launch.files.items():
-            (work_dir / name).write_text(content)
-        log_dir = Path(self.spec.log_dir)
-        ensure_log_dir(log_dir)
-        self.log_path = log_dir / f"engine-{self.spec.model}-{self.replica_id}.log"
-        self.started_at = time.time()
-        self.proc = self._start_engine()
+        self.warm_start = offer is not None
+        self.proc: subprocess.Popen[bytes] | AdoptedProcess
+        if offer is not None:
+            # The supervisor started this engine while Ray started (control/warm.py).
+            self.log_path = Path(offer.log_path)
+            self.started_at = offer.started_at
+            self.proc = AdoptedProcess(offer.pid)
+        else:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            for name, content in self.launch.files.items():
+                (self.work_dir / name).write_text(content)
+            log_dir = Path(self.spec.log_dir)
+            ensure_log_dir(log_dir)
+            self.log_path = log_dir / f"engine-{self.spec.model}-{self.replica_id}.log"
+            self.started_at = time.time()
+            self.proc = self._start_engine()
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._registry: Any = None
         self._stopped = False
@@ -118,6 +122,29 @@ class EngineReplica:
             self._stop_engine()
             raise
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+
+    def _engine_start(self, offer: WarmOffer | None) -> EngineStart:
+        """The engine this replica runs: on a fresh port, or on a warm engine's."""
+        self.port = offer.port if offer is not None else free_port(self.host)
+        self.url = f"http://{self.host}:{self.port}"
+        self.work_dir = (
+            Path(offer.work_dir)
+            if offer is not None
+            else Path(self.spec.work_dir) / f"{self.spec.model}-{self.replica_id}"
+        )
+        # The engine gets a key when it can require one, and only the gateway learns it
+        # (from the registry): the engine's API is not open to whoever reaches its address.
+        return engine_start(
+            self.spec,
+            host=self.host,
+            port=self.port,
+            gpu_ids=self.gpu_ids,
+            work_dir=self.work_dir,
+            container=container_name(self.spec.model, self.replica_id),
+            base_env=os.environ,
+            with_api_key=True,
+            api_key=offer.api_key if offer is not None else None,
+        )
 
     def _start_engine(self) -> subprocess.Popen[bytes]:
         try:
@@ -151,7 +178,7 @@ class EngineReplica:
 
     def _dead_error(self) -> EngineError:
         return EngineError(
-            f"engine for {self.spec.model} exited with code {self.proc.returncode}",
+            f"engine for {self.spec.model} {exit_text(self.proc.returncode)}",
             hint=f"Engine log {self.log_path}:\n{log_tail(self.log_path)}",
         )
 
@@ -212,6 +239,7 @@ class EngineReplica:
             load=load,
             started_at=self.started_at,
             log=str(self.log_path),
+            warm_start=self.warm_start,
         )
 
     def _registry_handle(self) -> Any:
@@ -228,7 +256,7 @@ class EngineReplica:
     async def _health(self) -> str | None:
         """None when the engine is alive and answers its health URL, else why not."""
         if self.proc.poll() is not None:
-            return f"engine exited with code {self.proc.returncode}"
+            return f"engine {exit_text(self.proc.returncode)}"
         try:
             async with self.session.get(
                 self.url + self.launch.health_path, timeout=aiohttp.ClientTimeout(total=5)

@@ -42,8 +42,8 @@ from appliance.control.records import (
     ReplicaSpec,
     StatusFile,
 )
-from appliance.control.replica import engine_replica_deployment
 from appliance.control.runtime import clear_status, die_with_parent, supervisor_env, write_status
+from appliance.control.warm import WarmEngines
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
 from appliance.logs import capture_own_output, popen_logged
@@ -162,6 +162,7 @@ class Supervisor:
         self.ray_address = ""
         self.started_at = time.time()
         self.registry: Any = None
+        self.warm = WarmEngines(config)
 
     # Lifecycle.
 
@@ -174,6 +175,7 @@ class Supervisor:
         for leftover in self.store.cleanup_partial():
             log.info("removed %s, left by an interrupted install", leftover)
         try:
+            self._start_warm()
             self._publish("starting Ray")
             self._start_ray()
             # ray.init installs a SIGTERM handler that ends the process at once; ours
@@ -187,6 +189,7 @@ class Supervisor:
                 # One failing step (a full disk, a locked state file, Ray busy) must not
                 # end the loop: the others go on, and it is tried again with back-off.
                 self._step("reconcile", self._reconcile)
+                self._step("warm", self.warm.tick)
                 self._step("gateway", self._check_gateway)
                 self._step("status", lambda: self._publish("running"))
                 self.stopping.wait(1.0)
@@ -219,6 +222,12 @@ class Supervisor:
         if failing is not None:
             log.info("%s works again (it failed %d times: %s)", name, failing.count, failing.what)
             del self.failing[name]
+
+    def _start_warm(self) -> None:
+        """CPU models' first engines start now, while Ray starts (control/warm.py)."""
+        deployments = [d for d in self.state.deployments() if self.store.is_installed(d.model)]
+        specs = {d.model: self._spec(d) for d in deployments if d.model in self.catalog}
+        self.warm.start_all(deployments, specs)
 
     def _start_ray(self) -> None:
         import ray
@@ -332,6 +341,10 @@ class Supervisor:
 
     def _deploy(self, dep: Deployment, spec: ReplicaSpec, replicas: int) -> None:
         from ray import serve
+
+        # Imported here, not at the top: it imports Ray Serve, and the warm engines start
+        # before anything needs Ray.
+        from appliance.control.replica import engine_replica_deployment
 
         plan = dep.plan
         sc = self.config.serve
@@ -488,6 +501,8 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     self.gateway.kill()
                     self.gateway.wait()
+            # Replicas stop the engines they adopted; these are the ones nobody did.
+            self.warm.stop_all()
             import ray
 
             ray.shutdown()

@@ -187,14 +187,15 @@ class VllmEngine(EngineAdapter):
             # one compute thread (APPLIANCE_CPU_ENGINE_THREADS raises it).
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "OMP_NUM_THREADS": os.environ.get("APPLIANCE_CPU_ENGINE_THREADS", "1"),
-            # Start-up on a small host, measured on 2 busy cores from launch to the first
-            # answer: the engine-core process forks instead of spawning and importing vLLM
-            # again (54 s -> 43 s; without CUDA there is nothing fork breaks), and the
-            # model runs in that process instead of a third, the worker (40 s -> 26 s).
-            # vLLM's CPU platform wants the worker process only to pin OpenMP threads,
-            # which nobind above turns off; its one warning is that the engine seeds the
-            # global RNG of the process that launched it, its own API server.
-            "VLLM_WORKER_MULTIPROC_METHOD": "fork",
+            # Start-up on a small host: the model runs in the engine-core process instead
+            # of a third, the worker (40 s -> 26 s from launch to the first answer on 2
+            # busy cores). vLLM's CPU platform wants the worker process only to pin OpenMP
+            # threads, which nobind above turns off; its one warning is that the engine
+            # seeds the global RNG of the process that launched it, its own API server.
+            # (The engine-core process itself is always spawned, importing vLLM again: the
+            # CPU platform sets VLLM_WORKER_MULTIPROC_METHOD=spawn over any value given,
+            # seen in a py-spy profile of its start. The warm start in control/warm.py
+            # hides that time behind Ray's instead.)
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "TOKENIZERS_PARALLELISM": "false",
         }
