@@ -38,17 +38,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from appliance.catalog import ModelEntry
 from appliance.config import read_toml
-from appliance.errors import ApplianceError
+from appliance.errors import CostError, PlanError
 from appliance.placement import Cluster
-from appliance.planner import Plan, PlanError, Workload, evaluate
+from appliance.planner import Plan, Workload, evaluate
 
 HOURS_PER_MONTH = 8760 / 12  # 730: the average month, as colo and power bills use
 SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
 MILLION = 1_000_000
-
-
-class CostError(ApplianceError):
-    """The inputs to `appliance cost` are invalid, unreadable, or the chart cannot be written."""
 
 
 _SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}

@@ -18,8 +18,7 @@ from appliance.cli.common import console, print_table
 from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
 from appliance.control.runtime import read_status, session_pids
 from appliance.engines.cpuenv import CpuEngineEnv
-from appliance.errors import ConfigError
-from appliance.installer import InstallError
+from appliance.errors import ConfigError, InstallError
 from appliance.installer import bundle as bundles
 from appliance.installer.inventory import (
     InstallConfig,

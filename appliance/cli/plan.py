@@ -13,13 +13,13 @@ from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.config import ApplianceConfig
 from appliance.engines import LaunchSpec, get_adapter
 from appliance.engines.runner import engine_command
+from appliance.errors import PlanError
 from appliance.placement import Cluster, local_cluster
 from appliance.planner import (
     GIB,
     Candidate,
     Objective,
     Plan,
-    PlanError,
     PlanReport,
     Workload,
     evaluate,

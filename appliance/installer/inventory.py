@@ -36,7 +36,7 @@ import yaml
 from pydantic import ValidationError
 
 from appliance.config import read_toml
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.settings import HostConfig, InstallConfig
 
 __all__ = ["GROUP", "HostConfig", "InstallConfig", "load_install_toml", "render_inventory"]

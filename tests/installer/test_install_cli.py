@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.bundle import open_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
