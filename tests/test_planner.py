@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.cli import plan as plan_cli
+from appliance.errors import PlanError
 from appliance.gpus import GPUS
 from appliance.placement import Cluster, Node
 from appliance.planner import (
@@ -19,7 +20,6 @@ from appliance.planner import (
     FITTED,
     Objective,
     Plan,
-    PlanError,
     Workload,
     default_kv_dtype,
     evaluate,

@@ -22,8 +22,8 @@ from appliance.cost import (
 from appliance.cost import parse_tokens as _parse_tokens
 from appliance.cost import parse_workload as _parse_workload
 from appliance.costchart import summary_lines, write_html
+from appliance.errors import PlanError
 from appliance.placement import Cluster, local_cluster
-from appliance.planner import PlanError
 
 DEFAULT_CHART = Path("appliance-cost.html")
 

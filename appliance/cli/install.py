@@ -14,18 +14,16 @@ from rich.text import Text
 
 from appliance import __version__
 from appliance.catalog import load_catalog
-from appliance.cli.common import console, print_table
-from appliance.config import ApplianceConfig, find_config, parse_config, read_toml
+from appliance.cli.common import config_of, console, print_table
+from appliance.config import ApplianceConfig
 from appliance.control.runtime import read_status, session_pids
 from appliance.engines.cpuenv import CpuEngineEnv
-from appliance.errors import ConfigError
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer import bundle as bundles
 from appliance.installer.inventory import (
     InstallConfig,
     inventory_hosts,
     load_install_toml,
-    parse_install,
     write_inventory,
 )
 from appliance.installer.localports import listening_ports
@@ -39,15 +37,9 @@ from appliance.installer.runner import (
 
 
 def _configs(ctx: typer.Context) -> tuple[ApplianceConfig, InstallConfig | None]:
-    """appliance.toml and its [install] section, whose errors read as install errors."""
-    root = ctx.find_root()
-    path = find_config((root.obj or {}).get("config_path"))
-    if path is None:
-        return ApplianceConfig(), None
-    data = dict(read_toml(path, ConfigError, "configuration file"))
-    section = data.pop("install", None)
-    config = parse_config(data, path)
-    return config, None if section is None else parse_install(section, path)
+    """appliance.toml and its [install] section (None when it lists no hosts)."""
+    config = config_of(ctx)
+    return config, config.install if config.install.hosts else None
 
 
 def _inventory(install: InstallConfig | None, inventory: Path | None, run_dir: Path) -> Path:

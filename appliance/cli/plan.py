@@ -12,13 +12,13 @@ from appliance.catalog import ModelEntry, load_catalog
 from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.config import ApplianceConfig
 from appliance.control.launch import engine_start, replica_spec
+from appliance.errors import PlanError
 from appliance.placement import Cluster, local_cluster
 from appliance.planner import (
     GIB,
     Candidate,
     Objective,
     Plan,
-    PlanError,
     PlanReport,
     Workload,
     evaluate,

@@ -12,11 +12,3 @@
 The parsers and checks are plain Python so that they are unit-tested on fixture outputs;
 the playbooks call them through the filter plugin in playbooks/filter_plugins/.
 """
-
-from __future__ import annotations
-
-from appliance.errors import ApplianceError
-
-
-class InstallError(ApplianceError):
-    """The installer could not run, or a host failed to install."""

@@ -36,7 +36,7 @@ from typing import Any
 from appliance import __version__
 from appliance.catalog import Catalog, PackageSource
 from appliance.download.local import human_size
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.runner import playbooks_dir
 
 FORMAT = 1

@@ -35,30 +35,23 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from appliance.config import read_toml
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.settings import HostConfig, InstallConfig
+from appliance.strict import problems, read_toml
 
 __all__ = ["GROUP", "HostConfig", "InstallConfig", "load_install_toml", "render_inventory"]
 
 GROUP = "appliance"
 
 
-def _errors(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid install section"]
-    for err in exc.errors():
-        field = ".".join(str(p) for p in ("install", *err["loc"]))
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_install(data: dict[str, Any], source: Path) -> InstallConfig:
+    """The install section of a file (an --inventory TOML file, or a test's own)."""
     try:
         return InstallConfig.model_validate(data)
     except ValidationError as exc:
         raise InstallError(
-            _errors(source, exc), hint="Fix the fields named above (docs/install.md)."
+            "\n".join(problems(exc, InstallConfig, source, prefix=("install",))),
+            hint="Fix the fields named above (docs/install.md).",
         ) from None
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.progress import Tracker
 
 PLAYBOOKS_ENV = "APPLIANCE_PLAYBOOKS"

@@ -9,21 +9,16 @@ Plain pydantic, importable from appliance.config without a cycle:
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import Field, field_validator
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+from appliance.strict import FilePath, Port, Strict
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class _Section(BaseModel):
-    # Strict like the rest of appliance.toml: `become = "no"` is an error, not False.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class HostConfig(_Section):
+class HostConfig(Strict):
     name: str = Field(description="Inventory name of the host (also its certificate's CN).")
     address: str | None = Field(
         None, description="Address to SSH to and that other hosts use; default: the name."
@@ -40,12 +35,12 @@ class HostConfig(_Section):
         return value
 
 
-class InstallConfig(_Section):
+class InstallConfig(Strict):
     hosts: list[HostConfig] = Field(
         default_factory=list, description="Hosts to install; the first one is the head."
     )
     user: str | None = Field(None, description="SSH user (default: the current user).")
-    ssh_key: Annotated[Path, Strict(False)] | None = Field(None, description="SSH private key.")
+    ssh_key: FilePath | None = Field(None, description="SSH private key.")
     become: bool = Field(True, description="Use sudo on the hosts.")
     host_key_checking: bool = Field(True, description="Refuse hosts whose SSH key is unknown.")
     gateway_port: Port = Field(443, description="Port users reach the gateway at (HTTPS).")

@@ -4,7 +4,7 @@
 reasoning (every candidate with its memory breakdown and predicted throughput) for
 `appliance plan`. docs/planning.md explains the rules and how accurate the predictions are.
 
-    plan        Plan, PlanError
+    plan        Plan (nothing fits: appliance.errors.PlanError)
     memory      bytes per GPU: weights, KV cache, the engine's runtime and headroom
     roofline    predicted throughput of one TP x PP group (Workload, predict)
     candidates  one precision x TP x PP configuration priced against the ask
@@ -40,7 +40,7 @@ from appliance.planner.memory import (
     weight_bytes,
 )
 from appliance.planner.objective import Objective
-from appliance.planner.plan import Plan, PlanError
+from appliance.planner.plan import Plan
 from appliance.planner.roofline import FITTED, Efficiency, Throughput, Workload, predict
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
     "Objective",
     "Params",
     "Plan",
-    "PlanError",
     "PlanReport",
     "Throughput",
     "Workload",

@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from appliance.catalog import ModelEntry
+from appliance.errors import PlanError
 from appliance.gpus import GPUS, PRECISION_ORDER, GpuSpec, find_gpu, known_gpus
 from appliance.placement import Cluster, Node, Placement, place
 from appliance.planner.candidates import Candidate, _Ask, tensor_parallel_sizes
 from appliance.planner.memory import GIB, engine_limits
 from appliance.planner.objective import Objective
-from appliance.planner.plan import Plan, PlanError
+from appliance.planner.plan import Plan
 from appliance.planner.roofline import Workload
 
 DEFAULT_CONTEXT_CAP = 131072  # plans serve at most 128k tokens unless --context asks more

@@ -1,15 +1,9 @@
-"""The plan a model gets: engine, precision, GPUs and placement; the error when none fits."""
+"""The plan a model gets: engine, precision, GPUs and placement."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from appliance.errors import ApplianceError
-
-
-class PlanError(ApplianceError):
-    """No configuration of the GPUs present can serve the model."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance import versions
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.bundle import image_names, is_deb, missing_images
 from tests.installer.conftest import BundleRun
 from tests.installer.test_install_cli import cli, text

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.bundle import open_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,8 @@ def test_invalid_install_section_is_reported_by_field(tmp_path: Path) -> None:
     )
     proc = cli(tmp_path / "home", "install", "--check", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "appliance.toml: invalid install section install.hosts.0.adress: unknown key" in text(
+    # The [install] section is read with the rest of appliance.toml, and told the same way.
+    assert "appliance.toml: install.hosts.0.adress: unknown key; did you mean 'address'?" in text(
         proc
     )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.installer import InstallError
+from appliance.errors import InstallError
 from appliance.installer.inventory import (
     inventory_hosts,
     load_install_toml,
