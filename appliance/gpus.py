@@ -40,6 +40,9 @@ class GpuSpec:
     precisions: tuple[str, ...]
     smi_names: tuple[str, ...]  # nvidia-smi --query-gpu=name
     aliases: tuple[str, ...] = field(default=())
+    # PCI device ids (vendor 10de), as `lspci -nn` shows them: how the installer knows the GPU
+    # before a driver is there to ask nvidia-smi. From the PCI ID Repository (pci-ids.ucw.cz).
+    pci_ids: tuple[str, ...] = field(default=())
 
     @property
     def memory_bytes(self) -> int:
@@ -82,6 +85,7 @@ GPUS: dict[str, GpuSpec] = {
             precisions=_HOPPER_PRECISIONS,
             smi_names=("NVIDIA H100 80GB HBM3",),
             aliases=("H100", "H100-SXM", "H100-SXM-80GB", "H100-SXM5-80GB"),
+            pci_ids=("2330",),
         ),
         GpuSpec(
             key="H100-NVL",
@@ -98,6 +102,7 @@ GPUS: dict[str, GpuSpec] = {
             precisions=_HOPPER_PRECISIONS,
             smi_names=("NVIDIA H100 NVL",),
             aliases=("H100-NVL-94GB", "H100-94GB"),
+            pci_ids=("2321",),
         ),
         GpuSpec(
             key="H200",
@@ -114,6 +119,42 @@ GPUS: dict[str, GpuSpec] = {
             precisions=_HOPPER_PRECISIONS,
             smi_names=("NVIDIA H200",),
             aliases=("H200-141GB", "H200-SXM", "H200-SXM-141GB"),
+            pci_ids=("2335",),
+        ),
+        GpuSpec(
+            key="H100-PCIe",
+            description="NVIDIA H100 PCIe 80GB (PCIe card, NVLink bridge in pairs)",
+            # H100 datasheet, PCIe column: 80 GB HBM2e, 2 TB/s; BF16 1,513 and FP8 3,026
+            # TFLOPS with sparsity; NVLink bridge 600 GB/s between two cards; PCIe Gen5 x16.
+            memory_gb=80,
+            memory_mib=81559,
+            bandwidth_tbs=2.0,
+            tflops={"bf16": 756.5, "fp8": 1513.0},
+            nvlink_domain=2,
+            link_gbs=300.0,
+            pcie_gbs=PCIE5_GBS,
+            precisions=_HOPPER_PRECISIONS,
+            smi_names=("NVIDIA H100 PCIe",),
+            aliases=("H100-PCIe-80GB",),
+            pci_ids=("2331",),
+        ),
+        GpuSpec(
+            key="H200-NVL",
+            description="NVIDIA H200 NVL 141GB (PCIe card, NVLink bridge of 2 or 4)",
+            # H200 datasheet, NVL column: 141 GB HBM3e, 4.8 TB/s; BF16 1,671 and FP8 3,341
+            # TFLOPS with sparsity; 2- or 4-way NVLink bridge, 900 GB/s per GPU; PCIe Gen5.
+            # The planner counts a 2-way pairing, the bridge every H200 NVL server has.
+            memory_gb=141,
+            memory_mib=143771,
+            bandwidth_tbs=4.8,
+            tflops={"bf16": 835.5, "fp8": 1670.5},
+            nvlink_domain=2,
+            link_gbs=450.0,
+            pcie_gbs=PCIE5_GBS,
+            precisions=_HOPPER_PRECISIONS,
+            smi_names=("NVIDIA H200 NVL",),
+            aliases=("H200-NVL-141GB",),
+            pci_ids=("233b",),
         ),
         GpuSpec(
             key="A100-80GB",
@@ -133,6 +174,24 @@ GPUS: dict[str, GpuSpec] = {
             precisions=("bf16", "mxfp4", "int4-awq", "int4-gptq"),
             smi_names=("NVIDIA A100-SXM4-80GB",),
             aliases=("A100", "A100-SXM", "A100-SXM4-80GB"),
+            pci_ids=("20b2",),
+        ),
+        GpuSpec(
+            key="A100-PCIe-80GB",
+            description="NVIDIA A100 PCIe 80GB (PCIe card, NVLink bridge in pairs)",
+            # A100 datasheet, PCIe 80GB column: HBM2e 1,935 GB/s; BF16 312 TFLOPS dense; NVLink
+            # bridge 600 GB/s for two cards; PCIe Gen4 x16.
+            memory_gb=80,
+            memory_mib=81920,
+            bandwidth_tbs=1.935,
+            tflops={"bf16": 312.0},
+            nvlink_domain=2,
+            link_gbs=300.0,
+            pcie_gbs=PCIE4_GBS,
+            precisions=("bf16", "mxfp4", "int4-awq", "int4-gptq"),
+            smi_names=("NVIDIA A100 80GB PCIe",),
+            aliases=("A100-PCIe",),
+            pci_ids=("20b5",),
         ),
         GpuSpec(
             key="L40S",
@@ -153,6 +212,7 @@ GPUS: dict[str, GpuSpec] = {
             precisions=_HOPPER_PRECISIONS,
             smi_names=("NVIDIA L40S",),
             aliases=("L40S-48GB",),
+            pci_ids=("26b9",),
         ),
         GpuSpec(
             key="B200",
@@ -170,6 +230,7 @@ GPUS: dict[str, GpuSpec] = {
             precisions=("bf16", "fp8", "nvfp4", "mxfp4", "int4-awq", "int4-gptq"),
             smi_names=("NVIDIA B200",),
             aliases=("B200-180GB", "B200-SXM"),
+            pci_ids=("2901",),
         ),
     )
 }
@@ -185,6 +246,9 @@ for _spec in GPUS.values():
         _LOOKUP[_normal(_name)] = _spec
 
 
+_BY_PCI_ID: dict[str, GpuSpec] = {i: spec for spec in GPUS.values() for i in spec.pci_ids}
+
+
 def find_gpu(name: str) -> GpuSpec | None:
     """The GPU type a key, alias or nvidia-smi name means (any case, '-' and ' ' ignored)."""
     return _LOOKUP.get(_normal(name))
@@ -193,3 +257,8 @@ def find_gpu(name: str) -> GpuSpec | None:
 def known_gpus() -> str:
     """The catalog's keys for messages: 'H100-80GB, H100-NVL, ...'."""
     return ", ".join(GPUS)
+
+
+def find_pci_gpu(device_id: str) -> GpuSpec | None:
+    """The GPU type of an NVIDIA PCI device id (lspci's 10de:<id>, any case)."""
+    return _BY_PCI_ID.get(device_id.lower())

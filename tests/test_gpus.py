@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.gpus import GPUS, PRECISION_ORDER, GpuSpec, find_gpu
+from appliance.gpus import GPUS, PRECISION_ORDER, GpuSpec, find_gpu, find_pci_gpu
 
 
 @pytest.mark.parametrize("spec", GPUS.values(), ids=list(GPUS))
@@ -32,6 +32,9 @@ def test_every_gpu_is_complete_and_consistent(spec: GpuSpec) -> None:
         ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
         ("NVIDIA L40S", "L40S"),
         ("NVIDIA B200", "B200"),
+        ("NVIDIA H200 NVL", "H200-NVL"),
+        ("NVIDIA H100 PCIe", "H100-PCIe"),
+        ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB"),
         # Keys and aliases, any case.
         ("h100", "H100-80GB"),
         ("H100-SXM", "H100-80GB"),
@@ -44,9 +47,25 @@ def test_find_gpu_maps_nvidia_smi_names_and_aliases(name: str, key: str) -> None
     assert spec is not None and spec.key == key
 
 
-@pytest.mark.parametrize("name", ["NVIDIA H200 NVL", "NVIDIA A100 80GB PCIe", "RTX 4090", ""])
+@pytest.mark.parametrize(
+    "name", ["NVIDIA GeForce RTX 4090", "NVIDIA A100-SXM4-40GB", "RTX 4090", ""]
+)
 def test_other_gpus_are_not_guessed(name: str) -> None:
     assert find_gpu(name) is None
+
+
+def test_one_table_names_a_gpu_by_pci_id_and_by_nvidia_smi_alike() -> None:
+    # The installer knows a GPU by its PCI id before a driver exists; the same table then
+    # names it as nvidia-smi will, so a host reads the same before and after the driver.
+    ids = [i for spec in GPUS.values() for i in spec.pci_ids]
+    assert len(ids) == len(set(ids)) and len(ids) >= len(GPUS)
+    for spec in GPUS.values():
+        for pci_id in spec.pci_ids:
+            assert find_pci_gpu(pci_id.upper()) is spec
+            assert find_gpu(spec.smi_names[0]) is spec
+    assert find_pci_gpu("2330") is GPUS["H100-80GB"]
+    assert find_pci_gpu("233b") is GPUS["H200-NVL"]
+    assert find_pci_gpu("ffff") is None
 
 
 def test_datasheet_figures() -> None:

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.gpus import find_pci_gpu
+
 SMI_QUERY_FIELDS = (
     "index",
     "name",
@@ -304,17 +306,6 @@ def parse_topo(text: str) -> Topology:
 
 # NVSwitch chips, by PCI device id (the pci.ids names change between distributions).
 NVSWITCH_DEVICE_IDS = {"1ac0": "V100 NVSwitch", "1af1": "A100 NVSwitch", "22a3": "H100 NVSwitch"}
-# GPU models the installer knows by device id: needed before a driver exists to ask.
-GPU_DEVICE_IDS = {
-    "2330": "H100 SXM5 80GB",
-    "2331": "H100 PCIe",
-    "2321": "H100 NVL",
-    "2335": "H200 SXM 141GB",
-    "233b": "H200 NVL",
-    "20b2": "A100 SXM4 80GB",
-    "20b5": "A100 PCIe 80GB",
-    "26b9": "L40S",
-}
 _LSPCI = re.compile(
     r"^(?P<address>[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.\d) (?P<class_name>.+?) "
     r"\[(?P<class_code>[0-9a-f]{4})\]: (?P<description>.*?) "
@@ -343,7 +334,10 @@ class PciDevice:
     def model(self) -> str:
         if self.is_nvswitch:
             return NVSWITCH_DEVICE_IDS[self.device]
-        return GPU_DEVICE_IDS.get(self.device, f"NVIDIA device {self.vendor}:{self.device}")
+        # Named as nvidia-smi will name it once the driver is in (appliance.gpus, the one
+        # GPU table): a host reads the same before and after nvidia_driver.
+        spec = find_pci_gpu(self.device) if self.vendor == "10de" else None
+        return spec.smi_names[0] if spec else f"NVIDIA device {self.vendor}:{self.device}"
 
 
 def parse_lspci(text: str) -> list[PciDevice]:

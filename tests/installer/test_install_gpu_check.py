@@ -261,7 +261,7 @@ def test_preflight_sees_what_the_fixtures_show(check_run: CheckRun) -> None:
     nvl = check_run.findings("h200-nvl-debian12")
     assert nvl["nvlink"]["detail"].startswith("NVLink bridges join GPU0+GPU1; GPU2+GPU3")
     pcie = check_run.findings("h100-pcie-rhel9")
-    assert pcie["gpus"]["detail"] == "2 x H100 PCIe"
+    assert pcie["gpus"]["detail"] == "2 x NVIDIA H100 PCIe"
     assert pcie["driver"]["detail"] == "no driver yet; nvidia_driver installs 580.95.05"
     assert pcie["os"]["detail"] == "RHEL 9"
 

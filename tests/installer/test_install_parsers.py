@@ -123,10 +123,10 @@ def test_topo_rejects_other_text() -> None:
 @pytest.mark.parametrize(
     ("host", "gpus", "switches", "model"),
     [
-        ("h100-hgx", 8, 4, "H100 SXM5 80GB"),
-        ("h200-hgx", 8, 4, "H200 SXM 141GB"),
-        ("h200-nvl", 4, 0, "H200 NVL"),
-        ("h100-pcie", 2, 0, "H100 PCIe"),
+        ("h100-hgx", 8, 4, "NVIDIA H100 80GB HBM3"),
+        ("h200-hgx", 8, 4, "NVIDIA H200"),
+        ("h200-nvl", 4, 0, "NVIDIA H200 NVL"),
+        ("h100-pcie", 2, 0, "NVIDIA H100 PCIe"),
         ("no-gpu", 0, 0, None),
     ],
 )
