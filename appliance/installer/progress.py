@@ -1,8 +1,10 @@
 """What ansible-runner's events say: progress per host, failures, and the final counts.
 
 `Tracker.handle` takes each event as ansible-runner delivers it; it keeps, per host, the task
-it is on and its counts, the failures with their messages, and the findings of the preflight
-role. `Display` draws that on a terminal (a live table) or as one line per result in a pipe.
+it is on and its counts, the failures with their messages, and what the roles return in the
+run's custom stats (`set_stats`, delivered with the final stats event as `artifact_data`):
+the preflight findings and the driver plans, per host. `Display` draws that on a terminal
+(a live table) or as one line per result in a pipe.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
-
-REPORT_TASKS = ("Report the preflight findings",)
 
 
 @dataclass
@@ -68,10 +68,6 @@ class Tracker:
             if res.get("changed"):
                 state.changed += 1
                 self.changes.append((host, task))
-            if task in REPORT_TASKS and "preflight_result.findings" in res:
-                self.findings[host] = list(res["preflight_result.findings"])
-            if "nvidia_driver_plan" in res:
-                self.plans[host] = dict(res["nvidia_driver_plan"])
         elif kind == "runner_on_file_diff" and host:
             text = diff_text(data.get("diff"))
             if text.strip():
@@ -94,6 +90,11 @@ class Tracker:
             }
             for name in set().union(*(self.stats[k] for k in self.stats)):
                 self.host(name)
+            returned = data.get("artifact_data") or {}
+            for name, items in (returned.get("preflight_findings") or {}).items():
+                self.findings[name] = list(items)
+            for name, plan in (returned.get("driver_plans") or {}).items():
+                self.plans[name] = dict(plan)
 
     def totals(self, host: str) -> dict[str, int]:
         """ok/changed/failed/unreachable/skipped of a host: the recap when there is one."""

@@ -19,13 +19,12 @@ EVENTS = [
     event("runner_on_start", "gpu01", "Install the driver packages"),
     event("runner_on_ok", "gpu01", "Install the driver packages", res={"changed": True}),
     event("runner_on_ok", "gpu02", "Install the driver packages", res={"changed": False}),
+    # A task's result that looks like findings is not taken for them: only the custom stats are.
     event(
         "runner_on_ok",
-        "gpu01",
+        "gpu02",
         "Report the preflight findings",
-        res={
-            "preflight_result.findings": [{"check": "os", "status": "ok", "detail": "Ubuntu 22.04"}]
-        },
+        res={"preflight_result.findings": [{"check": "os", "status": "ok", "detail": "Debian"}]},
     ),
     event(
         "runner_on_failed",
@@ -54,6 +53,12 @@ EVENTS = [
         processed={"gpu01": 1, "gpu02": 1, "gpu03": 1},
         rescued={},
         skipped={"gpu02": 4},
+        artifact_data={
+            "preflight_findings": {
+                "gpu01": [{"check": "os", "status": "ok", "detail": "Ubuntu 22.04"}]
+            },
+            "driver_plans": {"gpu01": {"version": "580.95.05", "gpus": "8 x NVIDIA H200"}},
+        },
     ),
 ]
 
@@ -74,7 +79,10 @@ def test_tracker_counts_failures_and_findings() -> None:
         ("gpu03", "Gathering Facts", True),
     ]
     assert tracker.failures[0].message == "nvidia-smi reports 550.90.07 instead of 580.95.05"
-    assert tracker.findings["gpu01"][0]["detail"] == "Ubuntu 22.04"
+    assert tracker.findings == {
+        "gpu01": [{"check": "os", "status": "ok", "detail": "Ubuntu 22.04"}]
+    }
+    assert tracker.plans == {"gpu01": {"version": "580.95.05", "gpus": "8 x NVIDIA H200"}}
     assert tracker.totals("gpu02") == {
         "ok": 1, "changed": 0, "failed": 1, "unreachable": 0, "skipped": 4,
     }  # fmt: skip
