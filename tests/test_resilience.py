@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import openai
@@ -97,7 +98,10 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     try:
         added = app.cli("model", "add", MODEL)
         assert added.returncode == 0, added.stdout + added.stderr
-        up = app.cli("up", "--timeout", "300")
+        # A host where RAY_ADDRESS names some other Ray (here one that is not there): the
+        # appliance starts its own instead of joining it or failing.
+        with mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:9"}):
+            up = app.cli("up", "--timeout", "300")
         assert up.returncode == 0, up.stdout + up.stderr
         yield app
     finally:

@@ -174,6 +174,9 @@ class Supervisor:
         self._handle_signals()
         for leftover in self.store.cleanup_partial():
             log.info("removed %s, left by an interrupted install", leftover)
+        if not self.config.ray.address:
+            # Our own Ray: no process of ours may inherit an address naming another one.
+            os.environ.pop("RAY_ADDRESS", None)
         try:
             self._start_warm()
             self._publish("starting Ray")
@@ -237,7 +240,12 @@ class Supervisor:
         if rc.address:
             ray.init(address=rc.address, namespace=NAMESPACE, log_to_driver=False)
         else:
+            # "local": a Ray of our own even when this host already has one (`ray start`, or
+            # another appliance's): a bare ray.init() would join whatever
+            # /tmp/ray/ray_current_cluster names, and then refuse num_cpus (run() has already
+            # dropped a RAY_ADDRESS naming another cluster, before the warm engines start).
             ray.init(
+                address="local",
                 namespace=NAMESPACE,
                 num_cpus=rc.num_cpus,
                 num_gpus=rc.num_gpus,
