@@ -87,7 +87,7 @@ def plan(
         precision=precision,
         engine=engine,
         objective=goal,
-        memory_fraction=memory_fractions(config),
+        memory_fraction=config.engines.memory_fractions(),
     )
     command = None
     if print_command and report.plan is not None:
@@ -101,11 +101,6 @@ def plan(
             print(shell_snippet(command))
     if report.plan is None:
         raise PlanError(report.problem or f"no plan for {model}", hint=report.hint)
-
-
-def memory_fractions(config: ApplianceConfig) -> dict[str, float]:
-    """engines.<name>.gpu_memory_fraction for each engine, what the adapters pass on."""
-    return {name: config.engines.of(name).gpu_memory_fraction for name in ("vllm", "trtllm")}
 
 
 def show(report: PlanReport) -> None:

@@ -66,9 +66,19 @@ class Table(Strict):
     output_tok_s: dict[str, int]  # "ISL/OSL" -> the published figure
 
 
+class Miss(Strict):
+    """A held-out row the model misses by more than 25%, and why (docs/planning.md)."""
+
+    model: str
+    gpus: str
+    shape: str  # "ISL/OSL"
+    reason: str
+
+
 class Published(Strict):
     source: Source
     tables: list[Table]
+    outside_target: list[Miss] = Field(default_factory=list)
 
 
 def load(path: Path = DATA) -> Published:
