@@ -100,6 +100,11 @@ def test_validation_table_prints_every_row() -> None:
     assert "held out, MoE" in text and "held out, dense" in text
 
 
+def test_the_docs_show_the_table_the_model_gives() -> None:
+    docs = (Path(__file__).parents[1] / "docs" / "planning.md").read_text()
+    assert validation.table(RESULTS) in docs
+
+
 def test_trtllm_bench_settings_follow_its_tuning() -> None:
     # tensorrt_llm/bench/build/tuning.py: KV-cache requests capped at 4096, rounded up.
     entry, h200 = model("llama-3.1-8b-instruct"), GPUS["H200"]

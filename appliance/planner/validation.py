@@ -1,17 +1,19 @@
 """How accurate the throughput model is: published results, the fit, the held-out error.
 
-The rows are every H100 and H200 FP8 result of NVIDIA TensorRT-LLM's performance overview
-(docs/source/performance/perf-overview.md at commit 00f37686aa854010d68bcbd0f4ab000221541ca6,
-"Throughput Measurements": trtllm-bench, ModelOpt FP8 checkpoints, "Total Output Throughput
-(tokens/sec)" of the whole TP group, requests fed at an infinite rate). Rows with fit=True
-fix the five efficiency factors (`fit`); the others are held out and only ever compared
-(`errors`). `python -m appliance.planner.validation` prints the table in docs/planning.md;
-`--fit` refits and prints the factors to copy into roofline.FITTED.
+The rows (published.toml, beside this file) are every H100 and H200 FP8 result of NVIDIA
+TensorRT-LLM's performance overview (docs/source/performance/perf-overview.md at commit
+00f37686aa854010d68bcbd0f4ab000221541ca6, "Throughput Measurements": trtllm-bench, ModelOpt
+FP8 checkpoints, "Total Output Throughput (tokens/sec)" of the whole TP group, requests fed
+at an infinite rate). Rows of the file's fit_shapes fix the five efficiency factors (`fit`);
+the others are held out and only ever compared (`results`, `summary`). `python -m
+appliance.planner.validation` prints the table in docs/planning.md; `--fit` refits and
+prints the factors to copy into roofline.FITTED.
 
 The prediction runs what the page documents: TP over all the GPUs; MoE models with `--ep`
 equal to TP and the page's MoE options, `enable_attention_dp: true` (layout DP + EP;
-`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse). KV cache
-FP8 (ModelOpt exports set kv_cache_quant_algo FP8); `--kv_cache_free_gpu_mem_fraction 0.95`
+`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse: 1.50
+against 0.55, the sum of squared log errors). KV cache FP8 (ModelOpt exports set
+kv_cache_quant_algo FP8); `--kv_cache_free_gpu_mem_fraction 0.95`
 ("in many cases"); the max_batch_size and max_num_tokens trtllm-bench computes for each
 shape (`bench_settings`), each attention-DP rank scheduling its own batch; and as many
 sequences of ISL+OSL tokens as the KV cache holds (TensorRT-LLM's default capacity
@@ -145,19 +147,15 @@ def bench_settings(entry: ModelEntry, gpu: GpuSpec, tp: int, isl: int, osl: int)
     cache = (gpu.memory_bytes / gib * tp - engine) * BENCH_MEMORY_FRACTION
     raw_bs = min(cache / (per_token * (isl + osl)), BENCH_MAX_BATCH)
     raw_token = min(raw_bs * (1 + isl / osl), 32768)
-    if raw_bs < 256:
-        max_bs = max(64, 32 * math.ceil(raw_bs / 32))
-    elif raw_bs < 1024:
-        max_bs = 128 * math.ceil(raw_bs / 128)
-    else:
-        max_bs = 256 * math.ceil(raw_bs / 256)
-    if raw_token < 4096:
-        max_tokens = max(2048, 256 * math.ceil(raw_token / 256))
-    elif raw_token < 8192:
-        max_tokens = 512 * math.ceil(raw_token / 512)
-    else:
-        max_tokens = 1024 * math.ceil(raw_token / 1024)
+    max_bs = _step_up(raw_bs, ((256, 32), (1024, 128), (math.inf, 256)), least=64)
+    max_tokens = _step_up(raw_token, ((4096, 256), (8192, 512), (math.inf, 1024)), least=2048)
     return max_bs, max_tokens
+
+
+def _step_up(value: float, bands: tuple[tuple[float, int], ...], least: int) -> int:
+    """finetune_setting's rounding: up to the step of the first band `value` is below."""
+    step = next(step for limit, step in bands if value < limit)
+    return max(least, step * math.ceil(value / step))
 
 
 def _setup(catalog: Catalog, row: Row, attention_dp: bool) -> Callable[[Efficiency], Result]:
