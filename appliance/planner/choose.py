@@ -447,7 +447,7 @@ def _choose(
         kv_cache_dtype=chosen.kv_cache_dtype,
         max_num_seqs=_max_num_seqs(ask, gpu, chosen),
         placement=placement.replicas,
-        explanation=f"{_why(ask, best, runner_text, lost, ranked, reasons)} "
+        explanation=f"{_why(ask, best, runner_text, lost, runnable, reasons)} "
         f"{placement.explanation}",
     )
     return replace(report, plan=plan, placement=placement)
@@ -470,7 +470,7 @@ def _why(
     best: Score,
     runner: str | None,
     lost: str | None,
-    ranked: list[Score],
+    priced: list[str],
     reasons: list[str],
 ) -> str:
     c = best.candidate
@@ -480,8 +480,7 @@ def _why(
             f"No candidate meets those bounds at {ask.workload.input_tokens}:"
             f"{ask.workload.output_tokens} tokens; this one comes closest per request. "
         )
-    priced = ", ".join(dict.fromkeys(s.candidate.precision for s in [best, *ranked]))
-    why += f"{c.precision} {c.group} serves best of {priced} x TP: {best.describe()}."
+    why += f"{c.precision} {c.group} serves best of {', '.join(priced)} x TP: {best.describe()}."
     if runner is not None:
         why += f" Runner-up: {runner}; it lost: {lost}."
     if reasons:
