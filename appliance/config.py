@@ -324,6 +324,11 @@ class EnginesConfig(Strict):
             update["chat_template_dir"] = VLLM_IMAGE_TEMPLATES
         return settings.model_copy(update=update) if update else settings
 
+    def memory_fractions(self) -> dict[str, float]:
+        """gpu_memory_fraction per GPU engine: what the adapters pass on, and so what every
+        plan sizes the KV cache with (`appliance plan`, `model add`, `cost`)."""
+        return {name: self.of(name).gpu_memory_fraction for name in ("vllm", "trtllm")}
+
 
 class ModelOverride(Strict):
     engine_args: list[str] = Field(

@@ -458,14 +458,20 @@ class PlannedThroughput:
         }
 
 
-def planned_throughput(entry: ModelEntry, cluster: Cluster, i: CostInputs) -> PlannedThroughput:
+def planned_throughput(
+    entry: ModelEntry,
+    cluster: Cluster,
+    i: CostInputs,
+    memory_fraction: Mapping[str, float] | None = None,
+) -> PlannedThroughput:
     """The throughput the planner predicts for `entry` on `cluster` at the workload shape of
     `i`, all replicas together: the plan `appliance plan --workload IN:OUT` shows.
+    `memory_fraction`: engines.<name>.gpu_memory_fraction (EnginesConfig.memory_fractions).
 
     PlanError when nothing fits; CostError when the plan has no prediction (a CPU plan).
     """
     workload = Workload(i.mean_input_tokens, i.mean_output_tokens)
-    report = evaluate(entry, cluster, workload=workload)
+    report = evaluate(entry, cluster, workload=workload, memory_fraction=memory_fraction)
     if report.plan is None:
         raise PlanError(report.problem or f"no plan for {entry.name}", hint=report.hint)
     chosen = report.chosen

@@ -117,8 +117,7 @@ def add_model(
     if objective:
         options["objective"] = objective
     # The plan sizes the KV cache with the fraction the engine adapters will pass on.
-    engines = ("vllm", "trtllm")
-    options["memory_fraction"] = {e: config.engines.of(e).gpu_memory_fraction for e in engines}
+    options["memory_fraction"] = config.engines.memory_fractions()
     plan = plan_model(entry, free_cluster(config, replanning=entry.name), **options)
     on_step("installing weights")
     built = fetch_weights(

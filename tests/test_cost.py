@@ -15,6 +15,7 @@ import typer
 from appliance import cost as c
 from appliance.catalog import load_catalog
 from appliance.cli.cost import cost as cost_command
+from appliance.config import ApplianceConfig
 from appliance.costchart import nice_ticks, render_html, summary_lines
 from appliance.errors import ApplianceError, CostError, PlanError
 from appliance.placement import Cluster
@@ -433,6 +434,17 @@ class TestPlannedThroughput:
         two = c.planned_throughput(CATALOG.get(LLAMA_70B), Cluster.parse("2x8xH100-80GB"), inputs())
         assert (one.nodes, two.nodes) == (1, 2)
         assert two.tok_s == pytest.approx(2 * one.tok_s)
+
+    def test_the_configured_memory_fraction_sizes_the_plan(self) -> None:
+        # 70B fp8 on one H200 is KV-bound: a smaller engines.vllm.gpu_memory_fraction holds
+        # fewer sequences, so the plan that is priced serves less.
+        entry, cluster = CATALOG.get(LLAMA_70B), Cluster.parse("1xH200")
+        full = c.planned_throughput(entry, cluster, inputs())
+        config = ApplianceConfig.model_validate({"engines": {"vllm": {"gpu_memory_fraction": 0.6}}})
+        fractions = config.engines.memory_fractions()
+        assert fractions == {"vllm": 0.6, "trtllm": 0.9}
+        small = c.planned_throughput(entry, cluster, inputs(), fractions)
+        assert small.replica_tok_s < full.replica_tok_s
 
     def test_nothing_fits_is_the_planners_error(self) -> None:
         with pytest.raises(PlanError, match="does not fit on 1xL40S") as info:

@@ -18,6 +18,7 @@ from appliance.placement import Cluster, Node
 from appliance.planner import (
     BYTES_PER_PARAM,
     FITTED,
+    Candidate,
     Objective,
     Plan,
     Workload,
@@ -42,52 +43,74 @@ def model(name: str) -> ModelEntry:
 
 # --- validation against published results ------------------------------------------------
 
-# appliance/planner/validation.py holds every H100/H200 FP8 row of TensorRT-LLM's perf
-# overview; the four efficiency factors were fitted on the rows of four sequence shapes and
-# the errors below are computed here, from the rows, on the others.
+# appliance/planner/published.toml holds every H100/H200 FP8 row of TensorRT-LLM's perf
+# overview; the five efficiency factors were fitted on the rows of four sequence shapes and
+# the errors below are computed here, from that file and the model, on the others.
 RESULTS = validation.results()
 HELD_OUT = [r for r in RESULTS if not r.row.fit]
+TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # issue 16: every held-out row within 25%
 
 
 def test_fit_and_held_out_rows_are_disjoint_and_cover_dense_moe_and_shapes() -> None:
     fit = {(r.model, r.gpus, r.shape) for r in validation.ROWS if r.fit}
     held = {(r.row.model, r.row.gpus, r.row.shape) for r in HELD_OUT}
     assert fit and held and not fit & held
+    assert len(fit) + len(held) == len(validation.ROWS) == 112
     assert len({r.row.shape for r in HELD_OUT}) >= 3
     assert any(r.moe for r in HELD_OUT) and any(not r.moe for r in HELD_OUT)
+
+
+def test_the_rows_are_the_published_file() -> None:
+    published = validation.load()
+    assert published.source.commit == "00f37686aa854010d68bcbd0f4ab000221541ca6"
+    scout = next(t for t in published.tables if t.gpus == "4xH200")
+    assert scout.model == "llama-4-scout" and scout.output_tok_s["128/128"] == 30354
+    assert sum(len(t.output_tok_s) for t in published.tables) == len(validation.ROWS)
 
 
 def test_the_shipped_factors_are_what_the_fit_rows_give() -> None:
     # Refitting on the fit rows alone reproduces roofline.FITTED: the factors were not
     # adjusted by hand, or to the held-out rows.
     refit = validation.fit()
-    for name in ("compute", "bandwidth", "attention", "experts"):
+    for name in ("compute", "bandwidth", "attention", "experts", "link"):
         assert getattr(refit, name) == pytest.approx(getattr(FITTED, name), abs=0.01), name
 
 
-def test_held_out_error_dense_models() -> None:
-    dense = validation.summary(r for r in HELD_OUT if not r.moe)
-    assert dense.median <= 0.10
-    # Llama 3.1 8B and 3.3 70B are within 25% on every held-out row; 405B at TP8 is not
-    # (up to +44% on 8xH100 at long outputs): docs/planning.md "Accuracy".
-    small = [r for r in HELD_OUT if r.row.model != "llama-3.1-405b-instruct" and not r.moe]
-    assert max(abs(r.error) for r in small) <= 0.25
-    assert dense.worst <= 0.50
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_held_out_median_error_is_within_the_target(moe: bool) -> None:
+    assert validation.summary(r for r in HELD_OUT if r.moe == moe).median <= TARGET_MEDIAN
+    assert validation.summary(HELD_OUT).median <= TARGET_MEDIAN
 
 
-def test_held_out_error_moe_models() -> None:
-    moe = validation.summary(r for r in HELD_OUT if r.moe)
-    # Short of the 10% / 25% target; docs/planning.md says where and why.
-    assert moe.median <= 0.20
-    assert moe.worst <= 0.50
-    overall = validation.summary(HELD_OUT)
-    assert overall.median <= 0.12
+def test_every_held_out_row_is_within_the_target_or_named_with_its_reason() -> None:
+    # The rows the model misses are listed in the data file with the reason, and the list
+    # cannot go stale: a listed row that came within the target fails too.
+    listed = {(m.model, m.gpus, m.shape): m.reason for m in validation.PUBLISHED.outside_target}
+    for r in HELD_OUT:
+        key = (r.row.model, r.row.gpus, r.row.shape)
+        outside = abs(r.error) > TARGET_WORST
+        assert outside == (key in listed), f"{key}: {r.error:+.0%}"
+    assert all(len(reason) > 40 for reason in listed.values())
+    assert len(listed) <= 1  # one of 67 today: docs/planning.md "Accuracy"
 
 
 def test_validation_table_prints_every_row() -> None:
     text = validation.table(RESULTS)
     assert text.count("| held out |") == len(HELD_OUT)
     assert "held out, MoE" in text and "held out, dense" in text
+
+
+def test_the_docs_show_the_table_the_model_gives() -> None:
+    docs = (Path(__file__).parents[1] / "docs" / "planning.md").read_text()
+    assert validation.table(RESULTS) in docs
+
+
+def test_trtllm_bench_settings_follow_its_tuning() -> None:
+    # tensorrt_llm/bench/build/tuning.py: KV-cache requests capped at 4096, rounded up.
+    entry, h200 = model("llama-3.1-8b-instruct"), GPUS["H200"]
+    assert validation.bench_settings(entry, h200, 1, 128, 128) == (4096, 8192)
+    bs, tokens = validation.bench_settings(entry, h200, 1, 20000, 2000)
+    assert bs % 32 == 0 and 64 <= bs < 256 and tokens >= 2048
 
 
 # Memory facts from issue 4 ("Planner, store and cost").
@@ -209,24 +232,68 @@ def test_every_catalog_model_has_a_plan_on_h100_and_h200_nodes(name: str, gpus: 
         assert plan.explanation
 
 
+def _total(c: Candidate, gpus: int) -> float:
+    """A candidate's output on one node of `gpus` GPUs: as many replicas as fit."""
+    assert c.throughput is not None
+    return c.throughput.output_tok_s * (gpus // c.gpus)
+
+
 @pytest.mark.parametrize(
     "objective",
     [Objective(), Objective(min_user_tok_s=0, max_ttft_s=0), Objective(min_user_tok_s=40)],
 )
-def test_the_plan_is_the_best_candidate_under_the_objective(objective: Objective) -> None:
-    entry, cluster = model("llama-3.3-70b-instruct"), Cluster.parse("8xH100-80GB")
+@pytest.mark.parametrize(
+    "name,gpus", [("llama-3.3-70b-instruct", "8xH100-80GB"), ("llama-4-maverick", "8xH200")]
+)
+def test_the_plan_is_the_best_candidate_under_the_objective(
+    objective: Objective, name: str, gpus: str
+) -> None:
+    entry, cluster = model(name), Cluster.parse(gpus)
     report = evaluate(entry, cluster, objective=objective)
     chosen, plan = report.chosen, report.plan
     assert chosen is not None and plan is not None and chosen.throughput is not None
-    assert plan.precision == "bf16"  # the best precision that fits and meets the bounds
-    total = chosen.throughput.output_tok_s * plan.replicas
-    for c in report.candidates:
-        if c.fits and c.meets and c.precision == "bf16" and c.throughput is not None:
-            assert c.throughput.output_tok_s * (8 // c.gpus) <= total * (1 + 1e-9)
+    total, size = chosen.throughput.output_tok_s * plan.replicas, cluster.total_gpus
+    # Every precision and TP is a candidate; none that fits and keeps the bounds does better.
+    ok = [c for c in report.candidates if c.fits and c.meets]
+    assert {c.precision for c in ok} == {"bf16", "fp8"}
+    assert all(_total(c, size) <= total * (1 + 1e-9) for c in ok)
     assert objective.meets(chosen.throughput)
     assert report.runner_up is not None and report.lost_because
+    runner = report.runner_up
     assert plan.explanation.startswith(f"Objective: {objective.describe()}.")
-    assert "Runner-up: bf16" in plan.explanation
+    assert f"Runner-up: {runner.precision} {runner.group}" in plan.explanation
+    assert report.lost_because in plan.explanation
+
+
+def test_precision_is_ranked_like_the_other_dimensions() -> None:
+    # Maverick fits 8xH200 at bf16 and at fp8; fp8 serves several times more, so it wins, and
+    # the explanation says what bf16 would have given.
+    entry, cluster = model("llama-4-maverick"), Cluster.parse("8xH200")
+    report = evaluate(entry, cluster)
+    assert report.plan is not None and report.plan.precision == "fp8"
+    assert "bf16 at best TP8 x 1" in report.plan.explanation
+    # The objective's floor: lowest=bf16 keeps quality first; nvfp4 is refused by default
+    # and allowed by lowest=nvfp4 (B200 runs it).
+    strict = plan_model(entry, cluster, objective=Objective(lowest="bf16"))
+    assert strict.precision == "bf16" and "fp8: lossier than bf16" in strict.explanation
+    scout, b200 = model("llama-4-scout"), Cluster.parse("1xB200")
+    assert "nvfp4: lossier than fp8" in plan_model(scout, b200).explanation
+    assert plan_model(scout, b200, objective=Objective(lowest="nvfp4")).precision == "nvfp4"
+    # --precision is the operator's word: it forces one, floor or not.
+    assert plan_model(scout, b200, precision="nvfp4").precision == "nvfp4"
+
+
+def test_a_model_whose_own_precision_is_4_bit_keeps_it() -> None:
+    # gpt-oss ships MXFP4 experts only: the default floor is the model's own precision.
+    plan = plan_model(model("gpt-oss-120b"), Cluster.parse("1xH100-80GB"))
+    assert plan.precision == "mxfp4"
+
+
+def test_a_runner_up_that_does_not_fit_says_so() -> None:
+    report = evaluate(model("llama-3.3-70b-instruct"), Cluster.parse("2xH100-80GB"))
+    assert report.plan is not None and report.runner_up is not None
+    assert not report.runner_up.fits
+    assert report.lost_because and "does not fit 131072 tokens" in report.lost_because
 
 
 def test_llama_4_scout_fp8_on_4_h200_is_one_tp4_replica() -> None:
@@ -269,7 +336,10 @@ def test_objective_text() -> None:
     assert Objective.parse("throughput") == Objective()
     assert Objective.parse("throughput,user=30,ttft=1") == Objective("throughput", 30, 1)
     assert Objective.parse("min-gpus,load=5000").load_tok_s == 5000
-    for bad in ("fastest", "throughput,user", "throughput,users=3", "min-gpus", "min-gpus,load=x"):
+    assert Objective.parse("throughput,lowest=nvfp4").lowest == "nvfp4"
+    assert Objective().floor("bf16") == "fp8" and Objective().floor("mxfp4") == "mxfp4"
+    bad_texts = ("fastest", "throughput,user", "throughput,users=3", "min-gpus", "min-gpus,load=x")
+    for bad in (*bad_texts, "throughput,lowest=int3"):
         with pytest.raises(ValueError):
             Objective.parse(bad)
 
@@ -368,7 +438,7 @@ def test_gpu_models_without_gpus_say_where_they_would_fit() -> None:
     with pytest.raises(PlanError) as err:
         plan_model(model("llama-4-scout"), Cluster.cpu_only())
     assert err.value.message == "llama-4-scout needs GPUs and this cluster has none"
-    assert "8xH100-80GB at bf16 (TP8)" in str(err.value.hint)
+    assert "8xH100-80GB at fp8 (TP8)" in str(err.value.hint)
 
 
 def test_the_old_gpu_count_call_still_works() -> None:
@@ -400,7 +470,8 @@ def test_replicas_can_be_limited_and_must_fit() -> None:
 def test_the_next_model_is_planned_on_what_is_left() -> None:
     cluster = Cluster.parse("2x8xH200")
     fewest = Objective("min-gpus", load_tok_s=1)  # the smallest group: bf16 TP2
-    first = plan_model(model("llama-3.3-70b-instruct"), cluster, replicas=3, objective=fewest)
+    entry = model("llama-3.3-70b-instruct")
+    first = plan_model(entry, cluster, replicas=3, objective=fewest, precision="bf16")
     assert first.gpus_per_node() == {"node-0": 4, "node-1": 2}
     left = cluster.without(first.gpus_per_node())
     assert left.describe() == "4xH200+6xH200"
@@ -450,7 +521,7 @@ def test_plan_command_shows_candidates_and_the_plan(run_plan: RunPlan) -> None:
     result = run_plan("llama-4-scout", "--gpus", "8xH100-80GB")
     assert result.exit_code == 0, result.output
     assert "weights" in result.output and "output tok/s" in result.output
-    assert "Plan: vllm, bf16" in result.output
+    assert "Plan: vllm, fp8" in result.output
     assert "TP8, 1 replica(s) of 8 H100-80GB" in result.output
     assert "Objective: most output tok/s" in result.output and "Runner-up:" in result.output
 

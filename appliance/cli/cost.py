@@ -293,7 +293,7 @@ def _plan(ctx: typer.Context, model: str, gpus: str | None, i: CostInputs) -> Pl
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--gpus") from None
     try:
-        return planned_throughput(entry, cluster, i)
+        return planned_throughput(entry, cluster, i, config.engines.memory_fractions())
     except PlanError as exc:
         if gpus is None and cluster.total_gpus == 0:
             hint = "Name the GPUs to price with --gpus, e.g. --gpus 8xH100-80GB."

@@ -52,8 +52,8 @@ def add(
         "--objective",
         help="How the plan is chosen, as `appliance plan --objective` takes it: "
         "'throughput' (default: most output tok/s, every request at >= 20 tok/s, first "
-        "token within 2 s) or 'min-gpus,load=TOK_S'; `appliance plan NAME` shows the "
-        "candidates.",
+        "token within 2 s, precisions down to fp8) or 'min-gpus,load=TOK_S'; "
+        "lowest=PRECISION allows lossier ones; `appliance plan NAME` shows the candidates.",
     ),
     source: str | None = typer.Option(
         None,

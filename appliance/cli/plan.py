@@ -51,7 +51,10 @@ def plan(
         "1000:1000", "--workload", help="Mean input:output tokens per request, for throughput."
     ),
     precision: str | None = typer.Option(
-        None, "--precision", help="Force a precision (bf16, fp8, nvfp4, mxfp4, int4-awq, ...)."
+        None,
+        "--precision",
+        help="Force a precision (bf16, fp8, nvfp4, mxfp4, int4-awq, ...), whatever the "
+        "objective's floor.",
     ),
     engine: str | None = typer.Option(None, "--engine", help="Force an engine: vllm or trtllm."),
     objective: str = typer.Option(
@@ -60,7 +63,8 @@ def plan(
         help="How plans are ranked: 'throughput' (most output tok/s from the GPUs, every "
         "request at >= 20 tok/s, first token within 2 s) or 'min-gpus,load=TOK_S' (fewest "
         "GPUs for that load); bounds with user=TOK_S and ttft=SECONDS, 0 drops one "
-        "(throughput,user=0,ttft=0 is the benchmarks' max throughput).",
+        "(throughput,user=0,ttft=0 is the benchmarks' max throughput); precision is ranked "
+        "too, down to fp8 unless lowest=PRECISION (e.g. lowest=nvfp4) allows lossier ones.",
     ),
     print_command: bool = typer.Option(
         False,
@@ -87,7 +91,7 @@ def plan(
         precision=precision,
         engine=engine,
         objective=goal,
-        memory_fraction=memory_fractions(config),
+        memory_fraction=config.engines.memory_fractions(),
     )
     command = None
     if print_command and report.plan is not None:
@@ -101,11 +105,6 @@ def plan(
             print(shell_snippet(command))
     if report.plan is None:
         raise PlanError(report.problem or f"no plan for {model}", hint=report.hint)
-
-
-def memory_fractions(config: ApplianceConfig) -> dict[str, float]:
-    """engines.<name>.gpu_memory_fraction for each engine, what the adapters pass on."""
-    return {name: config.engines.of(name).gpu_memory_fraction for name in ("vllm", "trtllm")}
 
 
 def show(report: PlanReport) -> None:

@@ -87,7 +87,18 @@ class _Ask:
             w = self.workload
 
             def run(batch: int) -> Throughput:
-                return predict(entry, gpu, precision, kv_dtype, tp, pp, batch, w, layout=layout)
+                return predict(
+                    entry,
+                    gpu,
+                    precision,
+                    kv_dtype,
+                    tp,
+                    pp,
+                    batch,
+                    w,
+                    layout=layout,
+                    engine=self.engine,
+                )
 
             if self.concurrency:
                 throughput = run(self.concurrency)

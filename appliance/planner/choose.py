@@ -131,7 +131,7 @@ def evaluate(
         memory_fraction,
     )
     head = replace(head, engine=ask.engine, objective=objective)
-    precisions = _precisions(entry, precision)
+    precisions, refused = _precisions(entry, precision, objective)
     if cluster.total_gpus == 0:
         problem = f"{entry.name} needs GPUs and this cluster has none"
         return replace(head, problem=problem, hint=_gpu_hint(ask, precision))
@@ -145,7 +145,12 @@ def evaluate(
     for gpu in known:
         for ctx in contexts:
             report = _choose(
-                replace(ask, context=ctx), GPUS[gpu], cluster.of_type(gpu), precisions, replicas
+                replace(ask, context=ctx),
+                GPUS[gpu],
+                cluster.of_type(gpu),
+                precisions,
+                replicas,
+                refused,
             )
             if report.plan is not None:
                 return report
@@ -226,16 +231,29 @@ def _engine(entry: ModelEntry, engine: str | None) -> str:
     return engine
 
 
-def _precisions(entry: ModelEntry, forced: str | None) -> list[str]:
+def _precisions(
+    entry: ModelEntry, forced: str | None, objective: Objective
+) -> tuple[list[str], tuple[str, ...]]:
+    """(the precisions to price, best first; why the catalog's others are not priced).
+
+    `forced` (--precision) is the only one priced; otherwise every catalog precision that
+    the objective's floor allows (`Objective.floor`)."""
     available: list[str] = [p for p in PRECISION_ORDER if p in entry.precisions]
-    if forced is None:
-        return available
-    if forced not in available:
-        raise PlanError(
-            f"{entry.name} has no {forced} weights in the catalog",
-            hint=f"Available precisions: {', '.join(available)}.",
-        )
-    return [forced]
+    if forced is not None:
+        if forced not in available:
+            raise PlanError(
+                f"{entry.name} has no {forced} weights in the catalog",
+                hint=f"Available precisions: {', '.join(available)}.",
+            )
+        return [forced], ()
+    floor = objective.floor(entry.default_precision)
+    allowed = [p for p in available if objective.allows(p, entry.default_precision)]
+    refused = tuple(
+        f"{p}: lossier than {floor}, the lowest the objective allows (lowest={p} allows it)"
+        for p in available
+        if p not in allowed
+    )
+    return allowed, refused
 
 
 def _halvings(start: int) -> list[int]:
@@ -286,18 +304,19 @@ def _score(ask: _Ask, c: Candidate, cluster: Cluster, replicas: int | None) -> S
 
 
 def _rank(ask: _Ask, scores: list[Score], order: list[str]) -> list[Score]:
-    """Best first: the best precision whose candidates meet the objective's bounds (quality
-    first), then the objective; candidates that miss the bounds last, fastest per user."""
+    """Best first under the objective, precision one dimension among the others (a tie goes
+    to the less lossy precision, then to fewer GPUs); candidates that miss the bounds last,
+    fastest per user first."""
 
     def key(s: Score) -> tuple[float, ...]:
         c, t = s.candidate, s.candidate.throughput
         assert t is not None
-        ok = c.meets and s.enough
-        if not ok:
-            return (1, order.index(c.precision), -t.per_user_tok_s, c.gpus)
+        rank = order.index(c.precision)
+        if not (c.meets and s.enough):
+            return (1, -t.per_user_tok_s, rank, c.gpus)
         if ask.objective.kind == "min-gpus":
-            return (0, order.index(c.precision), s.gpus, -s.per_gpu)
-        return (0, order.index(c.precision), -s.total_tok_s, c.gpus)
+            return (0, s.gpus, -s.per_gpu, rank)
+        return (0, -s.total_tok_s, rank, c.gpus)
 
     return sorted(scores, key=key)
 
@@ -313,21 +332,29 @@ def _lost(ask: _Ask, winner: Score, loser: Score) -> str:
         )
     if not loser.enough:
         return f"the free GPUs do not hold the {loser.replicas} replica(s) it needs"
-    if c.precision != winner.candidate.precision:
-        return f"{winner.candidate.precision} is the better precision and meets the objective"
     if ask.objective.kind == "min-gpus" and loser.gpus != winner.gpus:
         return f"it needs {loser.gpus} GPU(s) for the load, not {winner.gpus}"
+    if ask.objective.kind == "min-gpus" and loser.per_gpu < winner.per_gpu:
+        less = 1 - loser.per_gpu / winner.per_gpu
+        return f"as many GPUs, {less:.0%} fewer output tok/s per GPU ({loser.per_gpu:,.0f})"
     if loser.total_tok_s < winner.total_tok_s:
         less = 1 - loser.total_tok_s / winner.total_tok_s
         return f"{less:.0%} fewer output tok/s in all ({loser.total_tok_s:,.0f})"
+    if c.precision != winner.candidate.precision:
+        return f"as fast, and {winner.candidate.precision} is less lossy than {c.precision}"
     return f"it takes {c.gpus} GPU(s) per replica for the same output"
 
 
 def _choose(
-    ask: _Ask, gpu: GpuSpec, cluster: Cluster, precisions: list[str], replicas: int | None
+    ask: _Ask,
+    gpu: GpuSpec,
+    cluster: Cluster,
+    precisions: list[str],
+    replicas: int | None,
+    refused: tuple[str, ...] = (),
 ) -> PlanReport:
     """Every precision x TP inside one node (PP across nodes only when none fits), ranked by
-    the objective at the best precision that meets it."""
+    the objective."""
     sizes = tensor_parallel_sizes(ask.entry.architecture, max(n.gpus for n in cluster.nodes))
     runnable = [p for p in precisions if gpu.supports(p)]
     candidates = [ask.candidate(gpu, p, tp) for p in runnable for tp in sizes]
@@ -352,6 +379,7 @@ def _choose(
         objective=ask.objective,
     )
     reasons = [f"{p}: {gpu.key} cannot run it" for p in precisions if p not in runnable]
+    reasons += refused
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         problem, hint = _nothing_fits(ask, gpu, cluster, runnable)
@@ -359,18 +387,38 @@ def _choose(
     ranked = _rank(ask, [_score(ask, c, cluster, replicas) for c in fitting], runnable)
     best = ranked[0]
     chosen = best.candidate
-    for p in runnable[: runnable.index(chosen.precision)]:
+    for p in runnable:
         mine = [c for c in candidates if c.precision == p]
         if not any(c.fits for c in mine):
             biggest = max(mine, key=lambda c: c.gpus)
             reasons.append(f"{p}: {_short(biggest)} even on {biggest.gpus} GPU(s)")
     runner = ranked[1] if len(ranked) > 1 else None
+    runner_up, lost, runner_text = None, None, None
+    if runner is not None:
+        runner_up, lost, runner_text = runner.candidate, _lost(ask, best, runner), runner.describe()
+    elif len(candidates) > 1:  # the one that came closest to fitting
+        runner_up = max((c for c in candidates if c is not chosen), key=lambda c: c.memory.free)
+        lost = f"it does not fit {ask.context} tokens: {_short(runner_up)}"
+        runner_text = f"{runner_up.precision} {runner_up.group}"
+    # The best of every other precision, so the explanation shows what each would give.
+    others = [
+        next(s for s in ranked if s.candidate.precision == p)
+        for p in dict.fromkeys(s.candidate.precision for s in ranked)
+        if p != chosen.precision
+    ]
+    for other in others:
+        if other is not runner:
+            c = other.candidate
+            reasons.append(
+                f"{c.precision} at best {c.group} x {other.replicas}, "
+                f"{other.total_tok_s:,.0f} output tok/s in all: {_lost(ask, best, other)}"
+            )
     report = replace(
         report,
         chosen=chosen,
         reasons=tuple(reasons),
-        runner_up=runner.candidate if runner else None,
-        lost_because=_lost(ask, best, runner) if runner else None,
+        runner_up=runner_up,
+        lost_because=lost,
     )
     if ask.objective.kind == "min-gpus" and not (chosen.meets and best.enough):
         problem = (
@@ -399,7 +447,8 @@ def _choose(
         kv_cache_dtype=chosen.kv_cache_dtype,
         max_num_seqs=_max_num_seqs(ask, gpu, chosen),
         placement=placement.replicas,
-        explanation=f"{_why(ask, gpu, best, runner, reasons)} {placement.explanation}",
+        explanation=f"{_why(ask, best, runner_text, lost, runnable, reasons)} "
+        f"{placement.explanation}",
     )
     return replace(report, plan=plan, placement=placement)
 
@@ -416,7 +465,14 @@ def _max_num_seqs(ask: _Ask, gpu: GpuSpec, chosen: Candidate) -> int:
     return limit
 
 
-def _why(ask: _Ask, gpu: GpuSpec, best: Score, runner: Score | None, reasons: list[str]) -> str:
+def _why(
+    ask: _Ask,
+    best: Score,
+    runner: str | None,
+    lost: str | None,
+    priced: list[str],
+    reasons: list[str],
+) -> str:
     c = best.candidate
     why = f"Objective: {ask.objective.describe()}. "
     if not c.meets:
@@ -424,12 +480,9 @@ def _why(ask: _Ask, gpu: GpuSpec, best: Score, runner: Score | None, reasons: li
             f"No candidate meets those bounds at {ask.workload.input_tokens}:"
             f"{ask.workload.output_tokens} tokens; this one comes closest per request. "
         )
-    why += (
-        f"{c.precision} is the best precision the catalog has, {gpu.key} runs and that fits; "
-        f"{c.group} serves best: {best.describe()}."
-    )
+    why += f"{c.precision} {c.group} serves best of {', '.join(priced)} x TP: {best.describe()}."
     if runner is not None:
-        why += f" Runner-up: {runner.describe()}; it lost: {_lost(ask, best, runner)}."
+        why += f" Runner-up: {runner}; it lost: {lost}."
     if reasons:
         why += " Not chosen: " + "; ".join(reasons) + "."
     return why

@@ -86,8 +86,10 @@ def weight_bytes(entry: ModelEntry, precision: str) -> tuple[float, float]:
     """(all weights, the routed experts among them) in bytes at `precision`.
 
     Embeddings and lm_head stay in the checkpoint's 16-bit dtype (ModelOpt excludes lm_head;
-    AWQ/GPTQ never quantize either). In quantized MoE checkpoints attention stays 16-bit too,
-    as in gpt-oss and Meta's Maverick FP8: the conservative reading for the others. Vision
+    AWQ/GPTQ never quantize either). In quantized MoE checkpoints attention stays 16-bit
+    too, as in gpt-oss and Meta's Maverick FP8, except in NVIDIA's ModelOpt exports, which
+    quantize every linear layer but lm_head and the router (vLLM's attention + FP8 output
+    fusion tests run nvidia/Llama-4-Scout-17B-16E-Instruct-FP8's static FP8 o_proj). Vision
     towers are counted at the quantized size (the catalog has no separate count for them).
     """
     arch, p = entry.architecture, Params.of(entry.architecture)
@@ -95,8 +97,15 @@ def weight_bytes(entry: ModelEntry, precision: str) -> tuple[float, float]:
     per_param = BYTES_PER_PARAM[precision]
     if per_param >= keep_bytes:
         return p.total * per_param, p.experts * per_param
-    kept = p.tables + (p.attention if arch.is_moe else 0.0)
+    keep_attention = arch.is_moe and not modelopt(entry, precision)
+    kept = p.tables + (p.attention if keep_attention else 0.0)
     return kept * keep_bytes + (p.total - kept) * per_param, p.experts * per_param
+
+
+def modelopt(entry: ModelEntry, precision: str) -> bool:
+    """The `precision` weights are an NVIDIA ModelOpt export (an nvidia/ Hub repository)."""
+    source = next((s for p, s in entry.sources.items() if p == precision), None)
+    return isinstance(source, HubSource) and source.repo.startswith("nvidia/")
 
 
 def default_kv_dtype(entry: ModelEntry, precision: str, gpu: GpuSpec | None) -> str:
@@ -105,10 +114,8 @@ def default_kv_dtype(entry: ModelEntry, precision: str, gpu: GpuSpec | None) -> 
     NVIDIA's ModelOpt FP8/NVFP4 exports set kv_cache_quant_algo FP8 in hf_quant_config.json,
     which both engines honour; other checkpoints keep the KV cache in their 16-bit dtype.
     """
-    source = next((s for p, s in entry.sources.items() if p == precision), None)
     fp8_ok = gpu is None or "fp8" in gpu.tflops
-    nvidia = isinstance(source, HubSource) and source.repo.startswith("nvidia/")
-    if nvidia and precision in ("fp8", "nvfp4") and fp8_ok:
+    if modelopt(entry, precision) and precision in ("fp8", "nvfp4") and fp8_ok:
         return "fp8"
     return "fp32" if entry.architecture.dtype == "float32" else "bf16"
 
@@ -219,13 +226,15 @@ def kv_bytes(
     attention_dp: bool = False,
 ) -> float:
     """KV cache of one sequence across the TP group (KV heads replicated when TP > heads;
-    with attention data parallelism one GPU holds all the heads of its own sequences).
+    with attention data parallelism one GPU holds all the heads of its own sequences):
+    what the engine stores, and what one decode step of the sequence reads.
 
     Chunked-attention layers (Llama 4) hold one chunk in vLLM, whose hybrid KV cache manager
     frees the blocks behind it (ChunkedLocalAttentionSpec in vllm/v1/kv_cache_interface.py),
-    and the whole sequence in TensorRT-LLM, which applies the chunks to the attention of
-    context requests only and sizes the cache for the longest window
-    (docs/source/features/long-sequence.md). Sliding windows are capped in both.
+    and the whole sequence in TensorRT-LLM, which sizes the cache for the longest window and
+    applies the chunks to context requests only (docs/source/features/long-sequence.md:
+    "chunked attention can only be applied to context requests"), so its decode reads them
+    whole. Sliding windows are capped in both.
     """
     arch = entry.architecture
     replication = 1.0 if attention_dp else max(1.0, tp / arch.num_kv_heads)

@@ -5,10 +5,16 @@
                 (the default: a shared endpoint that stays pleasant to use under load)
     min-gpus    the fewest GPUs that serve `load` output tokens/s under the same bounds
 
-Text form, for --objective: `throughput`, `throughput,user=30,ttft=1`, `min-gpus,load=20000`;
-`user=0` or `ttft=0` drops that bound. A candidate runs the largest batch that keeps both
-bounds; the engine's max_num_seqs is set to it, so the bounds hold when traffic exceeds it
-(the gateway queues the rest).
+Precision is one more dimension of the candidates, ranked like the others, among the
+catalog's precisions no lossier than `lowest` (default: fp8, or the model's own default
+precision where that is lossier, as gpt-oss's MXFP4). FP8 with per-tensor or block scales is
+what NVIDIA and Meta publish as serving checkpoints; 4-bit formats cost accuracy a plan
+should not trade for speed unless the operator says so.
+
+Text form, for --objective: `throughput`, `throughput,user=30,ttft=1`, `min-gpus,load=20000`,
+`throughput,lowest=nvfp4`; `user=0` or `ttft=0` drops that bound. A candidate runs the
+largest batch that keeps both bounds; the engine's max_num_seqs is set to it, so the bounds
+hold when traffic exceeds it (the gateway queues the rest).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from appliance.gpus import PRECISION_ORDER
 from appliance.planner.roofline import Throughput
 
 # Defaults for a shared chat endpoint: 20 tokens/s is several times reading speed and the
 # pace chat UIs stream at; 2 s before the first token is where people start to wait.
 DEFAULT_MIN_USER_TOK_S = 20.0
 DEFAULT_MAX_TTFT_S = 2.0
+DEFAULT_LOWEST = "fp8"
 KINDS = ("throughput", "min-gpus")
 
 
@@ -33,8 +41,11 @@ class Objective:
     min_user_tok_s: float = DEFAULT_MIN_USER_TOK_S  # 0: no floor
     max_ttft_s: float = DEFAULT_MAX_TTFT_S  # 0: no bound
     load_tok_s: float = 0.0  # min-gpus: output tokens/s the replicas must serve together
+    lowest: str | None = None  # the lossiest precision allowed; None: DEFAULT_LOWEST
 
     def __post_init__(self) -> None:
+        if self.lowest is not None and self.lowest not in PRECISION_ORDER:
+            raise ValueError(f"lowest={self.lowest} is not one of {', '.join(PRECISION_ORDER)}")
         if self.kind not in KINDS:
             raise ValueError(f"objective '{self.kind}' is not one of {', '.join(KINDS)}")
         if self.min_user_tok_s < 0 or self.max_ttft_s < 0:
@@ -46,15 +57,20 @@ class Objective:
 
     @classmethod
     def parse(cls, text: str) -> Objective:
-        """'KIND[,user=TOK_S][,ttft=SECONDS][,load=TOK_S]', e.g. 'min-gpus,load=20000'."""
+        """'KIND[,user=TOK_S][,ttft=SECONDS][,load=TOK_S][,lowest=PRECISION]', e.g.
+        'min-gpus,load=20000'."""
         kind, *pairs = [part.strip() for part in text.split(",")]
         keys = {"user": "min_user_tok_s", "ttft": "max_ttft_s", "load": "load_tok_s"}
         values: dict[str, float] = {}
+        lowest: str | None = None
         for pair in pairs:
             key, sep, value = pair.partition("=")
+            if sep and key == "lowest":
+                lowest = value
+                continue
             if not sep or key not in keys:
                 raise ValueError(
-                    f"'{pair}' in objective '{text}' is not one of user=, ttft=, load="
+                    f"'{pair}' in objective '{text}' is not one of user=, ttft=, load=, lowest="
                 )
             try:
                 values[keys[key]] = float(value)
@@ -65,7 +81,7 @@ class Objective:
                 f"objective '{kind}' is not one of {', '.join(KINDS)} "
                 "(e.g. throughput,user=20,ttft=2 or min-gpus,load=20000)"
             )
-        return cls(kind, **values)  # type: ignore[arg-type]
+        return cls(kind, lowest=lowest, **values)  # type: ignore[arg-type]
 
     def bounds(self) -> str:
         parts = []
@@ -79,6 +95,19 @@ class Objective:
         if self.kind == "min-gpus":
             return f"fewest GPUs for {self.load_tok_s:,.0f} output tok/s, {self.bounds()}"
         return f"most output tok/s from the free GPUs, {self.bounds()}"
+
+    def floor(self, default_precision: str) -> str:
+        """The lossiest precision a plan may use for a model whose catalog default is
+        `default_precision`: `lowest`, else fp8 or the model's default if that is lossier."""
+        if self.lowest is not None:
+            return self.lowest
+        rank = PRECISION_ORDER.index
+        native = default_precision if default_precision in PRECISION_ORDER else "bf16"
+        return max(DEFAULT_LOWEST, native, key=rank)
+
+    def allows(self, precision: str, default_precision: str) -> bool:
+        rank = PRECISION_ORDER.index
+        return rank(precision) <= rank(self.floor(default_precision))
 
     def meets(self, t: Throughput) -> bool:
         user = not self.min_user_tok_s or t.per_user_tok_s >= self.min_user_tok_s

@@ -1,25 +1,29 @@
 """Throughput: what one replica serves, predicted from the GPU's peak figures.
 
-A roofline per step of continuous batching, each kernel group taking the longer of its
-memory and its compute time, summed because they run one after another:
+A roofline per step of continuous batching. Each kernel group takes its memory time plus
+its compute time (`roof`: a group is many kernels, some bound by one, some by the other),
+and the groups run one after another:
 
     dense GEMMs    attention projections, shared experts, dense FFN layers, lm_head: weights
                    read once per step (a whole copy per GPU under attention data
                    parallelism), 2 FLOPs per parameter per token
     expert GEMMs   only the routed experts some token of the step is sent to:
                    E x (1 - (1 - k/E)^B) of each layer's E experts for B tokens, uniform
-                   routing; 2 FLOPs per active expert parameter per token
-    attention      every running sequence's KV cache read once (windows respected)
-    communication  two all-reduces per layer (TP), two all-to-alls per MoE layer (EP with
-                   attention data parallelism), a network hop per pipeline stage
+                   routing; 2 FLOPs per active expert parameter per token; under expert
+                   parallelism the GPU with the most tokens sets the pace
+    attention      every running sequence's KV cache read once (windows respected; Llama 4's
+                   chunks not on TensorRT-LLM), QK^T and PV at the 16-bit rate
+    communication  two all-reduces per layer (TP, and TP + EP), an all-gather and a
+                   reduce-scatter per MoE layer (DP + EP), a network hop per pipeline stage
 
-Prefill is compute-bound. Four efficiency factors (`Efficiency`) are fitted to published
-TensorRT-LLM results and checked on results not used to fit them
+Prefill is compute-bound and shares the steps. Five efficiency factors (`Efficiency`) are
+fitted to published TensorRT-LLM results and checked on results not used to fit them
 (appliance/planner/validation.py, docs/planning.md "Accuracy").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from appliance.catalog import Architecture, ModelEntry
@@ -42,11 +46,13 @@ class Efficiency:
     bandwidth: float  # of HBM bandwidth, for weight reads (GEMMs)
     attention: float  # of HBM bandwidth, for KV-cache reads (paged attention kernels)
     experts: float  # grouped expert GEMMs relative to dense GEMMs (both rooflines)
+    link: float  # of NVLink (or PCIe) bandwidth, for the collectives of one step
 
 
-# Fitted by `python -m appliance.planner.validation --fit` on the rows marked fit=True in
-# appliance/planner/validation.py; tests/test_planner.py checks a refit reproduces them.
-FITTED = Efficiency(compute=0.521, bandwidth=0.508, attention=0.765, experts=0.534)
+# Fitted by `python -m appliance.planner.validation --fit` on the fit rows (the shapes in
+# fit_shapes of appliance/planner/published.toml); tests/test_planner.py checks that a refit
+# reproduces them.
+FITTED = Efficiency(compute=0.590, bandwidth=0.860, attention=0.808, experts=0.359, link=0.696)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,12 @@ def _attention_flops(arch: Architecture, tokens: int, context: int) -> float:
     return width * total
 
 
+def roof(memory: float, compute: float) -> float:
+    """One kernel group's time: its memory-bound and compute-bound kernels (norms, casts,
+    GEMMs of other shapes) run one after another, so their times add."""
+    return memory + compute
+
+
 def predict(
     entry: ModelEntry,
     gpu: GpuSpec,
@@ -108,17 +120,23 @@ def predict(
     *,
     layout: Layout | None = None,
     efficiency: Efficiency = FITTED,
+    engine: str | None = None,
 ) -> Throughput:
     """Steady-state throughput of one replica running `batch` sequences of `workload`.
 
-    `layout` says how the tp x pp GPUs split the layers (default: plain TP x PP).
+    `layout` says how the tp x pp GPUs split the layers (default: plain TP x PP); under
+    attention data parallelism `batch` is the whole group's, spread evenly over its GPUs.
+    `engine` "trtllm": decode reads Llama 4's chunked layers whole (see `kv_bytes`).
     """
     arch, p, eff = entry.architecture, Params.of(entry.architecture), efficiency
     layout = layout or Layout(tp, pp)
     n, inp, out = tp * pp, workload.input_tokens, workload.output_tokens
     flops_rate = gpu.compute_tflops(precision) * 1e12 * n * eff.compute
     byte_rate = gpu.bandwidth_tbs * 1e12 * n * eff.bandwidth
-    link = (gpu.link_gbs if tp <= gpu.nvlink_domain else gpu.pcie_gbs) * GB
+    kv_rate = gpu.bandwidth_tbs * 1e12 * n * eff.attention
+    # QK^T and PV multiply 16-bit queries and probabilities, whatever the weights' precision.
+    attention_rate = gpu.compute_tflops("bf16") * 1e12 * n * eff.compute
+    link = (gpu.link_gbs if tp <= gpu.nvlink_domain else gpu.pcie_gbs) * GB * eff.link
 
     # Parameters by role: routed experts (k of E per token) and everything else multiplied.
     e, k = arch.num_experts or 1, arch.experts_per_token or 1
@@ -129,35 +147,50 @@ def predict(
     copies = tp if layout.attention_dp else 1  # GPUs that each read the dense weights whole
 
     def comm(tokens: float) -> float:
-        t = 0.0
-        if tp > 1 and layout.attention_dp:  # dispatch and combine per MoE layer
-            volume = tokens / tp * k * arch.hidden_size * _ACTIVATION_BYTES * (tp - 1) / tp
-            t += 2 * arch.routed_layers * (_COLLECTIVE_S + volume / link)
-        elif tp > 1:  # after attention and after the FFN (EP's gather/scatter: the same)
-            volume = tokens * arch.hidden_size * _ACTIVATION_BYTES * 2 * (tp - 1) / tp
-            t += 2 * arch.num_layers * (_COLLECTIVE_S + volume / link)
+        """Collectives for `tokens` tokens in one forward pass, ring volumes over NVLink."""
+        t, ring = 0.0, 2 * (tp - 1) / tp
+        width = tokens * arch.hidden_size * _ACTIVATION_BYTES
+        if tp > 1 and layout.attention_dp:
+            # Tokens gathered to every expert rank before each MoE layer and reduce-scattered
+            # after it (both engines' default on Hopper); dense layers run locally.
+            t += arch.routed_layers * (2 * _COLLECTIVE_S + ring * width / link)
+        elif tp > 1:  # all-reduce after attention and after the FFN (EP: the same volume)
+            t += 2 * arch.num_layers * (_COLLECTIVE_S + ring * width / link)
         if pp > 1:
-            hop = tokens * arch.hidden_size * _ACTIVATION_BYTES / (_NETWORK_GBS * GB)
-            t += (pp - 1) * (_NETWORK_S + hop)
+            t += (pp - 1) * (_NETWORK_S + width / (_NETWORK_GBS * GB))
         return t
 
+    def expert_compute(tokens: float) -> float:
+        """Grouped expert GEMMs for `tokens` tokens; under EP the busiest GPU sets the pace
+        (uniform routing: a binomial share of the tokens x k assignments, its expected
+        maximum over the tp GPUs about sqrt(2 ln tp) standard deviations above the mean)."""
+        flops = 2 * routed * tokens / (flops_rate * eff.experts)
+        if layout.experts == "ep" and tp > 1:
+            spread = math.sqrt((tp - 1) / max(tokens * k, 1.0))
+            flops *= 1 + math.sqrt(2 * math.log(tp)) * spread
+        return flops
+
     # Prefill of one request: every input token through the multiplied weights.
-    prefill_flops = 2 * (dense - p.table) * inp + 2 * p.table + _attention_flops(arch, inp, inp)
-    expert_flops = 2 * routed * inp
-    t_prefill = (prefill_flops + expert_flops / eff.experts) / flops_rate + comm(inp)
+    prefill_flops = 2 * (dense - p.table) * inp + 2 * p.table
+    t_prefill = (
+        prefill_flops / flops_rate
+        + _attention_flops(arch, inp, inp) / attention_rate
+        + expert_compute(inp)
+        + comm(inp)
+    )
 
     # One decode step of `batch` sequences.
-    t_dense = max(dense_bytes * copies / byte_rate, batch * 2 * dense / flops_rate)
+    t_dense = roof(dense_bytes * copies / byte_rate, batch * 2 * dense / flops_rate)
     t_experts = 0.0
     if arch.is_moe:
         touched = 1 - (1 - k / e) ** batch
-        t_experts = max(expert_bytes * touched / byte_rate, batch * 2 * routed / flops_rate)
-        t_experts /= eff.experts
+        t_experts = roof(expert_bytes * touched / byte_rate / eff.experts, expert_compute(batch))
     mean_context = inp + out // 2
-    kv_read = batch * kv_bytes(entry, mean_context, kv_dtype, tp, attention_dp=layout.attention_dp)
-    t_attention = max(
-        kv_read / byte_rate * eff.bandwidth / eff.attention,
-        batch * _attention_flops(arch, 1, mean_context) / flops_rate,
+    kv_read = batch * kv_bytes(
+        entry, mean_context, kv_dtype, tp, engine=engine, attention_dp=layout.attention_dp
+    )
+    t_attention = roof(
+        kv_read / kv_rate, batch * _attention_flops(arch, 1, mean_context) / attention_rate
     )
     t_step = t_dense + t_experts + t_attention + comm(batch)
 

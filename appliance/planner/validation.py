@@ -1,21 +1,23 @@
 """How accurate the throughput model is: published results, the fit, the held-out error.
 
-The rows are every H100 and H200 FP8 result of NVIDIA TensorRT-LLM's performance overview
-(docs/source/performance/perf-overview.md at commit 00f37686aa854010d68bcbd0f4ab000221541ca6,
-"Throughput Measurements": trtllm-bench, ModelOpt FP8 checkpoints, "Total Output Throughput
-(tokens/sec)" of the whole TP group, requests fed at an infinite rate). Rows with fit=True
-fix the four efficiency factors (`fit`); the others are held out and only ever compared
-(`errors`). `python -m appliance.planner.validation` prints the table in docs/planning.md;
-`--fit` refits and prints the factors to copy into roofline.FITTED.
+The rows (published.toml, beside this file) are every H100 and H200 FP8 result of NVIDIA
+TensorRT-LLM's performance overview (docs/source/performance/perf-overview.md at commit
+00f37686aa854010d68bcbd0f4ab000221541ca6, "Throughput Measurements": trtllm-bench, ModelOpt
+FP8 checkpoints, "Total Output Throughput (tokens/sec)" of the whole TP group, requests fed
+at an infinite rate). Rows of the file's fit_shapes fix the five efficiency factors (`fit`);
+the others are held out and only ever compared (`results`, `summary`). `python -m
+appliance.planner.validation` prints the table in docs/planning.md; `--fit` refits and
+prints the factors to copy into roofline.FITTED.
 
-The prediction runs what NVIDIA ran, from that page: TP over all the GPUs; MoE models with
-`--ep` equal to TP (layout TP + EP). The page's MoE options also show `enable_attention_dp`
-(layout DP + EP); fitted that way the fit rows come out worse (`python -m
-appliance.planner.validation --attention-dp`), so the table uses TP + EP. KV cache FP8
-(ModelOpt exports set kv_cache_quant_algo FP8); `--kv_cache_free_gpu_mem_fraction 0.95`
-("in many cases"); and as many sequences of ISL+OSL tokens as the KV cache holds, capped at
-the 4096 that trtllm-bench's finetune_setting allows (tensorrt_llm/bench/build/tuning.py),
-per attention-DP rank, since each rank schedules its own batch.
+The prediction runs what the page documents: TP over all the GPUs; MoE models with `--ep`
+equal to TP and the page's MoE options, `enable_attention_dp: true` (layout DP + EP;
+`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse: 1.50
+against 0.55, the sum of squared log errors). KV cache FP8 (ModelOpt exports set
+kv_cache_quant_algo FP8); `--kv_cache_free_gpu_mem_fraction 0.95`
+("in many cases"); the max_batch_size and max_num_tokens trtllm-bench computes for each
+shape (`bench_settings`), each attention-DP rank scheduling its own batch; and as many
+sequences of ISL+OSL tokens as the KV cache holds (TensorRT-LLM's default capacity
+scheduler reserves a request's whole length).
 """
 
 from __future__ import annotations
@@ -25,62 +27,74 @@ import math
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from appliance.catalog import Catalog, load_catalog
-from appliance.gpus import GPUS
+from pydantic import Field, ValidationError
+
+from appliance.catalog import Catalog, HubSource, ModelEntry, load_catalog
+from appliance.errors import PlanError
+from appliance.gpus import GPUS, GpuSpec
 from appliance.planner.layout import Layout
 from appliance.planner.memory import EngineLimits, kv_budget, sequences_per_gpu_group
 from appliance.planner.roofline import FITTED, Efficiency, Workload, predict
+from appliance.strict import Strict, read_toml
 
-SOURCE = (
-    "NVIDIA/TensorRT-LLM docs/source/performance/perf-overview.md "
-    "(commit 00f37686aa854010d68bcbd0f4ab000221541ca6), Throughput Measurements"
-)
+DATA = Path(__file__).with_name("published.toml")
 BENCH_MEMORY_FRACTION = 0.95
 BENCH_MAX_BATCH = 4096  # trtllm-bench: min(KV-cache requests, 4096) / pp
-START = Efficiency(compute=0.5, bandwidth=0.8, attention=0.8, experts=1.0)  # where fit begins
-FIT_SHAPES = frozenset({(128, 128), (1000, 1000), (2048, 2048), (5000, 500)})
+START = Efficiency(compute=0.5, bandwidth=0.8, attention=0.8, experts=1.0, link=0.8)
 
-# model -> GPUs it ran on (TP = all of them) -> {(ISL, OSL): published output tokens/s}.
-_SHAPES = [
-    (128, 128),
-    (128, 2048),
-    (128, 4096),
-    (500, 2000),
-    (1000, 1000),
-    (1000, 2000),
-    (2048, 128),
-    (2048, 2048),
-    (5000, 500),
-    (20000, 2000),
-]
-# Columns of the page's tables, in _SHAPES order; None where the page has no figure.
-_PUBLISHED: dict[str, dict[str, list[int | None]]] = {
-    "llama-3.1-8b-instruct": {  # table "Llama 3.1 8B": H200 TP1, H100 TP1
-        "1xH200": [27911, 26221, 18027, 20770, 17744, 16828, 3538, 12194, 3902, 1804],
-        "1xH100-80GB": [28312, 22714, 14325, 17660, 15220, 13899, 3450, 9305, 3459, 1351],
-    },
-    "llama-3.3-70b-instruct": {  # table "Llama 3.3 70B": H200 TP1, H100 TP2
-        "1xH200": [3803, 4336, 2872, 3666, 2909, 2994, 442, 2003, 566, 283],
-        "2xH100-80GB": [6378, 6651, 4199, 5222, 4205, 4146, 762, 3082, 898, 437],
-    },
-    "llama-3.1-405b-instruct": {  # table "Llama 3.1 405B": H200 TP8, H100 TP8
-        "8xH200": [3814, 5348, 4741, 4724, 3330, 3722, 456, 2948, 650, 505],
-        "8xH100-80GB": [3627, 4340, 3116, 3994, 2919, 2895, 453, 2296, 610, 345],
-    },
-    "llama-4-scout": {  # table "Llama 4 Scout": H200 TP4, H100 TP4
-        "4xH200": [30354, 34316, 21332, 24630, 21636, 18499, 3699, 14949, 4605, 2105],
-        "4xH100-80GB": [None, 15130, 8603, 12399, 12129, 9838, 3253, 7972, 3342, None],
-    },
-    "llama-4-maverick": {  # table "Llama 4 Maverick": H200 TP8, H100 TP8
-        "8xH200": [63994, 40572, 24616, 37835, 31782, 34734, 7307, 20957, 8456, 4106],
-        "8xH100-80GB": [None, 10829, 6744, 10108, 9677, 9151, None, 6916, 3457, None],
-    },
-    "qwen3-235b-a22b": {  # table "Qwen3-235B-A22B": H200 TP8, H100 TP8
-        "8xH200": [30429, 42821, 26852, 28026, 23789, 22061, 3331, 16672, 3623, 1876],
-        "8xH100-80GB": [None, 19658, 12447, 18351, 14898, 15136, None, 9924, 3225, None],
-    },
-}
+
+class Source(Strict):
+    repository: str
+    path: str
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    section: str
+    metric: str
+    fit_shapes: list[str]
+
+    def describe(self) -> str:
+        return f"{self.repository} {self.path} (commit {self.commit}), {self.section}"
+
+
+class Table(Strict):
+    """One column of one of the page's tables: a model on some GPUs, TP over all of them."""
+
+    model: str
+    heading: str  # the page's table
+    column: str  # the page's column
+    gpus: str  # COUNTxTYPE
+    checkpoint: str  # the Hub repository the page names
+    output_tok_s: dict[str, int]  # "ISL/OSL" -> the published figure
+
+
+class Miss(Strict):
+    """A held-out row the model misses by more than 25%, and why (docs/planning.md)."""
+
+    model: str
+    gpus: str
+    shape: str  # "ISL/OSL"
+    reason: str
+
+
+class Published(Strict):
+    source: Source
+    tables: list[Table]
+    outside_target: list[Miss] = Field(default_factory=list)
+
+
+def load(path: Path = DATA) -> Published:
+    """The published rows (appliance/planner/published.toml)."""
+    data = read_toml(path, PlanError, "published results file")
+    try:
+        return Published.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError(f"{path}: {exc}", hint="Fix the field named above.") from None
+
+
+PUBLISHED = load()
+SOURCE = PUBLISHED.source.describe()
+FIT_SHAPES = frozenset(PUBLISHED.source.fit_shapes)
 
 
 @dataclass(frozen=True)
@@ -90,10 +104,11 @@ class Row:
     isl: int
     osl: int
     published: float  # output tokens/s
+    checkpoint: str
 
     @property
     def fit(self) -> bool:
-        return (self.isl, self.osl) in FIT_SHAPES
+        return self.shape in FIT_SHAPES
 
     @property
     def shape(self) -> str:
@@ -101,11 +116,10 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = tuple(
-    Row(model, gpus, isl, osl, float(value))
-    for model, columns in _PUBLISHED.items()
-    for gpus, values in columns.items()
-    for (isl, osl), value in zip(_SHAPES, values, strict=True)
-    if value is not None
+    Row(t.model, t.gpus, int(isl), int(osl), float(value), t.checkpoint)
+    for t in PUBLISHED.tables
+    for shape, value in t.output_tok_s.items()
+    for isl, osl in [shape.split("/")]
 )
 
 
@@ -123,36 +137,73 @@ class Result:
         return self.predicted / self.row.published - 1
 
 
+def bench_settings(entry: ModelEntry, gpu: GpuSpec, tp: int, isl: int, osl: int) -> tuple[int, int]:
+    """(max_batch_size, max_num_tokens) that trtllm-bench gives the engine:
+    calc_engine_setting and finetune_setting in tensorrt_llm/bench/build/tuning.py, for an
+    FP8 checkpoint with an FP8 KV cache and no pipeline parallelism."""
+    arch, gib = entry.architecture, 2**30
+    per_token = 2 * arch.num_layers * max(tp, arch.num_kv_heads) * arch.head_dim / gib
+    engine = arch.params_total_b * 1e9 / gib
+    cache = (gpu.memory_bytes / gib * tp - engine) * BENCH_MEMORY_FRACTION
+    raw_bs = min(cache / (per_token * (isl + osl)), BENCH_MAX_BATCH)
+    raw_token = min(raw_bs * (1 + isl / osl), 32768)
+    max_bs = _step_up(raw_bs, ((256, 32), (1024, 128), (math.inf, 256)), least=64)
+    max_tokens = _step_up(raw_token, ((4096, 256), (8192, 512), (math.inf, 1024)), least=2048)
+    return max_bs, max_tokens
+
+
+def _step_up(value: float, bands: tuple[tuple[float, int], ...], least: int) -> int:
+    """finetune_setting's rounding: up to the step of the first band `value` is below."""
+    step = next(step for limit, step in bands if value < limit)
+    return max(least, step * math.ceil(value / step))
+
+
 def _setup(catalog: Catalog, row: Row, attention_dp: bool) -> Callable[[Efficiency], Result]:
     """What the efficiency factors do not change (layout, batch), computed once per row."""
     entry = catalog.get(row.model)
+    sources = {**entry.sources, "fp8": HubSource(repo=row.checkpoint)}
+    entry = entry.model_copy(update={"sources": sources})
     count, _, kind = row.gpus.partition("x")
     gpu, n = GPUS[kind], int(count)
     moe = entry.architecture.is_moe
     layout = Layout(n, 1, "ep", attention_dp) if moe and n > 1 else Layout(n)
-    limits = EngineLimits("trtllm", BENCH_MEMORY_FRACTION, True, BENCH_MAX_BATCH, 8192)
+    max_bs, max_tokens = bench_settings(entry, gpu, n, row.isl, row.osl)
+    limits = EngineLimits("trtllm", BENCH_MEMORY_FRACTION, True, max_bs, max_tokens)
     budget = kv_budget(entry, gpu, "fp8", layout, limits)[2]
     seqs = sequences_per_gpu_group(entry, row.isl + row.osl, "fp8", layout, budget, "trtllm")
-    cap = BENCH_MAX_BATCH * (n if layout.attention_dp else 1)
+    # Each attention-DP rank schedules its own batch, up to max_batch_size.
+    cap = max_bs * (n if layout.attention_dp else 1)
     batch = max(1, min(int(seqs), cap))
     shape = Workload(row.isl, row.osl)
 
     def run(eff: Efficiency) -> Result:
-        t = predict(entry, gpu, "fp8", "fp8", n, 1, batch, shape, layout=layout, efficiency=eff)
+        t = predict(
+            entry,
+            gpu,
+            "fp8",
+            "fp8",
+            n,
+            1,
+            batch,
+            shape,
+            layout=layout,
+            efficiency=eff,
+            engine="trtllm",
+        )
         return Result(row, moe, layout.describe(), batch, t.output_tok_s)
 
     return run
 
 
 def results(
-    eff: Efficiency = FITTED, rows: Iterable[Row] = ROWS, attention_dp: bool = False
+    eff: Efficiency = FITTED, rows: Iterable[Row] = ROWS, attention_dp: bool = True
 ) -> list[Result]:
     catalog = load_catalog()
     return [_setup(catalog, row, attention_dp)(eff) for row in rows]
 
 
 def fit(
-    rows: Iterable[Row] | None = None, attention_dp: bool = False, sweeps: int = 10
+    rows: Iterable[Row] | None = None, attention_dp: bool = True, sweeps: int = 10
 ) -> Efficiency:
     """The factors that minimise the squared log error over `rows` (default: the fit rows),
     by coordinate descent with a golden-section search on each factor in its range."""
@@ -165,6 +216,7 @@ def fit(
 
     ranges = {"compute": (0.2, 1.0), "bandwidth": (0.3, 1.0), "attention": (0.2, 1.0)}
     ranges["experts"] = (0.2, 1.5)
+    ranges["link"] = (0.1, 1.0)
     eff = START
     for _ in range(sweeps):
         for name, (low, high) in ranges.items():
@@ -224,17 +276,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fit", action="store_true", help="refit the factors on the fit rows")
     parser.add_argument(
-        "--attention-dp", action="store_true", help="run MoE rows as DP + EP (refits)"
+        "--no-attention-dp", action="store_true", help="run MoE rows as TP + EP (refits)"
     )
     args = parser.parse_args(argv)
-    eff = fit(attention_dp=True) if args.attention_dp else fit() if args.fit else FITTED
-    if args.fit or args.attention_dp:
+    attention_dp = not args.no_attention_dp
+    refit = args.fit or args.no_attention_dp
+    eff = fit(attention_dp=attention_dp) if refit else FITTED
+    if refit:
         print(
             f"Efficiency(compute={eff.compute:.3f}, bandwidth={eff.bandwidth:.3f}, "
-            f"attention={eff.attention:.3f}, experts={eff.experts:.3f})\n"
+            f"attention={eff.attention:.3f}, experts={eff.experts:.3f}, link={eff.link:.3f})\n"
         )
     print(f"Source: {SOURCE}.\n")
-    print(table(results(eff, attention_dp=args.attention_dp)))
+    print(table(results(eff, attention_dp=attention_dp)))
 
 
 if __name__ == "__main__":
