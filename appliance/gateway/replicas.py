@@ -9,7 +9,6 @@ healthy replicas of the model, ties broken in turn.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import struct
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.control.records import RegistrySnapshot
-from appliance.gateway.shared import WORKERS_MAX, SharedTable
+from appliance.gateway.shared import WORKERS_MAX, SharedTable, owner_id
 
 log = logging.getLogger("appliance.gateway")
 
@@ -93,11 +92,6 @@ class LocalCounts:
 _COUNTS = struct.Struct(f"<q{WORKERS_MAX}i")
 
 
-def _owner(replica_id: str) -> int:
-    # A stable, non-zero 63-bit id for the shared table (Python's hash() is per process).
-    return int.from_bytes(hashlib.sha1(replica_id.encode()).digest()[:8], "little") >> 1 | 1
-
-
 class SharedCounts:
     """Requests in flight per replica across every gateway worker on the host: the
     capacity check and the increment are one locked step, so N workers together keep a
@@ -114,7 +108,7 @@ class SharedCounts:
         offset = self._offsets.get(replica_id)
         if offset is None:
             offset = self._offsets[replica_id] = self.table.slot(
-                _owner(replica_id), [0] * WORKERS_MAX
+                owner_id(replica_id), [0] * WORKERS_MAX
             )
         return offset
 
