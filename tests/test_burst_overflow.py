@@ -70,7 +70,7 @@ def test_the_latency_trigger_estimates_the_wait_for_a_slot() -> None:
     table = _table(2)
     overflow = Overflow(_burst(), table)
     assert overflow.trigger("m", 2) is None  # no local answer yet: no estimate
-    overflow.observe("m", ttft_s=0.05, duration_s=1.0)
+    overflow.observe("m", ttft_s=0.05, duration_s=1.0, waited_s=0.01, ahead=None)
     assert overflow.trigger("m", 2) is None  # four slots free
     for replica in table.replicas("m"):
         for _ in range(2):
@@ -80,6 +80,9 @@ def test_the_latency_trigger_estimates_the_wait_for_a_slot() -> None:
     table.counts.try_wait("m", 100)
     # One in line: 2 x 0.25 + 0.05 = 0.55 s.
     assert overflow.trigger("m", 2) == "latency"
+    # Measured in line: a request waited 0.3 s behind 2 others, 0.1 s a place: 0.25 s.
+    overflow.observe("m", ttft_s=0.05, duration_s=1.0, waited_s=0.3, ahead=2)
+    assert overflow.trigger("m", 2) is None
     table.mark_failed(table.replicas("m")[0])
     table.mark_failed(table.replicas("m")[1])
     assert overflow.trigger("m", 2) == "local_unavailable"

@@ -495,7 +495,9 @@ class Gateway:
             assert task is not None
             watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
             try:
-                await self._forward(send, request_id, path, checked, info, raw, body, exchange)
+                # Without overflow, straight to the local path (no layer on the hot path).
+                forward = self._forward_local if self.overflow is None else self._forward
+                await forward(send, request_id, path, checked, info, raw, body, exchange)
             except asyncio.CancelledError:
                 if not exchange.gone:
                     raise
@@ -697,7 +699,8 @@ class Gateway:
         exchange: _Exchange,
     ) -> None:
         overflow = self.overflow
-        if overflow is None or checked.messages is None or not overflow.serves(checked.model):
+        assert overflow is not None
+        if checked.messages is None or not overflow.serves(checked.model):
             await self._forward_local(send, request_id, path, checked, info, raw, body, exchange)
             return
         # Cloud overflow (overflow.py): before the local line, or after a local failure.
@@ -717,6 +720,7 @@ class Gateway:
             overflow, send, request_id, checked, exchange, reason
         ):
             return
+        exchange.queued_at, exchange.ahead = time.time(), overflow.ahead(model, capacity)
         try:
             await self._forward_local(send, request_id, path, checked, info, raw, body, exchange)
         except GatewayError as err:
@@ -1064,9 +1068,15 @@ class Gateway:
         if self.overflow is not None and local and status == 200:
             # The local pace the latency trigger estimates from (overflow.py).
             assert row.ttft_ms is not None
-            now = time.time()
-            since = exchange.acquired_at - row.ts
-            self.overflow.observe(row.model or "", row.ttft_ms / 1000 - since, now - row.ts - since)
+            now, acquired = time.time(), exchange.acquired_at
+            waited = acquired - exchange.queued_at if exchange.queued_at else 0.0
+            self.overflow.observe(
+                row.model or "",
+                row.ttft_ms / 1000 - (acquired - row.ts),
+                now - acquired,
+                waited,
+                exchange.ahead,
+            )
         if self.spool is not None and exchange.keep_days:
             answer = b"".join(exchange.kept)
             self.spool.write(body_line(row, exchange.keep_days, exchange.request, answer))
@@ -1172,8 +1182,9 @@ class _Exchange:
     """One request's relation to its client once the body is in."""
 
     __slots__ = (
-        "acquired_at", "answered", "cloud_error", "cloud_only", "gone", "headers", "hide_usage",
-        "keep_days", "kept", "key", "overflow_decided", "request", "row", "tally",
+        "acquired_at", "ahead", "answered", "cloud_error", "cloud_only", "gone", "headers",
+        "hide_usage", "keep_days", "kept", "key", "overflow_decided", "queued_at", "request",
+        "row", "tally",
     )  # fmt: skip
 
     def __init__(self, row: UsageRow) -> None:
@@ -1182,7 +1193,11 @@ class _Exchange:
         self.key: KeyRecord | None = None
         # The key's rate-limit headers, and where the request ran.
         self.headers: dict[str, str] = {UPSTREAM_HEADER: "local"}
-        self.acquired_at = 0.0  # when a local replica was acquired (wall clock)
+        # With overflow on: when the request went to the local line, how many were in it
+        # then, and when a local replica was acquired (wall clock): the local pace.
+        self.queued_at = 0.0
+        self.ahead: int | None = None
+        self.acquired_at = 0.0
         # Cloud overflow: decided once; the 400 for images a local model cannot read
         # (the request may only overflow); the error of the providers it went to.
         self.overflow_decided = False

@@ -7,11 +7,14 @@ maps, it answers three questions, in this order:
 1. **Is there a trigger?** (`trigger`, before the request joins the local line)
    - `local_unavailable`: the model has no healthy local replica;
    - `latency`: every local slot of the model (max_num_seqs per healthy replica) is
-     taken and the estimated wait, `(requests in line + 1) x (recent local request
-     time / slots) + recent local time to first token`, is above `latency_target_ms`.
-     The recent times are EWMAs of this worker's local answers, measured from the
-     moment a replica was acquired (the line's wait is not in them); until the first
-     local answer there is no estimate and this trigger does not fire;
+     taken, or requests are already waiting for one, and the estimated wait,
+     `(requests in line + 1) x (wait per place) + recent local time to first token`,
+     is above `latency_target_ms`. The recent times are EWMAs of this worker's local
+     answers: the time to first token from acquiring a replica, and the wait per
+     place, each waiting request's time in line divided by the places ahead of it plus
+     one, planned as its mean plus twice its mean deviation (until a request has
+     waited: the request time divided by the slots). Until the first local answer
+     there is no estimate and this trigger does not fire;
    - `images`: the request carries image parts, the local model's catalog entry reads
      text only, and a provider's model reads images (`images = true`): it can run
      nowhere else.
@@ -128,18 +131,29 @@ def shares_at(path: Path, worker: int) -> Shares:
     return Shares(SharedTable(path, _SHARES, 1024, worker))
 
 
-class _Pace:
-    """Recent local times of one model, from acquiring a replica: first token, whole."""
+def _ewma(value: float | None, sample: float) -> float:
+    return sample if value is None else value + PACE_ALPHA * (sample - value)
 
-    __slots__ = ("duration_s", "ttft_s")
+
+class _Pace:
+    """Recent local times of one model: first token and whole answer from acquiring a
+    replica, and the wait per place in line (None until a request has waited)."""
+
+    __slots__ = ("duration_s", "place_dev_s", "place_s", "ttft_s")
 
     def __init__(self, ttft_s: float, duration_s: float) -> None:
         self.ttft_s = ttft_s
         self.duration_s = duration_s
+        self.place_s: float | None = None
+        self.place_dev_s = 0.0  # its mean deviation
 
-    def observe(self, ttft_s: float, duration_s: float) -> None:
-        self.ttft_s += PACE_ALPHA * (ttft_s - self.ttft_s)
-        self.duration_s += PACE_ALPHA * (duration_s - self.duration_s)
+    def place(self, slots: int) -> float:
+        """The wait per place to plan with: the mean plus twice its deviation (as TCP
+        sets its retransmission timeout), so that the slow tail, not the middle, keeps
+        within the target. Slots free in batches, so waits vary around the mean."""
+        if self.place_s is None:
+            return self.duration_s / slots
+        return self.place_s + 2 * self.place_dev_s
 
 
 class Overflow:
@@ -221,10 +235,11 @@ class Overflow:
         if target is None or capacity is None or pace is None:
             return None
         slots = capacity * len(healthy)
-        if sum(self.table.in_flight(r) for r in healthy) < slots:
-            return None  # a slot is free: no wait
         waiting = self.table.counts.waiting(model)
-        wait_s = (waiting + 1) * pace.duration_s / slots + pace.ttft_s
+        # A slot free for a moment while others wait is theirs: the newcomer joins the line.
+        if not waiting and sum(self.table.in_flight(r) for r in healthy) < slots:
+            return None
+        wait_s = (waiting + 1) * pace.place(slots) + pace.ttft_s
         return "latency" if wait_s * 1000 > target else None
 
     def after_local(self, code: str | None) -> str | None:
@@ -238,13 +253,32 @@ class Overflow:
             return None
         return reason
 
-    def observe(self, model: str, ttft_s: float, duration_s: float) -> None:
-        """A local answer's times, from acquiring its replica."""
+    def ahead(self, model: str, capacity: int | None) -> int | None:
+        """Requests in the model's local line now (all workers), for a request about to
+        join it; None when a slot is free (it will not wait)."""
+        waiting = self.table.counts.waiting(model)
+        if waiting or capacity is None:
+            return waiting
+        healthy = self.table.healthy(model)
+        busy = sum(self.table.in_flight(r) for r in healthy)
+        return 0 if busy >= capacity * len(healthy) else None
+
+    def observe(
+        self, model: str, ttft_s: float, duration_s: float, waited_s: float, ahead: int | None
+    ) -> None:
+        """A local answer's times from acquiring its replica; how long it waited for one
+        with `ahead` requests in line before it (None: a slot was free)."""
         pace = self._pace.get(model)
         if pace is None:
-            self._pace[model] = _Pace(ttft_s, duration_s)
+            pace = self._pace[model] = _Pace(ttft_s, duration_s)
         else:
-            pace.observe(ttft_s, duration_s)
+            pace.ttft_s = _ewma(pace.ttft_s, ttft_s)
+            pace.duration_s = _ewma(pace.duration_s, duration_s)
+        if ahead is not None:
+            sample = waited_s / (ahead + 1)
+            if pace.place_s is not None:
+                pace.place_dev_s = _ewma(pace.place_dev_s, abs(sample - pace.place_s))
+            pace.place_s = _ewma(pace.place_s, sample)
 
     def refusal(self, key: KeyRecord | None) -> Refusal | None:
         if key is None:
