@@ -153,7 +153,7 @@ class FakeCloud:
 
     async def _start(self) -> None:
         app = web.Application()
-        app.router.add_get("/health", lambda _: web.Response(text="ok"))
+        app.router.add_get("/health", self.health)
         app.router.add_post("/v1/messages", self.anthropic)
         app.router.add_post("/model/{model}/converse", self.converse)
         app.router.add_post("/model/{model}/converse-stream", self.converse_stream)
@@ -165,6 +165,10 @@ class FakeCloud:
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
+
+    @staticmethod
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def _stop(self) -> None:
         if self._runner is not None:
