@@ -774,6 +774,10 @@ class Gateway:
             exchange.cloud_error = err
             self._stays_local(exchange, reason, "provider_failed", err.message, audit=False)
             return False
+        except BaseException:  # the client left: what was sent is on record all the same
+            if sent:
+                self._audit_overflow(exchange, reason, sent, None, 499, "client_closed_request")
+            raise
         self.metrics.overflowed(checked.model, sent[-1], reason)
         row.upstream, row.upstream_reason = sent[-1], reason
         exchange.headers[UPSTREAM_HEADER] = f"{sent[-1]}; reason={reason}"
@@ -788,7 +792,8 @@ class Gateway:
                 self._answered(exchange, whole.usage.openai())
                 await _send_whole(send, 200, raw, request_id, exchange.headers)
         finally:
-            self._audit_overflow(exchange, reason, sent, sent[-1], row.status, row.error)
+            status = row.status if exchange.answered else 499
+            self._audit_overflow(exchange, reason, sent, sent[-1], status, row.error)
             overflow.on_status(overflow.burst.status())
         return True
 
