@@ -28,7 +28,7 @@ from appliance.keys import KeyPolicy
 from appliance.planner import Plan
 from appliance.state import State
 from appliance.testing.fake_clouds import ANTHROPIC_KEY, OPENAI_KEY, FakeCloud, Fault
-from tests.conftest import Processes, free_port, wait_http
+from tests.conftest import Processes, free_port
 
 MODEL = "tiny-random-llama"  # text only in the catalog
 DOWN = "down"  # a model whose only replica never answers
@@ -162,14 +162,13 @@ api_key_env = "FAKE_OPENAI_KEY"
         try:
             # 20 tokens x 50 ms: a request holds one of the two slots for about a second.
             _, engine = procs.fake_engine(MODEL, 20, 50)
-            gateway = procs.start(
-                "-m", "appliance.gateway", "--config", str(config),
-                "--static-replica", f"{MODEL}={engine}",
-                "--static-replica", f"{DOWN}=http://127.0.0.1:{free_port()}",
-                "--static-replica", f"{BROKEN}={failing_engine}",
-                env={"FAKE_ANTHROPIC_KEY": ANTHROPIC_KEY, "FAKE_OPENAI_KEY": OPENAI_KEY},
-            )  # fmt: skip
-            wait_http(f"http://127.0.0.1:{port}/healthz", proc=gateway)
+            replicas = {
+                MODEL: engine,
+                DOWN: f"http://127.0.0.1:{free_port()}",
+                BROKEN: failing_engine,
+            }
+            env = {"FAKE_ANTHROPIC_KEY": ANTHROPIC_KEY, "FAKE_OPENAI_KEY": OPENAI_KEY}
+            gateway = procs.gateway(config, port, replicas, env)
             setup = Setup(f"http://127.0.0.1:{port}", keys, state, config, local, first)
             yield setup
             for client in setup.clients.values():

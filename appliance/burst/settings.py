@@ -162,9 +162,9 @@ class TriggerConfig(_Section):
         None,
         ge=1,
         le=3_600_000,
-        description="Overflow when every local slot of the model is taken and the estimated "
-        "wait for one (requests in line plus one, times the recent local request time per "
-        "slot) plus the recent local time to first token is above this. Unset: never for "
+        description="Overflow when every local slot of the model is taken (or requests wait "
+        "for one) and the estimated wait, (requests in line + 1) x the recent wait per place "
+        "in line + the recent local time to first token, is above this. Unset: never for "
         "latency.",
     )
     local_unavailable: bool = Field(

@@ -495,9 +495,15 @@ class Gateway:
             assert task is not None
             watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
             try:
-                # Without overflow, straight to the local path (no layer on the hot path).
-                forward = self._forward_local if self.overflow is None else self._forward
-                await forward(send, request_id, path, checked, info, raw, body, exchange)
+                if self.overflow is None:  # straight to the local path: nothing added
+                    await self._forward(send, request_id, path, checked, info, raw, body, exchange)
+                else:
+                    local = functools.partial(
+                        self._forward, send, request_id, path, checked, info, raw, body, exchange
+                    )
+                    await self._forward_or_overflow(
+                        local, send, request_id, checked, info, exchange
+                    )
             except asyncio.CancelledError:
                 if not exchange.gone:
                     raise
@@ -687,21 +693,20 @@ class Gateway:
             raise self._unavailable(model)
         return replica
 
-    async def _forward(
+    async def _forward_or_overflow(
         self,
+        local: Callable[[], Awaitable[None]],
         send: Send,
         request_id: str,
-        path: str,
         checked: validate.Checked,
         info: ModelInfo | None,
-        raw: bytes,
-        body: dict[str, Any],
         exchange: _Exchange,
     ) -> None:
+        """`local` (the request's `_forward`), or a cloud provider instead of it or after it."""
         overflow = self.overflow
         assert overflow is not None
         if checked.messages is None or not overflow.serves(checked.model):
-            await self._forward_local(send, request_id, path, checked, info, raw, body, exchange)
+            await local()
             return
         # Cloud overflow (overflow.py): before the local line, or after a local failure.
         model = checked.model
@@ -722,7 +727,7 @@ class Gateway:
             return
         exchange.queued_at, exchange.ahead = time.time(), overflow.ahead(model, capacity)
         try:
-            await self._forward_local(send, request_id, path, checked, info, raw, body, exchange)
+            await local()
         except GatewayError as err:
             reason = overflow.after_local(err.code)
             if reason is not None and await self._overflow(
@@ -803,18 +808,7 @@ class Gateway:
         """A provider's stream to the client; the last event is held back until the
         ledger row is written (as for a local stream)."""
         row = exchange.row
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-request-id", request_id.encode()),
-                    *((k.encode(), v.encode()) for k, v in exchange.headers.items()),
-                ],
-            }
-        )
+        await _start_stream(send, request_id, exchange.headers)
         held = b""
         try:
             try:
@@ -893,7 +887,7 @@ class Gateway:
             refusal_line(row.key or "anonymous", "cloud overflow", row.model, detail, row.client)
         )
 
-    async def _forward_local(
+    async def _forward(
         self,
         send: Send,
         request_id: str,
@@ -978,18 +972,7 @@ class Gateway:
                 self._answered(exchange, usage_of(raw))
                 await _send_whole(send, 200, raw, request_id, exchange.headers)
                 return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-request-id", request_id.encode()),
-                        *((k.encode(), v.encode()) for k, v in exchange.headers.items()),
-                    ],
-                }
-            )
+            await _start_stream(send, request_id, exchange.headers)
             finished = await self._relay(
                 send, exchange, replica, upstream, checked.model, request_id
             )
@@ -1240,6 +1223,16 @@ async def _send_whole(
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _start_stream(send: Send, request_id: str, extra: dict[str, str]) -> None:
+    headers = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-request-id", request_id.encode()),
+        *((k.encode(), v.encode()) for k, v in extra.items()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
 
 
 async def _send_error(send: Send, err: GatewayError, request_id: str) -> None:
