@@ -783,9 +783,10 @@ class Gateway:
             if sent:
                 self._audit_overflow(exchange, reason, sent, None, 499, "client_closed_request")
             raise
-        self.metrics.overflowed(checked.model, sent[-1], reason)
-        row.upstream, row.upstream_reason = sent[-1], reason
-        exchange.headers[UPSTREAM_HEADER] = f"{sent[-1]}; reason={reason}"
+        provider = (streamed if checked.stream else whole).route.provider
+        self.metrics.overflowed(checked.model, provider, reason)
+        row.upstream, row.upstream_reason = provider, reason
+        exchange.headers[UPSTREAM_HEADER] = f"{provider}; reason={reason}"
         try:
             if checked.stream:
                 await self._relay_cloud(send, request_id, exchange, streamed)
@@ -798,7 +799,7 @@ class Gateway:
                 await _send_whole(send, 200, raw, request_id, exchange.headers)
         finally:
             status = row.status if exchange.answered else 499
-            self._audit_overflow(exchange, reason, sent, sent[-1], status, row.error)
+            self._audit_overflow(exchange, reason, sent, provider, status, row.error)
             overflow.on_status(overflow.burst.status())
         return True
 
