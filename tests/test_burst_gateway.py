@@ -187,12 +187,14 @@ def _chat(setup: Setup, key: str, model: str = MODEL, **extra: Any) -> tuple[str
     return raw.headers["x-appliance-upstream"], text
 
 
-def _spike(setup: Setup, key: str, n: int, content: str = "hi") -> list[tuple[str, str]]:
+def _spike(
+    setup: Setup, key: str, n: int, content: str = "hi", model: str = MODEL
+) -> list[tuple[str, str]]:
     """n concurrent streamed requests; each one's header and text, or its error code."""
 
     def one(_: int) -> tuple[str, str]:
         try:
-            return _chat(setup, key, messages=[{"role": "user", "content": content}])
+            return _chat(setup, key, model, messages=[{"role": "user", "content": content}])
         except openai.APIStatusError as err:
             return err.response.headers.get("x-appliance-upstream", ""), f"error {err.code}"
 
@@ -358,3 +360,50 @@ def test_usage_splits_local_and_cloud_with_cost(gw: Setup) -> None:
     assert rows["cloud-b"]["cloud_cost"] > 0 and rows["local"]["cloud_cost"] == 0
     assert rows["local"]["cloud_requests"] == 0
     assert rows["cloud-b"]["cloud_requests"] == rows["cloud-b"]["requests"]
+
+
+def test_the_spend_cap_holds_across_gateway_workers(tmp_path: Path, processes: Processes) -> None:
+    """Two workers, concurrent requests of one key to a model that is down: together they
+    spend no more than the key's cap (each request holds its worst case in the table the
+    workers share), and what is over it gets the local 503."""
+    home = tmp_path / "home"
+    key = State(home / "state.db").create_key("capped", KeyPolicy(data_class="public"))
+    port = free_port()
+    with FakeCloud(delay_s=0.02) as cloud:
+        config = tmp_path / "appliance.toml"
+        config.write_text(
+            f"""home = "{home}"
+[gateway]
+port = {port}
+workers = 2
+[burst]
+enabled = true
+[burst.policy]
+opt_in_keys = ["*"]
+monthly_cap = 100.0
+max_share = 1.0
+key_caps = {{ capped = {KEY_CAP} }}
+[burst.providers.cloud]
+type = "openai_compatible"
+endpoint = "{cloud.url}/v1"
+api_key_env = "FAKE_OPENAI_KEY"
+[burst.providers.cloud.models]
+{DOWN} = {{ model = "gpt-fake", input_per_million = 1000.0, output_per_million = 1000.0 }}
+"""
+        )
+        processes.gateway(
+            config, port, {DOWN: f"http://127.0.0.1:{free_port()}"}, {"FAKE_OPENAI_KEY": OPENAI_KEY}
+        )
+        setup = Setup(f"http://127.0.0.1:{port}", {"capped": key}, State(home / "state.db"),
+                      config, cloud, cloud)  # fmt: skip
+        try:
+            answers = [a for _ in range(3) for a in _spike(setup, "capped", 8, model=DOWN)]
+        finally:
+            for client in setup.clients.values():
+                client.close()
+        went = [h for h, _ in answers if h.startswith("cloud;")]
+        assert went and "local; overflow_refused=spend_cap" in {h for h, _ in answers}
+        _wait_for(lambda: len(setup.state.usage_rows()) == len(answers))
+        spent = sum(r["cost"] or 0 for r in setup.state.usage_rows())
+        assert 0 < spent <= KEY_CAP
+        assert len(cloud.requests) == len(went)
