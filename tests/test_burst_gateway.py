@@ -99,6 +99,13 @@ def failing_engine() -> Iterator[str]:
         thread.join(10)
 
 
+def _config(directory: Path, home: Path, port: int, workers: int, rest: str) -> Path:
+    """appliance.toml for a gateway on `port` with `workers` and the sections in `rest`."""
+    config = directory / "appliance.toml"
+    config.write_text(f'home = "{home}"\n[gateway]\nport = {port}\nworkers = {workers}\n{rest}')
+    return config
+
+
 @pytest.fixture(scope="module")
 def gw(failing_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("burst-gateway")
@@ -119,13 +126,12 @@ def gw(failing_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     # cloud-b is the slower of the two (the fastest is tried first), so that cloud-a,
     # preferred for DOWN, is the one the breaker test sees fail.
     with FakeCloud(delay_s=0.01) as local, FakeCloud() as first:
-        config = tmp / "appliance.toml"
-        config.write_text(
-            f"""home = "{home}"
-[gateway]
-port = {port}
-workers = 1
-[gateway.limits]
+        config = _config(
+            tmp,
+            home,
+            port,
+            1,
+            f"""[gateway.limits]
 queue_per_replica = 8
 queue_timeout_s = 10.0
 [burst]
@@ -156,7 +162,7 @@ api_key_env = "FAKE_OPENAI_KEY"
 {MODEL} = {{ model = "gpt-fake", input_per_million = 1.0, output_per_million = 2.0, images = true }}
 {DOWN} = {{ model = "gpt-fake", input_per_million = 1000.0, output_per_million = 1000.0 }}
 {BROKEN} = {{ model = "gpt-fake", input_per_million = 1.0, output_per_million = 1.0 }}
-"""
+""",
         )
         procs = Processes(tmp)
         try:
@@ -370,13 +376,12 @@ def test_the_spend_cap_holds_across_gateway_workers(tmp_path: Path, processes: P
     key = State(home / "state.db").create_key("capped", KeyPolicy(data_class="public"))
     port = free_port()
     with FakeCloud(delay_s=0.02) as cloud:
-        config = tmp_path / "appliance.toml"
-        config.write_text(
-            f"""home = "{home}"
-[gateway]
-port = {port}
-workers = 2
-[burst]
+        config = _config(
+            tmp_path,
+            home,
+            port,
+            2,
+            f"""[burst]
 enabled = true
 [burst.policy]
 opt_in_keys = ["*"]
@@ -389,7 +394,7 @@ endpoint = "{cloud.url}/v1"
 api_key_env = "FAKE_OPENAI_KEY"
 [burst.providers.cloud.models]
 {DOWN} = {{ model = "gpt-fake", input_per_million = 1000.0, output_per_million = 1000.0 }}
-"""
+""",
         )
         processes.gateway(
             config, port, {DOWN: f"http://127.0.0.1:{free_port()}"}, {"FAKE_OPENAI_KEY": OPENAI_KEY}
