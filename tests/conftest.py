@@ -123,6 +123,22 @@ class Processes:
         wait_http(f"{url}/health", proc=proc)
         return proc, url
 
+    def gateway(
+        self,
+        config: Path,
+        port: int,
+        replicas: dict[str, str],
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """The gateway with `config`, serving each model from the engine at its URL
+        (--static-replica), once it answers /healthz on `port`."""
+        pairs = [
+            arg for model, url in replicas.items() for arg in ("--static-replica", f"{model}={url}")
+        ]
+        proc = self.start("-m", "appliance.gateway", "--config", str(config), *pairs, env=env)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        return proc
+
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

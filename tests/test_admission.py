@@ -103,11 +103,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     try:
         # 20 tokens x 50 ms: a request holds its replica for about a second.
         _, upstream = procs.fake_engine(MODEL, 20, 50)
-        gateway = procs.start(
-            "-m", "appliance.gateway", "--config", str(config),
-            "--static-replica", f"{MODEL}={upstream}",
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=gateway)
+        gateway = procs.gateway(config, port, {MODEL: upstream})
         yield Setup(
             f"http://127.0.0.1:{port}",
             port,

@@ -31,7 +31,7 @@ from appliance.errors import ConfigError
 from appliance.gateway import validate
 from appliance.gateway.errors import GatewayError, sse_error_event
 from appliance.state import State
-from tests.fakeclouds import (
+from appliance.testing.fake_clouds import (
     ANTHROPIC_KEY,
     AWS_KEY_ID,
     AWS_SECRET,
@@ -1030,7 +1030,7 @@ def test_bedrock_frames_split_anywhere_decode_the_same(
     providers: dict[str, dict[str, Any]],
 ) -> None:
     from appliance.burst.base import ChunkWriter, Usage
-    from tests.fakeclouds import event_frame
+    from appliance.testing.fake_clouds import event_frame
 
     provider = Burst(_config(providers, "bedrock")).providers["bedrock"]
     data = b"".join(

@@ -16,7 +16,7 @@ from botocore.config import Config as BotoConfig
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 from botocore.exceptions import ClientError, EventStreamError
 
-from tests.fakeclouds import (
+from appliance.testing.fake_clouds import (
     ANTHROPIC_KEY,
     AWS_KEY_ID,
     AWS_SECRET,

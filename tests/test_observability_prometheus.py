@@ -312,6 +312,10 @@ class _StandInGateway:
             m["appliance_prompt_tokens_total"].labels("tiny", "alice").inc(12)
             m["appliance_completion_tokens_total"].labels("tiny", "alice").inc(30)
             m["appliance_spend_total"].labels("tiny", "alice").inc(0.0004)
+            # A gateway with cloud overflow on (docs/cloud-overflow.md).
+            m["appliance_overflow_total"].labels("tiny", "claude", "latency").inc()
+            m["appliance_overflow_refused_total"].labels("tiny", "data_class").inc()
+            m["appliance_cloud_spend_total"].labels("claude", "tiny", "alice").inc(0.002)
             m["appliance_replica_in_flight"].labels("tiny", "r1").set(n % 4)
             m["appliance_replica_queued"].labels("tiny", "r1").set(n % 2)
 

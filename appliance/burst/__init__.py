@@ -20,13 +20,14 @@ docs/cloud-overflow.md for what each provider gets. Modules:
 
 from appliance.burst.base import Answer, Route, StreamAnswer, Usage
 from appliance.burst.errors import ProviderError, Unhonourable
-from appliance.burst.router import Burst, NoRoute
+from appliance.burst.router import Burst, NoRoute, Refusal
 
 __all__ = [
     "Answer",
     "Burst",
     "NoRoute",
     "ProviderError",
+    "Refusal",
     "Route",
     "StreamAnswer",
     "Unhonourable",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -38,7 +39,7 @@ from appliance.burst.openai_api import (
     OpenAIProvider,
 )
 from appliance.burst.settings import BurstConfig, ProviderConfig
-from appliance.burst.spend import Hold, SpendBook
+from appliance.burst.spend import Hold, HoldStore, SpendBook
 from appliance.gateway.errors import GatewayError
 from appliance.gateway.validate import Checked
 
@@ -104,8 +105,22 @@ PROVIDERS: dict[str, Callable[[str, ProviderConfig], Provider]] = {
 }
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a key's requests may not leave the site: a code (for headers, metrics and the
+    audit log) and the sentence."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class NoRoute(GatewayError):
-    def __init__(self, model: str, why: str) -> None:
+    """No provider could be tried; `reason`: spend_cap, breakers_open or no_provider."""
+
+    def __init__(self, model: str, why: str, reason: str = "no_provider") -> None:
         super().__init__(
             503,
             f"No cloud provider can take this request for {model!r}: {why}.",
@@ -113,6 +128,7 @@ class NoRoute(GatewayError):
             code="burst_unavailable",
         )
         self.why = why
+        self.reason = reason
 
 
 class Burst:
@@ -121,6 +137,7 @@ class Burst:
         config: BurstConfig,
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
+        holds: HoldStore | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -129,7 +146,7 @@ class Burst:
         }
         self.breakers = {name: Breaker(config.breaker, clock) for name in self.providers}
         self.latency = {name: Latency(config.latency_alpha) for name in self.providers}
-        self.spend = SpendBook(config.policy, wall)
+        self.spend = SpendBook(config.policy, wall, holds=holds)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -148,21 +165,31 @@ class Burst:
 
     # Policy the provider layer can answer alone (triggers and share: the gateway's).
 
-    def refusal(self, key: str | None, data_class: str) -> str | None:
-        """Why this key's requests may not leave the site, or None."""
+    def refusal(self, key: str | None, data_class: str) -> Refusal | None:
+        """Why this key's requests may not leave the site, or None. The data class is
+        checked against what the policy lets leave (`restricted` can never be listed)."""
         policy = self.config.policy
         if not self.config.enabled:
-            return "cloud overflow is off"
+            return Refusal("off", "cloud overflow is off")
         if key is None:
-            return "anonymous requests never leave the site"
-        if data_class not in policy.data_classes:
-            return f"the key's data class {data_class!r} may not leave the site"
+            return Refusal("anonymous", "anonymous requests never leave the site")
+        if data_class == "restricted" or data_class not in policy.data_classes:
+            return Refusal(
+                "data_class", f"the key's data class {data_class!r} may not leave the site"
+            )
         if "*" not in policy.opt_in_keys and key not in policy.opt_in_keys:
-            return "the key has not opted in to cloud overflow"
+            return Refusal("not_opted_in", "the key has not opted in to cloud overflow")
         return None
 
     def serves(self, model: str) -> bool:
         return any(p.route(model) for p in self.providers.values())
+
+    def reads_images(self, model: str) -> bool:
+        """Some provider maps the model to one that reads image parts."""
+        return any(
+            model in p.config.models and p.config.models[model].images
+            for p in self.providers.values()
+        )
 
     def candidates(self, model: str) -> list[Provider]:
         """Providers mapping the model whose breaker lets a request through, best first."""
@@ -179,10 +206,13 @@ class Burst:
         completion = checked.max_tokens or provider.config.default_max_tokens
         return route.cost(Usage(prompt, completion))
 
-    async def complete(self, checked: Checked, key: str, prompt_tokens: int) -> Answer:
+    async def complete(
+        self, checked: Checked, key: str, prompt_tokens: int, sent: list[str] | None = None
+    ) -> Answer:
+        """The whole answer; `sent` gets the name of every provider the request went to."""
         last: GatewayError | None = None
-        skipped: list[str] = []
-        for provider, route, hold in self._attempts(checked, key, prompt_tokens, skipped):
+        skipped: list[tuple[str, str]] = []
+        for provider, route, hold in self._attempts(checked, key, prompt_tokens, skipped, sent):
             try:
                 answer = await provider.complete(checked, route)
             except (ProviderError, Unhonourable) as err:
@@ -201,10 +231,12 @@ class Burst:
             return answer
         raise last or self._no_route(checked.model, skipped)
 
-    async def stream(self, checked: Checked, key: str, prompt_tokens: int) -> StreamAnswer:
+    async def stream(
+        self, checked: Checked, key: str, prompt_tokens: int, sent: list[str] | None = None
+    ) -> StreamAnswer:
         last: GatewayError | None = None
-        skipped: list[str] = []
-        for provider, route, hold in self._attempts(checked, key, prompt_tokens, skipped):
+        skipped: list[tuple[str, str]] = []
+        for provider, route, hold in self._attempts(checked, key, prompt_tokens, skipped, sent):
             answer: StreamAnswer | None = None
             try:
                 answer = await provider.stream(checked, route)
@@ -240,20 +272,29 @@ class Burst:
         raise last or self._no_route(checked.model, skipped)
 
     def _attempts(
-        self, checked: Checked, key: str, prompt_tokens: int, skipped: list[str]
+        self,
+        checked: Checked,
+        key: str,
+        prompt_tokens: int,
+        skipped: list[tuple[str, str]],
+        sent: list[str] | None,
     ) -> Iterator[tuple[Provider, Route, Hold]]:
-        """Each provider to try, with the spend held for it; why others were skipped."""
+        """Each provider to try, with the spend held for it; why others were skipped; the
+        providers tried, in `sent` (the audit log names every one the request reached)."""
         for provider in self.candidates(checked.model):
             route = provider.route(checked.model)
             assert route is not None
             held = self.spend.hold(key, self._worst_case(route, provider, checked, prompt_tokens))
             if isinstance(held, str):
-                skipped.append(held)
+                skipped.append(("spend_cap", held))
                 continue
             if not self.breakers[provider.name].acquire():
                 self.spend.settle(held, 0.0)  # another request took the half-open probe
-                skipped.append(f"{provider.name}'s circuit breaker is half-open, probing")
+                why = f"{provider.name}'s circuit breaker is half-open, probing"
+                skipped.append(("breakers_open", why))
                 continue
+            if sent is not None:
+                sent.append(provider.name)
             yield provider, route, held
 
     def _failed(self, provider: Provider, hold: Hold, err: GatewayError) -> None:
@@ -265,11 +306,11 @@ class Burst:
             # A 4xx about the request, or a parameter it cannot honour: the provider is fine.
             breaker.release()
 
-    def _no_route(self, model: str, skipped: list[str]) -> NoRoute:
+    def _no_route(self, model: str, skipped: list[tuple[str, str]]) -> NoRoute:
         if skipped:
-            return NoRoute(model, skipped[0])
+            return NoRoute(model, skipped[0][1], skipped[0][0])
         if any(p.route(model) for p in self.providers.values()):
-            return NoRoute(model, "every provider's circuit breaker is open")
+            return NoRoute(model, "every provider's circuit breaker is open", "breakers_open")
         return NoRoute(model, "no provider maps this model")
 
     def status(self) -> dict[str, dict[str, Any]]:

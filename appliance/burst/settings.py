@@ -48,6 +48,12 @@ class RemoteModel(_Section):
     output_per_million: float = Field(
         ge=0, description="Price of a million completion tokens at this provider (required)."
     )
+    images: bool = Field(
+        False,
+        description="The provider's model reads image parts. A request with images for a "
+        "local model whose catalog entry reads text only can then overflow here (and only "
+        "here); otherwise it is refused with 400.",
+    )
 
 
 class ProviderConfig(_Section):
@@ -150,17 +156,24 @@ class ProviderConfig(_Section):
 
 
 class TriggerConfig(_Section):
-    """When a request overflows (read by the gateway integration, not built yet)."""
+    """When a request overflows (appliance/gateway/overflow.py reads these)."""
 
     latency_target_ms: int | None = Field(
         None,
         ge=1,
         le=3_600_000,
-        description="Overflow when the estimated local wait (queue depth times recent "
-        "TTFT) is above this. Unset: never for latency.",
+        description="Overflow when every local slot of the model is taken (or requests wait "
+        "for one) and the estimated wait, (requests in line + 1) x the recent wait per place "
+        "in line + the recent local time to first token, is above this. Unset: never for "
+        "latency.",
     )
     local_unavailable: bool = Field(
         True, description="Overflow when the model has no healthy local replica."
+    )
+    local_full: bool = Field(
+        True,
+        description="Overflow when the local line is full or its wait ran out (the request "
+        "would get 503 model_overloaded).",
     )
     local_errors: bool = Field(
         False, description="Overflow when the local engine failed before answering (502)."
@@ -193,7 +206,8 @@ class PolicyConfig(_Section):
         0.5,
         ge=0,
         le=1,
-        description="Largest share of a model's requests that may overflow (gateway integration).",
+        description="Largest share of a model's recent requests (a one-minute decaying "
+        "count, all gateway workers together) that may overflow.",
     )
 
 

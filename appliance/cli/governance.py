@@ -42,6 +42,8 @@ def _as_start(text: str, now: float) -> float:
 def _group(row: dict[str, Any], by: str) -> str:
     if by == "day":
         return time.strftime("%Y-%m-%d", time.localtime(row["ts"]))
+    if by == "upstream":
+        return str(row["upstream"] or "local")
     return str(row.get(by) or "(none)")
 
 
@@ -58,19 +60,23 @@ def _gpu_hours(config: ApplianceConfig, state: State, since: float, now: float) 
 
 def usage(
     ctx: typer.Context,
-    by: str = typer.Option("key", "--by", help="Group by key, model or day."),
+    by: str = typer.Option("key", "--by", help="Group by key, model, day or upstream."),
     since: str = typer.Option("7d", "--since", help="From how long ago (7d, 12h) or a date."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV on standard output."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Requests, tokens, latency and cost from the usage ledger.
 
-    Cost columns need prices in appliance.toml: [governance.prices.<model>]
+    Local cost columns need prices in appliance.toml: [governance.prices.<model>]
     input_per_million / output_per_million, and [governance] gpu_hour_price (each model's
-    GPU-hours are shared among the keys by their tokens).
+    GPU-hours are shared among the keys by their tokens). Requests answered by a cloud
+    provider (cloud overflow) are counted apart, at what the provider charges ([burst]
+    prices); --by upstream splits local from each provider.
     """
-    if by not in ("key", "model", "day"):
-        raise ApplianceError(f"cannot group by {by!r}", hint="Use --by key, model or day.")
+    if by not in ("key", "model", "day", "upstream"):
+        raise ApplianceError(
+            f"cannot group by {by!r}", hint="Use --by key, model, day or upstream."
+        )
     config = config_of(ctx)
     state = State(config.state_db)
     now = time.time()
@@ -79,11 +85,13 @@ def usage(
     prices = config.governance.prices
     groups: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                 "ttft_ms": [], "token_cost": 0.0, "gpu_cost": 0.0}
+                 "ttft_ms": [], "token_cost": 0.0, "gpu_cost": 0.0, "cloud_requests": 0,
+                 "cloud_cost": 0.0}
     )  # fmt: skip
     tokens_by_model: dict[str, int] = defaultdict(int)
     for row in rows:
-        if row["model"] and row["status"] == 200:
+        # GPU-hours are shared among the tokens the GPUs made: not a provider's.
+        if row["model"] and row["status"] == 200 and not row["upstream"]:
             tokens_by_model[row["model"]] += (row["prompt_tokens"] or 0) + (
                 row["completion_tokens"] or 0
             )
@@ -100,6 +108,10 @@ def usage(
         g["completion_tokens"] += completion
         if row["ttft_ms"] is not None:
             g["ttft_ms"].append(row["ttft_ms"])
+        if row["upstream"]:
+            g["cloud_requests"] += 1
+            g["cloud_cost"] += row["cost"] or 0.0
+            continue
         price = prices.get(row["model"] or "")
         if price is not None:
             g["token_cost"] += price.cost(prompt, completion)
@@ -121,6 +133,8 @@ def usage(
                 "ttft_p50_ms": round(ttft[len(ttft) // 2], 1) if ttft else None,
                 "token_cost": round(g["token_cost"], 4),
                 "gpu_cost": round(g["gpu_cost"], 4),
+                "cloud_requests": g["cloud_requests"],
+                "cloud_cost": round(g["cloud_cost"], 6),
             }
         )
     if as_json:
@@ -142,6 +156,9 @@ def usage(
         headers.append("token cost")
     if gpu_price is not None:
         headers.append("GPU cost")
+    cloud = any(r["cloud_requests"] for r in table)
+    if cloud:
+        headers += ["cloud requests", "cloud cost"]
     lines = []
     for r in table:
         line = [
@@ -156,6 +173,8 @@ def usage(
             line.append(f"{r['token_cost']:.4f}")
         if gpu_price is not None:
             line.append(f"{r['gpu_cost']:.4f}")
+        if cloud:
+            line += [str(r["cloud_requests"]), f"{r['cloud_cost']:.4f}"]
         lines.append(line)
     print_table(headers, lines)
 

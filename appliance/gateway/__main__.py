@@ -23,6 +23,8 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from appliance.burst import Burst
+from appliance.burst.spend import SharedHolds
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.config import ApplianceConfig, GatewayConfig, load_config
 from appliance.control.runtime import die_with_parent_now
@@ -34,6 +36,7 @@ from appliance.gateway.auth import KeyChecker
 from appliance.gateway.deployments import DeploymentBook
 from appliance.gateway.limits import SharedLimits
 from appliance.gateway.metrics import GatewayMetrics, mark_dead, prepare_multiprocess_dir
+from appliance.gateway.overflow import Overflow, shares_at
 from appliance.gateway.replicas import (
     RayRegistrySource,
     ReplicaTable,
@@ -159,6 +162,22 @@ def _serve(
     quota = SharedLimits(config.run_dir / "gateway-limits", worker)
     spool = Spool(config.home_dir / "ledger", f"gateway-{worker}")
     metrics = GatewayMetrics(table, config.governance.prices)
+    overflow = None
+    if config.burst.enabled:
+        try:
+            burst = Burst(
+                config.burst, holds=SharedHolds(config.run_dir / "gateway-burst-spend", worker)
+            )
+        except ApplianceError as exc:  # a credentials file that is missing or not private
+            log.error("%s", exc)
+            return 2
+        overflow = Overflow(
+            burst,
+            table,
+            spend=state.cloud_spend,
+            shares=shares_at(config.run_dir / "gateway-burst-share", worker),
+            on_status=metrics.providers,
+        )
     mover = Mover(spool, state)
     mover.start()
 
@@ -177,6 +196,7 @@ def _serve(
         heartbeat=counts.table.beat,
         metrics=metrics,
         access=AccessLog(config.log_dir / "access.log"),
+        overflow=overflow,
     )
     server = uvicorn.Server(
         uvicorn.Config(

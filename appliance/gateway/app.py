@@ -42,14 +42,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from appliance.burst import NoRoute, ProviderError, StreamAnswer
 from appliance.config import GatewayLimits
 from appliance.gateway import validate
 from appliance.gateway.access import AccessLog
 from appliance.gateway.auth import KeyChecker
-from appliance.gateway.deployments import DeploymentBook, ModelInfo
+from appliance.gateway.deployments import MODALITY_PARTS, DeploymentBook, ModelInfo
 from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
 from appliance.gateway.limits import SharedLimits, limited
 from appliance.gateway.metrics import GatewayMetrics, upstream_of
+from appliance.gateway.overflow import Overflow
 from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
@@ -77,6 +79,9 @@ _VLLM_EXTENSIONS = validate.extensions_for("vllm")
 KEPT_CHUNKS_MAX = 20_000
 # Refusals the audit log keeps besides the 4xx ones: the gateway shedding load.
 _REFUSALS = {"model_overloaded", "too_many_connections"}
+# Where a request ran, and why (docs/cloud-overflow.md): on every answer.
+UPSTREAM_HEADER = "x-appliance-upstream"
+_IMAGE_PART = MODALITY_PARTS["image"]
 
 
 @dataclass(frozen=True)
@@ -198,8 +203,10 @@ class Gateway:
         spool: Spool | None = None,
         metrics: GatewayMetrics | None = None,
         access: AccessLog | None = None,
+        overflow: Overflow | None = None,
     ) -> None:
         self.table = table
+        self.overflow = overflow
         self.quota = quota
         self.spool = spool
         self.metrics = metrics or GatewayMetrics(table)
@@ -236,10 +243,14 @@ class Gateway:
         # the keys and records already in hand.
         await self.book.refresh(force=True)
         await self.keys.prime()
+        if self.overflow is not None:
+            await self.overflow.start()
 
     async def shutdown(self) -> None:
         if self.session is not None:
             await self.session.close()
+        if self.overflow is not None:
+            await self.overflow.close()
         self._counting.shutdown(wait=False, cancel_futures=True)
         if self.access is not None:
             self.access.close()
@@ -424,7 +435,24 @@ class Gateway:
                 info = self.book.get(model)
         # A model without a record yet (static replicas): the fake engine speaks vLLM.
         extensions = info.extensions if info is not None else _VLLM_EXTENSIONS
-        checked = check(body, self.caps, extensions)
+        # Image parts for a text-only model may still run at a provider whose model reads
+        # them: the request is then checked as if the model did, and may only overflow.
+        cloud_only: GatewayError | None = None
+        overflow = self.overflow
+        if (
+            overflow is not None
+            and check is validate.chat_request
+            and _IMAGE_PART not in extensions
+            and isinstance(model, str)
+            and overflow.reads_images(model)
+        ):
+            try:
+                checked = check(body, self.caps, extensions)
+            except GatewayError as refused:
+                checked = check(body, self.caps, extensions | {_IMAGE_PART})
+                cloud_only = refused  # the answer if it cannot overflow
+        else:
+            checked = check(body, self.caps, extensions)
         model = row.model = checked.model
         row.stream = checked.stream
         if key is not None and not key.policy.allows(model):
@@ -439,7 +467,8 @@ class Gateway:
         exact = key is not None and (
             key.policy.tpm is not None or key.policy.max_prompt_tokens is not None
         )
-        tally = await self._check_context(checked, info, exact)
+        # The local context does not bound a request that can only run at a provider.
+        tally = None if cloud_only else await self._check_context(checked, info, exact)
         try:
             prompt_tokens = tally.exact if tally is not None else None
             most = key.policy.max_prompt_tokens if key is not None else None
@@ -452,6 +481,8 @@ class Gateway:
             row.prompt_tokens = prompt_tokens
             exchange = _Exchange(row)
             exchange.tally = tally
+            exchange.key = key
+            exchange.cloud_only = cloud_only
             if key is not None and key.policy.log_bodies_days:
                 exchange.keep_days = key.policy.log_bodies_days
                 exchange.request = raw
@@ -464,7 +495,15 @@ class Gateway:
             assert task is not None
             watcher = asyncio.ensure_future(_watch_disconnect(receive, task, exchange))
             try:
-                await self._forward(send, request_id, path, checked, info, raw, body, exchange)
+                if self.overflow is None:  # straight to the local path: nothing added
+                    await self._forward(send, request_id, path, checked, info, raw, body, exchange)
+                else:
+                    local = functools.partial(
+                        self._forward, send, request_id, path, checked, info, raw, body, exchange
+                    )
+                    await self._forward_or_overflow(
+                        local, send, request_id, checked, info, exchange
+                    )
             except asyncio.CancelledError:
                 if not exchange.gone:
                     raise
@@ -654,6 +693,201 @@ class Gateway:
             raise self._unavailable(model)
         return replica
 
+    async def _forward_or_overflow(
+        self,
+        local: Callable[[], Awaitable[None]],
+        send: Send,
+        request_id: str,
+        checked: validate.Checked,
+        info: ModelInfo | None,
+        exchange: _Exchange,
+    ) -> None:
+        """`local` (the request's `_forward`), or a cloud provider instead of it or after it."""
+        overflow = self.overflow
+        assert overflow is not None
+        if checked.messages is None or not overflow.serves(checked.model):
+            await local()
+            return
+        # Cloud overflow (overflow.py): before the local line, or after a local failure.
+        model = checked.model
+        overflow.shares.count(model)
+        if exchange.cloud_only is not None:
+            if await self._overflow(overflow, send, request_id, checked, exchange, "images"):
+                return
+            err = exchange.cloud_error or exchange.cloud_only
+            err.headers = {**err.headers, UPSTREAM_HEADER: exchange.headers[UPSTREAM_HEADER]}
+            raise err
+        capacity = None
+        if info is not None:
+            capacity = info.max_num_seqs or self.limits.cpu_max_num_seqs
+        reason = overflow.trigger(model, capacity)
+        if reason is not None and await self._overflow(
+            overflow, send, request_id, checked, exchange, reason
+        ):
+            return
+        exchange.queued_at, exchange.ahead = time.time(), overflow.ahead(model, capacity)
+        try:
+            await local()
+        except GatewayError as err:
+            reason = overflow.after_local(err.code)
+            if reason is not None and await self._overflow(
+                overflow, send, request_id, checked, exchange, reason
+            ):
+                return
+            err.headers = {**err.headers, UPSTREAM_HEADER: exchange.headers[UPSTREAM_HEADER]}
+            raise
+
+    async def _overflow(
+        self,
+        overflow: Overflow,
+        send: Send,
+        request_id: str,
+        checked: validate.Checked,
+        exchange: _Exchange,
+        reason: str,
+    ) -> bool:
+        """Send the request to a cloud provider if policy lets it and one can take it;
+        True when the answer went to the client. Once per request: a request that stays
+        local is answered locally (it waits, or gets the local 429/503)."""
+        if exchange.overflow_decided:
+            return False
+        exchange.overflow_decided = True
+        key = exchange.key
+        refused = overflow.refusal(key) or overflow.take_share(checked.model)
+        if refused is not None:
+            self._stays_local(exchange, reason, refused.code, refused.message)
+            return False
+        assert key is not None  # anonymous requests are refused above
+        tally = exchange.tally
+        # The worst case held against the caps needs the prompt's tokens; uncounted (no
+        # tokenizer, or images), its characters bound them (a token is at least one).
+        prompt = tally.total() if tally is not None else _text_chars(checked.messages or [])
+        sent: list[str] = []
+        row = exchange.row
+        try:
+            if checked.stream:
+                streamed = await overflow.burst.stream(checked, key.name, prompt, sent)
+            else:
+                whole = await overflow.burst.complete(checked, key.name, prompt, sent)
+        except NoRoute as err:
+            self._stays_local(exchange, reason, err.reason, err.why)
+            return False
+        except GatewayError as err:  # every provider tried failed (ProviderError, Unhonourable)
+            provider = err.provider if isinstance(err, ProviderError) else (sent or ["-"])[-1]
+            self.metrics.cloud_failed(checked.model, provider, err.code or "error")
+            self._audit_overflow(exchange, reason, sent, None, err.status, err.code)
+            exchange.cloud_error = err
+            self._stays_local(exchange, reason, "provider_failed", err.message, audit=False)
+            return False
+        except BaseException:  # the client left: what was sent is on record all the same
+            if sent:
+                self._audit_overflow(exchange, reason, sent, None, 499, "client_closed_request")
+            raise
+        provider = (streamed if checked.stream else whole).route.provider
+        self.metrics.overflowed(checked.model, provider, reason)
+        row.upstream, row.upstream_reason = provider, reason
+        exchange.headers[UPSTREAM_HEADER] = f"{provider}; reason={reason}"
+        try:
+            if checked.stream:
+                await self._relay_cloud(send, request_id, exchange, streamed)
+            else:
+                row.cost = whole.cost
+                raw = orjson.dumps(whole.body)
+                if exchange.keep_days:
+                    exchange.kept.append(raw)
+                self._answered(exchange, whole.usage.openai())
+                await _send_whole(send, 200, raw, request_id, exchange.headers)
+        finally:
+            status = row.status if exchange.answered else 499
+            self._audit_overflow(exchange, reason, sent, provider, status, row.error)
+            overflow.on_status(overflow.burst.status())
+        return True
+
+    async def _relay_cloud(
+        self, send: Send, request_id: str, exchange: _Exchange, answer: StreamAnswer
+    ) -> None:
+        """A provider's stream to the client; the last event is held back until the
+        ledger row is written (as for a local stream)."""
+        row = exchange.row
+        await _start_stream(send, request_id, exchange.headers)
+        held = b""
+        try:
+            try:
+                async for event in answer.events:
+                    if row.ttft_ms is None:
+                        row.ttft_ms = round((time.time() - row.ts) * 1000, 3)
+                    if exchange.keep_days and len(exchange.kept) < KEPT_CHUNKS_MAX:
+                        exchange.kept.append(event)
+                    if held:
+                        await send({"type": "http.response.body", "body": held, "more_body": True})
+                    held = event
+            except ProviderError as err:  # after the first token: the stream ends in an error
+                if held:
+                    await send({"type": "http.response.body", "body": held, "more_body": True})
+                row.error = err.code
+                row.cost = answer.route.cost(answer.usage)
+                self._answered(exchange, answer.usage.openai(), status=err.status)
+                event = sse_error_event(err)
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+                return
+        finally:
+            await answer.aclose()
+        row.cost = answer.cost
+        self._answered(exchange, answer.usage.openai())
+        await send({"type": "http.response.body", "body": held, "more_body": False})
+
+    def _stays_local(
+        self, exchange: _Exchange, trigger: str, code: str, why: str, audit: bool = True
+    ) -> None:
+        """A trigger fired but the request may not, or could not, leave."""
+        row = exchange.row
+        exchange.headers[UPSTREAM_HEADER] = f"local; overflow_refused={code}"
+        self.metrics.overflow_refused(row.model, code)
+        if audit and self.spool is not None:
+            detail: dict[str, Any] = {
+                "request_id": row.request_id,
+                "trigger": trigger,
+                "refusal": code,
+                "why": why,
+            }
+            if exchange.key is not None:
+                detail["data_class"] = exchange.key.policy.data_class
+            self.spool.write(
+                refusal_line(
+                    row.key or "anonymous", "cloud overflow refused", row.model, detail, row.client
+                )
+            )
+
+    def _audit_overflow(
+        self,
+        exchange: _Exchange,
+        trigger: str,
+        sent: list[str],
+        answered_by: str | None,
+        status: int,
+        error: str | None,
+    ) -> None:
+        """The request left the site: every provider it reached, and how it ended."""
+        if self.spool is None:
+            return
+        row = exchange.row
+        key = exchange.key
+        detail: dict[str, Any] = {
+            "request_id": row.request_id,
+            "trigger": trigger,
+            "providers": sent,
+            "answered_by": answered_by,
+            "status": status,
+            "data_class": key.policy.data_class if key is not None else None,
+        }
+        if error:
+            detail["error"] = error
+        if row.cost is not None:
+            detail["cost"] = row.cost
+        self.spool.write(
+            refusal_line(row.key or "anonymous", "cloud overflow", row.model, detail, row.client)
+        )
+
     async def _forward(
         self,
         send: Send,
@@ -703,6 +937,7 @@ class Gateway:
                 self.table.release(replica)
                 raise
             self.table.release(replica)
+        exchange.acquired_at = time.time()
         await self._answer(send, exchange, request_id, checked, replica, upstream)
 
     async def _answer(
@@ -738,18 +973,7 @@ class Gateway:
                 self._answered(exchange, usage_of(raw))
                 await _send_whole(send, 200, raw, request_id, exchange.headers)
                 return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-request-id", request_id.encode()),
-                        *((k.encode(), v.encode()) for k, v in exchange.headers.items()),
-                    ],
-                }
-            )
+            await _start_stream(send, request_id, exchange.headers)
             finished = await self._relay(
                 send, exchange, replica, upstream, checked.model, request_id
             )
@@ -829,6 +1053,19 @@ class Gateway:
             row.completion_tokens = completion if isinstance(completion, int) else None
         if row.prompt_tokens is None and exchange.tally is not None:
             row.prompt_tokens = exchange.tally.total()
+        local = exchange.acquired_at and not row.upstream
+        if self.overflow is not None and local and status == 200:
+            # The local pace the latency trigger estimates from (overflow.py).
+            assert row.ttft_ms is not None
+            now, acquired = time.time(), exchange.acquired_at
+            waited = acquired - exchange.queued_at if exchange.queued_at else 0.0
+            self.overflow.observe(
+                row.model or "",
+                row.ttft_ms / 1000 - (acquired - row.ts),
+                now - acquired,
+                waited,
+                exchange.ahead,
+            )
         if self.spool is not None and exchange.keep_days:
             answer = b"".join(exchange.kept)
             self.spool.write(body_line(row, exchange.keep_days, exchange.request, answer))
@@ -934,13 +1171,27 @@ class _Exchange:
     """One request's relation to its client once the body is in."""
 
     __slots__ = (
-        "answered", "gone", "headers", "hide_usage", "keep_days", "kept", "request", "row", "tally",
+        "acquired_at", "ahead", "answered", "cloud_error", "cloud_only", "gone", "headers",
+        "hide_usage", "keep_days", "kept", "key", "overflow_decided", "queued_at", "request",
+        "row", "tally",
     )  # fmt: skip
 
     def __init__(self, row: UsageRow) -> None:
         self.row = row
         self.tally: _Tally | None = None  # the prompt's tokens, or how to count them
-        self.headers: dict[str, str] = {}  # the key's rate-limit headers
+        self.key: KeyRecord | None = None
+        # The key's rate-limit headers, and where the request ran.
+        self.headers: dict[str, str] = {UPSTREAM_HEADER: "local"}
+        # With overflow on: when the request went to the local line, how many were in it
+        # then, and when a local replica was acquired (wall clock): the local pace.
+        self.queued_at = 0.0
+        self.ahead: int | None = None
+        self.acquired_at = 0.0
+        # Cloud overflow: decided once; the 400 for images a local model cannot read
+        # (the request may only overflow); the error of the providers it went to.
+        self.overflow_decided = False
+        self.cloud_only: GatewayError | None = None
+        self.cloud_error: GatewayError | None = None
         self.hide_usage = False  # the engine was asked for usage the client did not want
         # A key that keeps its bodies: for how long, the request, and the answer so far.
         self.keep_days: int | None = None
@@ -975,6 +1226,16 @@ async def _send_whole(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def _start_stream(send: Send, request_id: str, extra: dict[str, str]) -> None:
+    headers = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-request-id", request_id.encode()),
+        *((k.encode(), v.encode()) for k, v in extra.items()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+
 async def _send_error(send: Send, err: GatewayError, request_id: str) -> None:
     with contextlib.suppress(RuntimeError):  # the response had already started
         await _send_whole(send, err.status, orjson.dumps(err.body()), request_id, err.headers)
@@ -1003,6 +1264,7 @@ def create_app(
     heartbeat: Callable[[], None] | None = None,
     metrics: GatewayMetrics | None = None,
     access: AccessLog | None = None,
+    overflow: Overflow | None = None,
 ) -> GatewayApp:
     gateway = Gateway(
         table,
@@ -1013,6 +1275,7 @@ def create_app(
         spool,
         metrics,
         access,
+        overflow,
     )
 
     async def beat() -> None:

@@ -49,6 +49,7 @@ BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 )  # fmt: skip
+_BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "-"  # a label whose value is unknown (no key, an unknown model, no upstream)
 LOCAL = "local"
 
@@ -92,8 +93,9 @@ NOT_REFUSALS = frozenset(
 
 
 def upstream_of(row: UsageRow) -> str:
-    """Where the request ran: "local" (a replica of this appliance), "-" (nowhere)."""
-    return LOCAL if row.replica else NONE
+    """Where the request ran: a cloud provider's name, "local" (a replica of this
+    appliance), "-" (nowhere)."""
+    return row.upstream or (LOCAL if row.replica else NONE)
 
 
 def rejection_reason(err: GatewayError) -> str | None:
@@ -250,6 +252,51 @@ class GatewayMetrics:
             registry=own,
             multiprocess_mode="livesum",
         )
+        # Cloud overflow (gateway/overflow.py): requests, latency and status per provider
+        # are the series above with upstream=<provider>; these add the decisions, the
+        # providers' failures, the spend, and each provider's breaker and latency.
+        self.overflows = Counter(
+            "appliance_overflow_total",
+            "Requests sent to a cloud provider, by the provider that answered and the "
+            "trigger (latency, local_unavailable, local_full, local_error, images).",
+            ("model", "provider", "reason"),
+            registry=own,
+        )
+        self.overflow_refusals = Counter(
+            "appliance_overflow_refused_total",
+            "Requests a trigger would have overflowed that stayed local, by why (data_class, "
+            "not_opted_in, anonymous, max_share, spend_cap, breakers_open, provider_failed).",
+            ("model", "reason"),
+            registry=own,
+        )
+        self.cloud_errors = Counter(
+            "appliance_cloud_errors_total",
+            "Overflowed requests no provider answered, by the last provider tried and the "
+            "error code.",
+            ("model", "provider", "code"),
+            registry=own,
+        )
+        self.cloud_spend = Counter(
+            "appliance_cloud_spend_total",
+            "What cloud providers charge for answered requests, from [burst] prices.",
+            ("provider", "model", "key"),
+            registry=own,
+        )
+        self.breaker = Gauge(
+            "appliance_cloud_breaker_state",
+            "Each provider's circuit breaker: 0 closed, 1 half-open, 2 open (the worst "
+            "over the workers, as each last saw it).",
+            ("provider",),
+            registry=own,
+            multiprocess_mode="livemax",
+        )
+        self.cloud_latency = Gauge(
+            "appliance_cloud_latency_seconds",
+            "Each provider's recent time to first byte (EWMA; the slowest over the workers).",
+            ("provider",),
+            registry=own,
+            multiprocess_mode="livemax",
+        )
         # The hot path keeps label children in hand: `labels()` costs a lock and a tuple.
         self._children: dict[tuple[Any, ...], Any] = {}
         self._answered: dict[tuple[str, str, str], _Answered] = {}
@@ -306,14 +353,17 @@ class GatewayMetrics:
                     c.tpot.observe(max(0.0, (now - row.ts - ttft) / (completion - 1)))
             c.prompt_tokens.inc(prompt)
             c.completion_tokens.inc(completion)
-            if c.price is not None:
+            if row.upstream is not None:
+                if row.cost:
+                    self._child(self.cloud_spend, row.upstream, model, key).inc(row.cost)
+            elif c.price is not None:
                 c.spend.inc(c.price.cost(prompt, completion))
             return
         child = self._child
         child(self.requests, model, key, str(row.status), upstream).inc()
         if row.error == "engine_error" and row.replica:
             child(self.engine_errors, model, row.replica).inc()
-        if err is not None:
+        if err is not None and row.upstream is None:  # a provider's error is not a refusal
             reason = rejection_reason(err)
             if reason is not None:
                 child(self.rejections, model, reason).inc()
@@ -321,6 +371,22 @@ class GatewayMetrics:
     def refused(self, reason: str, model: str | None = None) -> None:
         """A refusal that has no ledger row (the connection caps, the in-flight cap)."""
         self._child(self.rejections, self.model_label(model), reason).inc()
+
+    def overflowed(self, model: str, provider: str, reason: str) -> None:
+        self._child(self.overflows, self.model_label(model), provider, reason).inc()
+
+    def overflow_refused(self, model: str | None, reason: str) -> None:
+        self._child(self.overflow_refusals, self.model_label(model), reason).inc()
+
+    def cloud_failed(self, model: str, provider: str, code: str) -> None:
+        self._child(self.cloud_errors, self.model_label(model), provider, code).inc()
+
+    def providers(self, status: Mapping[str, Mapping[str, Any]]) -> None:
+        """Each provider's breaker and latency (Burst.status()), as this worker sees them."""
+        for name, state in status.items():
+            self._child(self.breaker, name).set(_BREAKER_STATES[state["breaker"]])
+            if state["latency_s"] is not None:
+                self._child(self.cloud_latency, name).set(state["latency_s"])
 
     def engine_failed(self, model: str, replica: str) -> None:
         """A replica refused a connection; the request goes on to another."""

@@ -9,7 +9,6 @@ healthy replicas of the model, ties broken in turn.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import struct
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.control.records import RegistrySnapshot
-from appliance.gateway.shared import WORKERS_MAX, SharedTable
+from appliance.gateway.shared import WORKERS_MAX, SharedTable, owner_id
 
 log = logging.getLogger("appliance.gateway")
 
@@ -93,11 +92,6 @@ class LocalCounts:
 _COUNTS = struct.Struct(f"<q{WORKERS_MAX}i")
 
 
-def _owner(replica_id: str) -> int:
-    # A stable, non-zero 63-bit id for the shared table (Python's hash() is per process).
-    return int.from_bytes(hashlib.sha1(replica_id.encode()).digest()[:8], "little") >> 1 | 1
-
-
 class SharedCounts:
     """Requests in flight per replica across every gateway worker on the host: the
     capacity check and the increment are one locked step, so N workers together keep a
@@ -114,7 +108,7 @@ class SharedCounts:
         offset = self._offsets.get(replica_id)
         if offset is None:
             offset = self._offsets[replica_id] = self.table.slot(
-                _owner(replica_id), [0] * WORKERS_MAX
+                owner_id(replica_id), [0] * WORKERS_MAX
             )
         return offset
 
@@ -274,38 +268,42 @@ class ReplicaTable:
     ) -> Replica | None:
         assert self._loop is not None
         deadline = time.monotonic() + timeout_s
-        first = False  # a waiter that was woken but lost the race keeps its place
-        while True:
-            fut = self._loop.create_future()
-            if first:
-                waiters.appendleft(fut)
-            else:
-                waiters.append(fut)
-            left = deadline - time.monotonic()
-            try:
-                async with asyncio.timeout(max(0.0, min(left, self.RECHECK_S))):
-                    await fut
-            except TimeoutError:
-                if fut in waiters:
-                    waiters.remove(fut)
-                if left <= self.RECHECK_S:
+        # One place in line, kept while waiting: the line is first come, first served. A
+        # recheck (for room another worker freed) is the head's alone; a waiter woken
+        # but beaten to the room goes back to the head.
+        fut = self._loop.create_future()
+        waiters.append(fut)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise Overloaded(
                         model, f"no replica of '{model}' had room within {timeout_s:g} seconds"
-                    ) from None
-            except BaseException:
-                if fut in waiters:
-                    waiters.remove(fut)
-                elif fut.done() and not fut.cancelled():
-                    self._wake(model)  # woken, but leaving (cancelled): pass it on
-                raise
-            replica = self._take(model, exclude, capacity)
-            if replica is not None:
-                if waiters and self._take_possible(model, exclude, capacity):
-                    self._wake(model)
-                return replica
-            if not [r for r in self.healthy(model) if r.replica_id not in exclude]:
-                return None
-            first = True
+                    )
+                await asyncio.wait((fut,), timeout=min(left, self.RECHECK_S))
+                woken = fut.done()
+                if not woken and waiters[0] is not fut:
+                    continue
+                replica = self._take(model, exclude, capacity)
+                if replica is not None:
+                    if not woken:
+                        waiters.remove(fut)
+                    if waiters and self._take_possible(model, exclude, capacity):
+                        self._wake(model)
+                    return replica
+                if not [r for r in self.healthy(model) if r.replica_id not in exclude]:
+                    if not woken:
+                        waiters.remove(fut)
+                    return None
+                if woken:
+                    fut = self._loop.create_future()
+                    waiters.appendleft(fut)
+        except BaseException:
+            if fut in waiters:
+                waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                self._wake(model)  # woken, but leaving (cancelled): pass it on
+            raise
 
     def _take_possible(self, model: str, exclude: frozenset[str], capacity: int | None) -> bool:
         return any(

@@ -11,6 +11,7 @@ death correctly: the worker started in a dead one's place zeroes that column fir
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
 import struct
@@ -22,6 +23,11 @@ from types import TracebackType
 WORKERS_MAX = 8
 _HEARTBEATS = struct.Struct(f"<{WORKERS_MAX}d")
 HEADER = 128
+
+
+def owner_id(name: str) -> int:
+    """A stable, non-zero 63-bit slot owner for a name (Python's hash() is per process)."""
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "little") >> 1 | 1
 
 
 class _RangeLock:

@@ -105,11 +105,58 @@ GATEWAY_METRICS: tuple[Metric, ...] = (
         ("model", "replica"),
         "Requests that failed at the engine (5xx, broken streams, connection errors).",
     ),
+    # Cloud overflow (appliance/gateway/overflow.py); requests, latency and status per
+    # provider are the series above with upstream=<provider>.
+    Metric(
+        "appliance_overflow_total",
+        "counter",
+        ("model", "provider", "reason"),
+        "Requests answered by a cloud provider, by the trigger.",
+    ),
+    Metric(
+        "appliance_overflow_refused_total",
+        "counter",
+        ("model", "reason"),
+        "Requests a trigger would have overflowed that stayed local, by why.",
+    ),
+    Metric(
+        "appliance_cloud_errors_total",
+        "counter",
+        ("model", "provider", "code"),
+        "Overflowed requests no provider answered.",
+    ),
+    Metric(
+        "appliance_cloud_spend_total",
+        "counter",
+        ("provider", "model", "key"),
+        "What cloud providers charge for answered requests.",
+    ),
+    Metric(
+        "appliance_cloud_breaker_state",
+        "gauge",
+        ("provider",),
+        "Each provider's circuit breaker: 0 closed, 1 half-open, 2 open.",
+    ),
+    Metric(
+        "appliance_cloud_latency_seconds",
+        "gauge",
+        ("provider",),
+        "Each provider's recent time to first byte.",
+    ),
 )
 
 # Counters of events (a rejection, an engine error): a labelled counter has no series until
 # its first event, so queries over these alone may rightly return nothing.
-EVENT_COUNTERS = frozenset({"appliance_rejections_total", "appliance_engine_errors_total"})
+EVENT_COUNTERS = frozenset(
+    {
+        "appliance_rejections_total",
+        "appliance_engine_errors_total",
+        "appliance_overflow_total",
+        "appliance_overflow_refused_total",
+        "appliance_cloud_errors_total",
+        "appliance_cloud_spend_total",
+    }
+)
 
 # NVIDIA dcgm-exporter (etc/default-counters.csv), the fields the GPU dashboard reads; each
 # series has the labels gpu, UUID, device, modelName and Hostname.

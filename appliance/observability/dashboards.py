@@ -287,6 +287,37 @@ def overview() -> db.Dashboard:
     )
     d = d.with_panel(
         _ts(
+            "Cloud overflow",
+            "Requests answered by a cloud provider, by provider and trigger, and requests a "
+            "trigger would have sent that stayed local, by why (docs/cloud-overflow.md). "
+            "Empty while overflow is off.",
+            "reqps",
+            _q(
+                f"sum by (provider, reason) (rate(appliance_overflow_total{RATE}))",
+                "{{provider}} {{reason}}",
+            ),
+            _q(
+                f"sum by (reason) (rate(appliance_overflow_refused_total{RATE}))",
+                "stayed: {{reason}}",
+            ),
+            width=12,
+        )
+    )
+    d = d.with_panel(
+        _ts(
+            "Cloud spend per hour",
+            "What cloud providers charge for overflowed requests, at the [burst] prices, "
+            "per hour at the current rate. Empty while overflow is off.",
+            "currencyUSD",
+            _q(
+                f"sum by (provider) (rate(appliance_cloud_spend_total{RATE})) * 3600",
+                "{{provider}}",
+            ),
+            width=12,
+        )
+    )
+    d = d.with_panel(
+        _ts(
             "Queued and in flight",
             "Requests waiting for room on a replica and requests on the engines.",
             "short",

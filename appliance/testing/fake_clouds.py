@@ -1,5 +1,9 @@
 """Fake cloud providers on loopback that speak each provider's real wire format.
 
+    python -m appliance.testing.fake_clouds --port 9100 --delay-ms 20 --log seen.jsonl
+    # a process of its own (benchmarks: off the load generator's cores); on SIGTERM it
+    # writes every request body it received to the log, one JSON line each
+
     with FakeCloud() as cloud:              # one aiohttp server, in a thread of its own
         cloud.url                           # http://127.0.0.1:<port>
         cloud.requests                      # every request: path, headers, body
@@ -125,8 +129,9 @@ def exception_frame(kind: str, message: str) -> bytes:
 
 
 class FakeCloud:
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, port: int = 0) -> None:
         self.delay_s = delay_s
+        self.port = port
         self.requests: list[Seen] = []
         self.faults: list[Fault] = []
         self.url = ""
@@ -148,6 +153,7 @@ class FakeCloud:
 
     async def _start(self) -> None:
         app = web.Application()
+        app.router.add_get("/health", self.health)
         app.router.add_post("/v1/messages", self.anthropic)
         app.router.add_post("/model/{model}/converse", self.converse)
         app.router.add_post("/model/{model}/converse-stream", self.converse_stream)
@@ -155,10 +161,14 @@ class FakeCloud:
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
+
+    @staticmethod
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def _stop(self) -> None:
         if self._runner is not None:
@@ -639,3 +649,25 @@ class FakeCloud:
             await send([], usage=usage)
         await response.write(b"data: [DONE]\n\n")
         return response
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="Fake cloud providers on loopback.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before each event")
+    parser.add_argument("--log", required=True, help="where the request bodies go at exit")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeCloud(args.delay_ms / 1000, args.port) as cloud:
+        stop.wait()
+        seen = [json.dumps(s.body) + "\n" for s in cloud.requests]
+    with open(args.log, "w") as log:
+        log.writelines(seen)
+
+
+if __name__ == "__main__":
+    main()
