@@ -131,7 +131,7 @@ def _serve(
         return 2
     host, port = bound_address(sock)
     counts = shared_counts(config.run_dir / "gateway-replicas", worker)
-    table = ReplicaTable(counts)
+    table = ReplicaTable(counts, gc.routing)
     src: StaticSource | RayRegistrySource
     if args.static_replica:
         src = StaticSource(table, args.static_replica)

@@ -50,6 +50,8 @@ from appliance.gateway.deployments import DeploymentBook, ModelInfo
 from appliance.gateway.errors import GatewayError, error_response, internal_error, sse_error_event
 from appliance.gateway.limits import SharedLimits, limited
 from appliance.gateway.metrics import GatewayMetrics, upstream_of
+from appliance.gateway.prefix import SESSION_HEADER
+from appliance.gateway.prefix import Route as PrefixRoute
 from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
@@ -73,6 +75,7 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # thread, where encoding releases the GIL (see tokens.py).
 INLINE_COUNT_CHARS = 16 * 1024
 _VLLM_EXTENSIONS = validate.extensions_for("vllm")
+_SESSION_HEADER = SESSION_HEADER.encode()
 # A kept streamed answer stops growing here (a runaway generation must not fill memory).
 KEPT_CHUNKS_MAX = 20_000
 # Refusals the audit log keeps besides the 4xx ones: the gateway shedding load.
@@ -452,6 +455,7 @@ class Gateway:
             row.prompt_tokens = prompt_tokens
             exchange = _Exchange(row)
             exchange.tally = tally
+            exchange.route = self._route(headers, checked)
             if key is not None and key.policy.log_bodies_days:
                 exchange.keep_days = key.policy.log_bodies_days
                 exchange.request = raw
@@ -636,7 +640,23 @@ class Gateway:
                 _ATTEMPT.reset(token)
         raise _engine_unreachable()
 
-    async def _acquire(self, model: str, info: ModelInfo | None, tried: frozenset[str]) -> Replica:
+    def _route(self, headers: dict[bytes, bytes], checked: validate.Checked) -> PrefixRoute | None:
+        """The prompt's prefix keys and session, for the replica choice (routing.py)."""
+        session = headers.get(_SESSION_HEADER)
+        return self.table.route(
+            checked.model,
+            checked.messages,
+            checked.prompts,
+            session.decode("latin-1") if session else None,
+        )
+
+    async def _acquire(
+        self,
+        model: str,
+        info: ModelInfo | None,
+        tried: frozenset[str],
+        route: PrefixRoute | None = None,
+    ) -> Replica:
         capacity = None
         if info is not None:
             capacity = info.max_num_seqs or self.limits.cpu_max_num_seqs
@@ -647,6 +667,7 @@ class Gateway:
                 self.limits.queue_per_replica,
                 self.limits.queue_timeout_s,
                 exclude=tried,
+                route=route,
             )
         except Overloaded as exc:
             raise self._busy(exc.reason[0].upper() + exc.reason[1:]) from None
@@ -674,7 +695,7 @@ class Gateway:
             exchange.hide_usage = True
         tried: set[str] = set()
         while True:
-            replica = await self._acquire(model, info, frozenset(tried))
+            replica = await self._acquire(model, info, frozenset(tried), exchange.route)
             exchange.row.replica = replica.replica_id
             try:
                 payload: dict[str, Any] | None = None
@@ -934,11 +955,13 @@ class _Exchange:
     """One request's relation to its client once the body is in."""
 
     __slots__ = (
-        "answered", "gone", "headers", "hide_usage", "keep_days", "kept", "request", "row", "tally",
+        "answered", "gone", "headers", "hide_usage", "keep_days", "kept", "request", "route", "row",
+        "tally",
     )  # fmt: skip
 
     def __init__(self, row: UsageRow) -> None:
         self.row = row
+        self.route: PrefixRoute | None = None  # the prompt's prefix keys, for the replica choice
         self.tally: _Tally | None = None  # the prompt's tokens, or how to count them
         self.headers: dict[str, str] = {}  # the key's rate-limit headers
         self.hide_usage = False  # the engine was asked for usage the client did not want
