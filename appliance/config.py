@@ -155,16 +155,16 @@ class GatewayRouting(Strict):
         256,
         ge=16,
         le=1_048_576,
-        description="Prompts are hashed in blocks of this many characters (of the JSON of the "
-        "messages, or of the prompt); a request matches the replica that was sent its longest "
-        "run of equal leading blocks.",
+        description="Prompts (the JSON of the messages, or the prompt) are hashed in blocks: "
+        "16 of this many characters, then each as long as all before it. A request goes "
+        "to the replica that was sent its longest run of equal leading blocks.",
     )
     max_blocks: int = Field(
-        256,
+        24,
         ge=1,
-        le=65_536,
-        description="Blocks hashed per request at most (the first ones): bounds the CPU a "
-        "long prompt costs.",
+        le=48,
+        description="Blocks hashed per request at most (the first ones): bounds the CPU and "
+        "index entries a long prompt costs. 24 reaches 1M characters with block_chars 256.",
     )
     index_entries: int = Field(
         65_536,

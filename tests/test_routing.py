@@ -261,3 +261,23 @@ def test_prefixes_and_sessions_stay_on_one_of_two_real_replicas(
         assert sorted(delta) == [0, 3], (session, delta)
         used.add(delta.index(3))
     assert used == {0, 1}  # six sessions' homes cover both replicas
+
+
+def test_blocks_double_after_the_uniform_ones() -> None:
+    data = bytes(range(256)) * 200  # 51200 bytes
+    route = route_for("m", data, None, 256, 48)
+    # 16 blocks of 256 reach 4096; then 8192, 16384, 32768 (65536 is past the end).
+    assert route is not None and len(route.keys) == 19
+    shorter = route_for("m", data[:20000], None, 256, 48)
+    assert shorter is not None and shorter.keys == route.keys[:18]
+
+
+def test_every_routing_key_is_documented() -> None:
+    root = Path(__file__).parent.parent / "docs"
+    reference = (root / "configuration.md").read_text()
+    section = reference[reference.index("### `[gateway.routing]`") :]
+    scaling = (root / "scaling.md").read_text()
+    for name in GatewayRouting.model_fields:
+        assert f"| `{name}` |" in section, name
+        assert f"| `{name}` |" in scaling, name
+    assert "X-Appliance-Session" in scaling and SESSION_HEADER == "x-appliance-session"

@@ -1,9 +1,13 @@
 """Which replica most likely holds a request's prompt prefix in its cache.
 
-A request's route is a chain of keys: key i stands for the first i+1 blocks of
-`block_chars` characters of its prompt (the JSON of the chat messages as sent, or the
-completion prompt), each key a CRC-32 chained over the blocks before it and seeded with
-the model's name. A later turn of a conversation serialises to the earlier turn's JSON
+A request's route is a chain of keys, key i standing for the first i+1 blocks of its
+prompt (the JSON of the chat messages as sent, or the completion prompt): a CRC-32
+chained over those blocks, seeded with the model's name. The first `UNIFORM_BLOCKS`
+blocks are `block_chars` long; after them each block is as long as all before it, so a
+long conversation costs a few keys (a 32k-character one 19, not 128: per block the
+slicing and the loop cost more than the CRC) while short prefixes keep a fine grain.
+Only a replica's identity rides on a match, never a cache lookup, so a coarse grain
+deep in a prompt loses little. A later turn of a conversation serialises to the earlier turn's JSON
 plus more, so it shares every whole block of it; requests under one system prompt share
 the blocks the system prompt fills. Only whole blocks count: engines cache whole blocks
 too, and a partial one would differ at the next turn anyway. An `X-Appliance-Session`
@@ -29,9 +33,11 @@ from typing import Any
 import orjson
 
 SESSION_HEADER = "x-appliance-session"
+# Blocks of block_chars before they start to double.
+UNIFORM_BLOCKS = 16
 # Replicas remembered per key: under load one prefix lives on several of them.
 HOLDERS = 2
-# Keys of sessions live above every block key (block i is i << 32 | crc, i < 2**20).
+# Keys of sessions live above every block key (block i is i << 32 | crc, i < 2**16).
 _SESSION = 1 << 56
 
 
@@ -74,9 +80,12 @@ def route_for(
     view = memoryview(data)
     keys = []
     crc = seed
-    for i in range(min(len(data) // block_chars, max_blocks)):
-        crc = zlib.crc32(view[i * block_chars : (i + 1) * block_chars], crc)
-        keys.append(i << 32 | crc)
+    start, end, size = 0, block_chars, len(data)
+    while end <= size and len(keys) < max_blocks:
+        crc = zlib.crc32(view[start:end], crc)
+        keys.append(len(keys) << 32 | crc)
+        start = end
+        end += block_chars if len(keys) < UNIFORM_BLOCKS else end
     session_key = None
     if session:
         session_key = _SESSION | zlib.crc32(session.encode(errors="replace"), seed)
