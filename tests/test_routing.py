@@ -3,6 +3,8 @@ prefix.py), as unit tests on the table; and once through the gateway on two fake
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,15 @@ def test_routing_settings_reject_unknown_keys() -> None:
         GatewayConfig.model_validate({"routing": {"spil_margin": 0.5}})
 
 
+def _running(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_requests_running{")
+    )
+
+
 def _served(urls: list[str]) -> list[float]:
     """Requests each engine finished, from its own metrics."""
     counts = []
@@ -281,3 +292,42 @@ def test_every_routing_key_is_documented() -> None:
         assert f"| `{name}` |" in section, name
         assert f"| `{name}` |" in scaling, name
     assert "X-Appliance-Session" in scaling and SESSION_HEADER == "x-appliance-session"
+
+
+def test_engine_load_from_outside_the_gateway_steers_its_requests_away(
+    processes: Processes, tmp_path: Path
+) -> None:
+    engines = [processes.fake_engine("fake", 200, 25)[1] for _ in range(2)]
+    config = tmp_path / "appliance.toml"
+    config.write_text('[gateway.routing]\npolicy = "load"\n')
+    port = free_port()
+    gw = processes.start(
+        "-m", "appliance.gateway", "--port", str(port), "--no-auth", "--workers", "1",
+        "--config", str(config),
+        "--static-replica", f"fake={engines[0]}", "--static-replica", f"fake={engines[1]}",
+        env={"APPLIANCE_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/readyz", proc=gw)
+    # Six long requests straight to the first engine, which the gateway never sees.
+    body = {"model": "fake", "messages": _chat("busy", system=""), "max_tokens": 200}
+    outside = [
+        threading.Thread(target=httpx.post, args=(engines[0] + "/v1/chat/completions",),
+                         kwargs={"json": body, "timeout": 60})
+        for _ in range(6)
+    ]  # fmt: skip
+    for thread in outside:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while _running(engines[0]) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # the gateway reads the engines' metrics every refresh_interval_s
+    before = _served(engines)
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for i in range(8):
+            quick = {"model": "fake", "messages": _chat(f"quick {i}", system=""), "max_tokens": 2}
+            assert client.post("/v1/chat/completions", json=quick).status_code == 200
+    after = _served(engines)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [0, 8]
+    for thread in outside:
+        thread.join()

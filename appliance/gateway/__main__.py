@@ -134,7 +134,7 @@ def _serve(
     table = ReplicaTable(counts, gc.routing)
     src: StaticSource | RayRegistrySource
     if args.static_replica:
-        src = StaticSource(table, args.static_replica)
+        src = StaticSource(table, args.static_replica, gc.refresh_interval_s)
     else:
         src = RayRegistrySource(
             table, args.ray_address, gc.refresh_interval_s, config.serve.stale_after_s

@@ -78,7 +78,7 @@ def route_for(
     """The request's keys; None when it has neither a whole block nor a session."""
     seed = zlib.crc32(model.encode())
     view = memoryview(data)
-    keys = []
+    keys: list[int] = []
     crc = seed
     start, end, size = 0, block_chars, len(data)
     while end <= size and len(keys) < max_blocks:

@@ -388,17 +388,47 @@ def replicas_from_snapshot(snapshot: RegistrySnapshot) -> list[Replica]:
 
 
 class StaticSource:
-    """A fixed list of replicas (`--static-replica NAME=URL`): benchmarks, debugging."""
+    """A fixed list of replicas (`--static-replica NAME=URL`): benchmarks, debugging.
 
-    def __init__(self, table: ReplicaTable, pairs: list[tuple[str, str]]) -> None:
-        replicas = [
+    With `interval_s`, a thread reads each engine's `/metrics` as a replica would (the
+    engines are taken to speak vLLM's metric names, as the fake engine does) and swaps
+    in the list with their load, so load-aware routing works without Ray too."""
+
+    def __init__(
+        self, table: ReplicaTable, pairs: list[tuple[str, str]], interval_s: float | None = None
+    ) -> None:
+        self.table = table
+        self.models = sorted({m for m, _ in pairs})
+        self.replicas = [
             Replica(f"static-{i}", model, url.rstrip("/"), model, model)
             for i, (model, url) in enumerate(pairs)
         ]
-        table.replace(sorted({m for m, _ in pairs}), replicas)
+        table.replace(self.models, self.replicas)
+        self._stop = threading.Event()
+        if interval_s:
+            self.interval_s = interval_s
+            threading.Thread(target=self._run, name="static-load", daemon=True).start()
+
+    def _run(self) -> None:
+        import dataclasses
+        import urllib.request
+
+        from appliance.engines.vllm import VllmEngine
+
+        adapter = VllmEngine()
+        while not self._stop.wait(self.interval_s):
+            replicas = []
+            for replica in self.replicas:
+                try:
+                    with urllib.request.urlopen(replica.url + "/metrics", timeout=2) as answer:
+                        load = adapter.parse_load(answer.read().decode(errors="replace"))
+                except (OSError, ValueError):
+                    load = None  # not up, or no metrics page: routed on in-flight counts
+                replicas.append(dataclasses.replace(replica, load=load))
+            self.table.replace(self.models, replicas)
 
     def stop(self) -> None:
-        pass
+        self._stop.set()
 
 
 class RayRegistrySource:
