@@ -128,6 +128,20 @@ async def test_reported_load_counts_only_what_this_host_did_not_send() -> None:
     assert await _send(table) == "b"
 
 
+async def test_a_finished_burst_is_not_taken_for_someone_elses_load() -> None:
+    # Six requests to `a` finish; the engine's report, taken while they ran, comes after.
+    table = _table(policy="load", kv_weight=0.0)
+    table.replace(["m"], [_replica("a"), _replica("b")])
+    held = [await table.admit("m", CAPACITY, 0, 1.0, exclude=frozenset({"b"})) for _ in range(6)]
+    table.replace(["m"], [_replica("a"), _replica("b")])  # the snapshot before the report
+    await _send(table)  # (a choice folds each snapshot in)
+    for replica in held:
+        assert replica is not None
+        table.release(replica)
+    table.replace(["m"], [_replica("a", EngineLoad(6, 0)), _replica("b", EngineLoad(0, 0))])
+    assert sorted([await _send(table) for _ in range(4)]) == ["a", "a", "b", "b"]
+
+
 async def test_the_fake_engines_metrics_feed_the_load() -> None:
     engine = FakeEngine("m", 4, 0.0, max_running=4)
     engine.running, engine.waiting = 4, 5
@@ -331,3 +345,22 @@ def test_engine_load_from_outside_the_gateway_steers_its_requests_away(
     assert [a - b for a, b in zip(after, before, strict=True)] == [0, 8]
     for thread in outside:
         thread.join()
+
+
+async def test_each_decision_is_counted_in_the_gateways_metrics() -> None:
+    from appliance.gateway.metrics import GatewayMetrics
+
+    table = _table(spill_margin=0.0)
+    metrics = GatewayMetrics(table)
+    await _send(table, _chat("one"), hold=True)  # load (nothing known yet)
+    await _send(table, _chat("two"), hold=True)  # spill (its holder has 1, the other 0)
+    await _send(table, _chat("three"))  # affinity (both hold it, 1 and 1)
+    await _send(table, _chat("x", system="y"), session="s")  # session_home
+    samples = {
+        s.labels["decision"]: s.value
+        for family in metrics.registry().collect()
+        if family.name == "appliance_route_decisions"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"load": 1, "spill": 1, "affinity": 1, "session_home": 1}

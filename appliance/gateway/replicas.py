@@ -251,9 +251,10 @@ class ReplicaTable:
         if not loads:
             return None
         # Another worker may take the room first: try the others before giving up.
+        counts = {r.replica_id: n for n, r in loads}
         for replica in self.chooser.order(loads, capacity, route, self.counts):
             if self.counts.try_acquire(replica.replica_id, capacity):
-                self.chooser.sent(route, replica)
+                self.chooser.sent(route, replica, counts[replica.replica_id] + 1)
                 return replica
         return None
 

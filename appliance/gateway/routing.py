@@ -7,8 +7,10 @@ A replica's load is a fraction of its capacity (max_num_seqs):
 
 "In flight from this host" is the gateway's own count, across its workers (SharedCounts),
 always current. "Reported beyond it" is what the engine last said it runs and queues
-(running + waiting) less this host's count when the report arrived: the load other
-gateways, or clients that bypass the gateway, put on it. An engine's report older than
+(running + waiting) less the most this host had in flight to it over the last two
+snapshots: the load other gateways, or clients that bypass the gateway, put on it. (Less
+the count at arrival alone would not do: a burst that just finished would still show in
+the report, a second old, as load of someone else's.) An engine's report older than
 `load_max_age_s` is dropped, and the replica's load is this host's count alone, so a
 replica that stops reporting is neither shunned nor flooded on the strength of an old
 figure.
@@ -28,7 +30,7 @@ import itertools
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,8 +66,13 @@ class Chooser:
         self._pending: tuple[float, tuple[Replica, ...]] | None = None
         self._random = random.Random(seed)
         self._turn = itertools.count()
-        # How requests were placed: affinity, session_home, spill, load (tests, debugging).
+        # The most in flight seen per replica since the last snapshot, and in the one before.
+        self._peaks: dict[str, int] = {}
+        self._peaks_before: dict[str, int] = {}
+        # How requests were placed: affinity, session_home, spill (to the load choice) or
+        # load (no prefix known); and who else wants to know (the gateway's metrics).
         self.decisions: Counter[str] = Counter()
+        self.on_decision: Callable[[str, str], None] | None = None
 
     def reported(self, replicas: Sequence[Replica]) -> None:
         """A new snapshot with the engines' load reports (from any thread: the counts are
@@ -77,15 +84,18 @@ class Chooser:
         if pending is not None:
             self._pending = None
             at, replicas = pending
+            peaks, before = self._peaks, self._peaks_before
             reports = {}
             for r in replicas:
                 assert r.load is not None
-                engine = r.load.running + r.load.waiting
-                external = max(0.0, engine - counts.total(r.replica_id))
+                rid = r.replica_id
+                own = max(counts.total(rid), peaks.get(rid, 0), before.get(rid, 0))
+                external = max(0.0, r.load.running + r.load.waiting - own)
                 reports[r.replica_id] = _Report(
                     external, r.load.kv_cache_usage or 0.0, at - r.load_age_s
                 )
             self._reports = reports
+            self._peaks_before, self._peaks = peaks, {}
         return self._reports
 
     def route(
@@ -132,17 +142,21 @@ class Chooser:
         the choice first, then the rest by load (another worker may fill the choice first)."""
         scored = self.loads(candidates, capacity, counts)
         least = min(load for load, _ in scored)
-        chosen = None
+        chosen, kind = None, "load"
         if route is not None and self.index is not None:
-            chosen = self._affine(scored, least, route)
+            chosen, kind = self._affine(scored, least, route)
         if chosen is None:
             chosen = self._by_load(scored)
+        self.decisions[kind] += 1
+        if self.on_decision is not None:
+            self.on_decision(chosen.model, kind)
         rest = sorted((p for p in scored if p[1] is not chosen), key=lambda p: p[0])
         return [chosen, *(r for _, r in rest)]
 
     def _affine(
         self, scored: list[tuple[float, Replica]], least: float, route: Route
-    ) -> Replica | None:
+    ) -> tuple[Replica | None, str]:
+        """The replica holding the request's prefix or session, if within the margin."""
         assert self.index is not None
         by_id = {r.replica_id: (load, r) for load, r in scored}
         _, holders = self.index.lookup(route)
@@ -152,15 +166,12 @@ class Chooser:
         elif route.session is not None:
             pick, kind = by_id[home(route.session, list(by_id))], "session_home"
         else:
-            return None
+            return None, "load"
         if pick[0] > least + self.settings.spill_margin:
-            self.decisions["spill"] += 1
-            return None
-        self.decisions[kind] += 1
-        return pick[1]
+            return None, "spill"
+        return pick[1], kind
 
     def _by_load(self, scored: list[tuple[float, Replica]]) -> Replica:
-        self.decisions["load"] += 1
         pool = scored
         choices = self.settings.load_choices
         if self.settings.policy != "least_outstanding" and 0 < choices < len(scored):
@@ -169,7 +180,10 @@ class Chooser:
         tied = [r for load, r in pool if load == best]
         return tied[next(self._turn) % len(tied)]
 
-    def sent(self, route: Route | None, replica: Replica) -> None:
-        """The request was given to `replica`: remember it holds the request's prefix."""
+    def sent(self, route: Route | None, replica: Replica, in_flight: int) -> None:
+        """The request was given to `replica`, which now has `in_flight` from this host:
+        remember that, and that it holds the request's prefix."""
+        if in_flight > self._peaks.get(replica.replica_id, 0):
+            self._peaks[replica.replica_id] = in_flight
         if route is not None and self.index is not None:
             self.index.record(route, replica.replica_id)

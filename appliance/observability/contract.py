@@ -105,6 +105,12 @@ GATEWAY_METRICS: tuple[Metric, ...] = (
         ("model", "replica"),
         "Requests that failed at the engine (5xx, broken streams, connection errors).",
     ),
+    Metric(
+        "appliance_route_decisions_total",
+        "counter",
+        ("model", "decision"),
+        "How requests were placed on a replica: affinity, session_home, spill or load.",
+    ),
 )
 
 # Counters of events (a rejection, an engine error): a labelled counter has no series until
