@@ -62,7 +62,7 @@ async def _run(table: ReplicaTable, shape: str, requests: int) -> float:
     start = time.process_time()
     for i in range(requests):
         messages, session = bodies[i % len(bodies)]
-        route = table.route("m", messages, None, session)
+        route = table.chooser.route("m", messages, None, session)
         replica = await table.admit("m", 256, 0, 1.0, route=route)
         assert replica is not None
         table.release(replica)
@@ -95,7 +95,7 @@ def main() -> None:
     i = 0
     while len(index) < args.index_entries:
         messages = [{"role": "user", "content": f"{i:012d} " + "x" * 2100}]
-        route = table.route("m", messages, None, None)
+        route = table.chooser.route("m", messages, None, None)
         assert route is not None
         index.record(route, f"r{i % args.replicas}")
         blocks += len(route.keys)

@@ -51,7 +51,7 @@ async def _send(
     hold: bool = False,
 ) -> str:
     """Route one request; release it at once unless `hold` (it stays in flight)."""
-    route = table.route("m", messages, None, session)
+    route = table.chooser.route("m", messages, None, session)
     replica = await table.admit("m", CAPACITY, 0, 1.0, route=route)
     assert replica is not None
     if not hold:

@@ -643,7 +643,7 @@ class Gateway:
     def _route(self, headers: dict[bytes, bytes], checked: validate.Checked) -> PrefixRoute | None:
         """The prompt's prefix keys and session, for the replica choice (routing.py)."""
         session = headers.get(_SESSION_HEADER)
-        return self.table.route(
+        return self.table.chooser.route(
             checked.model,
             checked.messages,
             checked.prompts,

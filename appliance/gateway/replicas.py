@@ -224,16 +224,6 @@ class ReplicaTable:
     def in_flight(self, replica: Replica) -> int:
         return self.counts.total(replica.replica_id)
 
-    def route(
-        self,
-        model: str,
-        messages: list[dict[str, Any]] | None,
-        prompts: list[str | list[int]] | None,
-        session: str | None,
-    ) -> Route | None:
-        """What the replica choice needs of a request's prompt (None: nothing)."""
-        return self.chooser.route(model, messages, prompts, session)
-
     def _take(
         self,
         model: str,
