@@ -3,6 +3,10 @@ prefix.py), as unit tests on the table; and once through the gateway on two fake
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -364,3 +368,110 @@ async def test_each_decision_is_counted_in_the_gateways_metrics() -> None:
         if s.name.endswith("_total")
     }
     assert samples == {"load": 1, "spill": 1, "affinity": 1, "session_home": 1}
+
+
+def _engine_on_the_cpu(weights: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """vLLM's CPU build serving the tiny model, started exactly as a replica starts it."""
+    from appliance.catalog import load_catalog
+    from appliance.config import EnginesConfig
+    from appliance.engines import LaunchSpec, get_adapter
+    from appliance.engines.runner import engine_command
+    from appliance.placement import Cluster
+    from appliance.planner import plan_model
+
+    entry = load_catalog().get("tiny-random-llama")
+    engines = EnginesConfig()
+    spec = LaunchSpec(
+        model="tiny-random-llama",
+        weights=weights,
+        host="127.0.0.1",
+        port=port,
+        entry=entry,
+        plan=plan_model(entry, Cluster.cpu_only()),
+        work_dir=log.parent,
+    )
+    launch = get_adapter("vllm", engines.of("vllm")).launch(spec)
+    cmd = engine_command(spec, launch, "vllm", engines, "routing", dict(os.environ))
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            cmd.argv, env=cmd.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """The engine's own process group (it runs an engine core and a worker too)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _prefix_cache(url: str) -> tuple[float, float]:
+    """(hits, queries) in tokens, from vLLM's own counters."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    sums = {"vllm:prefix_cache_hits_total": 0.0, "vllm:prefix_cache_queries_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums["vllm:prefix_cache_hits_total"], sums["vllm:prefix_cache_queries_total"]
+
+
+@pytest.mark.e2e
+def test_a_shared_system_prompt_hits_one_real_vllm_engines_prefix_cache(
+    processes: Processes, tmp_path: Path
+) -> None:
+    from appliance import tinymodel
+    from appliance.config import EnginesConfig
+    from appliance.engines.cpuenv import CpuEngineEnv
+    from appliance.store import Store
+
+    CpuEngineEnv.of(EnginesConfig()).ensure()
+    weights = Store(tmp_path / "models").install(
+        "tiny-random-llama", tinymodel.build, source="local:tiny-random-llama"
+    )
+    ports = [free_port(), free_port()]
+    engines = [
+        _engine_on_the_cpu(weights.path, port, tmp_path / f"engine-{i}.log")
+        for i, port in enumerate(ports)
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for url, engine in zip(urls, engines, strict=True):
+            wait_http(url + "/health", timeout=300, proc=engine)
+        port = free_port()
+        gw = processes.start(
+            "-m", "appliance.gateway", "--port", str(port), "--no-auth", "--workers", "1",
+            "--static-replica", f"tiny-random-llama={urls[0]}",
+            "--static-replica", f"tiny-random-llama={urls[1]}",
+            env={"APPLIANCE_HOME": str(tmp_path / "home")},
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/readyz", proc=gw)
+        system = "You answer questions about routing in one short sentence. " * 16
+        before = [_prefix_cache(url) for url in urls]
+        with httpx.Client(base_url=base, timeout=120) as client:
+            for i in range(8):
+                body = {
+                    "model": "tiny-random-llama",
+                    "messages": _chat(f"Question number {i}?", system=system),
+                    "max_tokens": 2,
+                }
+                r = client.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+        after = [_prefix_cache(url) for url in urls]
+        hits = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+        queries = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
+        print(f"prefix cache per engine: hits {hits}, queries {queries} (tokens)")
+        # Every request went to one engine, which served the system prompt from its cache
+        # after the first (whole KV blocks only, so not every token of it).
+        assert sorted(q == 0 for q in queries) == [False, True]
+        busy = 0 if queries[0] else 1
+        assert hits[busy] / queries[busy] > 0.4
+    finally:
+        for engine in engines:
+            _stop_group(engine)
