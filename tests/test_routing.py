@@ -475,3 +475,18 @@ def test_a_shared_system_prompt_hits_one_real_vllm_engines_prefix_cache(
     finally:
         for engine in engines:
             _stop_group(engine)
+
+
+async def test_two_choices_never_pick_the_most_loaded_and_zero_compares_all() -> None:
+    def table(choices: int) -> ReplicaTable:
+        t = ReplicaTable(routing=GatewayRouting(policy="load", load_choices=choices), seed=3)
+        t.replace(["m"], [_replica(f"r{k}", EngineLoad(2 * k, 0)) for k in range(4)])
+        return t
+
+    two = table(2)
+    picks = [await _send(two) for _ in range(200)]
+    # Drawn pairs: r0 wins every pair it is in (half), r1 a third, r2 a sixth, r3 none.
+    counts = {r: picks.count(r) for r in ("r0", "r1", "r2", "r3")}
+    assert counts["r3"] == 0 and counts["r0"] > max(counts["r1"], counts["r2"]) and counts["r2"]
+    everyone = table(0)
+    assert {await _send(everyone) for _ in range(20)} == {"r0"}
