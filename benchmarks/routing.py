@@ -2,7 +2,7 @@
 of it, for the gateway's routing policies and vLLM's router, on the same two engines.
 
 Two engines of tiny-random-llama on vLLM's CPU build, started as replicas start them
-(benchmarks/engine_path.py), and in front of them in turn:
+(appliance/testing/engines.py), and in front of them in turn:
 
     single             one engine directly: the hit rate one replica reaches (the reference)
     least_outstanding  the gateway, [gateway.routing] policy = "least_outstanding"
@@ -46,9 +46,11 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# The engine start, the streamed request and the percentiles of the engine-path benchmark
-# (which also puts the repository on sys.path).
-from engine_path import _direct_engine, _free_port, _one, _pct, _stop, _wait
+# The streamed request and the percentiles of the engine-path benchmark (which also puts
+# the repository on sys.path).
+from engine_path import _free_port, _one, _pct, _wait
+
+from appliance.testing.engines import start_engine, stop_engine
 
 MODEL = "tiny-random-llama"
 TOPICS = ("billing", "shipping", "returns", "accounts")
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             CpuEngineEnv.of(EnginesConfig()).ensure(lambda line: print(f"  {line}", flush=True))
             Store(home / "models").install(MODEL, tinymodel.build, source=f"local:{MODEL}")
             for i, port in enumerate(ports):
-                procs.append(_direct_engine(home, MODEL, port, root / f"engine-{i}.log"))
+                weights, log = home / "models" / MODEL, root / f"engine-{i}.log"
+                procs.append(start_engine(MODEL, weights, port, log, home / "run"))
             for url, proc in zip(engines, procs, strict=True):
                 _wait(url + "/health", 600, proc)
         fronts: list[tuple[str, list[str] | None, str]] = [("single", None, engines[0])]
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(results[-1].row(), flush=True)
             finally:
                 if front is not None:
-                    _stop(front)
+                    stop_engine(front)
         print(f"\n{'load':<7} {'leg':<18} {'hit rate':>8} {'TTFT p50':>9} {'p99 (ms)':>9} "
               f"{'req/s':>7} {'imbalance':>9}  {'per engine':<9} errors")  # fmt: skip
         for result in results:
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_engine(proc)
         print(f"logs: {root}", file=sys.stderr)
 
 

@@ -3,10 +3,6 @@ prefix.py), as unit tests on the table; and once through the gateway on two fake
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -27,11 +23,13 @@ from appliance.gateway.replicas import (
     replicas_from_snapshot,
     shared_counts,
 )
+from appliance.testing.engines import start_engine, stop_engine
 from appliance.testing.fake_engine import FakeEngine
 from tests.conftest import Processes, free_port, replica_state, wait_http
 
 SYSTEM = "You answer questions about the appliance's routing, briefly. " * 40  # ~2.4k chars
 CAPACITY = 8
+MODEL = "tiny-random-llama"  # the real engines' model
 
 
 def _replica(rid: str, load: EngineLoad | None = None, age: float = 0.0) -> Replica:
@@ -370,46 +368,6 @@ async def test_each_decision_is_counted_in_the_gateways_metrics() -> None:
     assert samples == {"load": 1, "spill": 1, "affinity": 1, "session_home": 1}
 
 
-def _engine_on_the_cpu(weights: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """vLLM's CPU build serving the tiny model, started exactly as a replica starts it."""
-    from appliance.catalog import load_catalog
-    from appliance.config import EnginesConfig
-    from appliance.engines import LaunchSpec, get_adapter
-    from appliance.engines.runner import engine_command
-    from appliance.placement import Cluster
-    from appliance.planner import plan_model
-
-    entry = load_catalog().get("tiny-random-llama")
-    engines = EnginesConfig()
-    spec = LaunchSpec(
-        model="tiny-random-llama",
-        weights=weights,
-        host="127.0.0.1",
-        port=port,
-        entry=entry,
-        plan=plan_model(entry, Cluster.cpu_only()),
-        work_dir=log.parent,
-    )
-    launch = get_adapter("vllm", engines.of("vllm")).launch(spec)
-    cmd = engine_command(spec, launch, "vllm", engines, "routing", dict(os.environ))
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            cmd.argv, env=cmd.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """The engine's own process group (it runs an engine core and a worker too)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _prefix_cache(url: str) -> tuple[float, float]:
     """(hits, queries) in tokens, from vLLM's own counters."""
     text = httpx.get(url + "/metrics", timeout=5).text
@@ -431,12 +389,10 @@ def test_a_shared_system_prompt_hits_one_real_vllm_engines_prefix_cache(
     from appliance.store import Store
 
     CpuEngineEnv.of(EnginesConfig()).ensure()
-    weights = Store(tmp_path / "models").install(
-        "tiny-random-llama", tinymodel.build, source="local:tiny-random-llama"
-    )
+    weights = Store(tmp_path / "models").install(MODEL, tinymodel.build, source=f"local:{MODEL}")
     ports = [free_port(), free_port()]
     engines = [
-        _engine_on_the_cpu(weights.path, port, tmp_path / f"engine-{i}.log")
+        start_engine(MODEL, weights.path, port, tmp_path / f"engine-{i}.log", tmp_path)
         for i, port in enumerate(ports)
     ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
@@ -446,8 +402,8 @@ def test_a_shared_system_prompt_hits_one_real_vllm_engines_prefix_cache(
         port = free_port()
         gw = processes.start(
             "-m", "appliance.gateway", "--port", str(port), "--no-auth", "--workers", "1",
-            "--static-replica", f"tiny-random-llama={urls[0]}",
-            "--static-replica", f"tiny-random-llama={urls[1]}",
+            "--static-replica", f"{MODEL}={urls[0]}",
+            "--static-replica", f"{MODEL}={urls[1]}",
             env={"APPLIANCE_HOME": str(tmp_path / "home")},
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
@@ -457,7 +413,7 @@ def test_a_shared_system_prompt_hits_one_real_vllm_engines_prefix_cache(
         with httpx.Client(base_url=base, timeout=120) as client:
             for i in range(8):
                 body = {
-                    "model": "tiny-random-llama",
+                    "model": MODEL,
                     "messages": _chat(f"Question number {i}?", system=system),
                     "max_tokens": 2,
                 }
@@ -474,7 +430,7 @@ def test_a_shared_system_prompt_hits_one_real_vllm_engines_prefix_cache(
         assert hits[busy] / queries[busy] > 0.4
     finally:
         for engine in engines:
-            _stop_group(engine)
+            stop_engine(engine)
 
 
 async def test_two_choices_never_pick_the_most_loaded_and_zero_compares_all() -> None:
