@@ -446,3 +446,23 @@ async def test_two_choices_never_pick_the_most_loaded_and_zero_compares_all() ->
     assert counts["r3"] == 0 and counts["r0"] > max(counts["r1"], counts["r2"]) and counts["r2"]
     everyone = table(0)
     assert {await _send(everyone) for _ in range(20)} == {"r0"}
+
+
+async def test_the_longest_known_prefix_wins_over_a_shorter_one() -> None:
+    table = _table()
+    index = table.chooser.index
+    assert index is not None
+    conversation = _chat("Tell me everything about caches. " * 30)
+    system_only = table.chooser.route("m", _chat("x")[:1], None, None)
+    whole = table.chooser.route("m", conversation, None, None)
+    assert system_only is not None and whole is not None
+    assert whole.keys[: len(system_only.keys) - 1] == system_only.keys[:-1]
+    index.record(system_only, "a")  # the system prompt is cached on a
+    index.record(whole, "b")  # this conversation so far on b (b now holds the shared blocks too)
+    index.record(system_only, "a")  # a was sent the system prompt again since
+    later = [
+        *conversation,
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "?"},
+    ]
+    assert await _send(table, later) == "b"
