@@ -7,16 +7,17 @@ blocks are `block_chars` long; after them each block is as long as all before it
 long conversation costs a few keys (a 32k-character one 19, not 128: per block the
 slicing and the loop cost more than the CRC) while short prefixes keep a fine grain.
 Only a replica's identity rides on a match, never a cache lookup, so a coarse grain
-deep in a prompt loses little. A later turn of a conversation serialises to the earlier turn's JSON
-plus more, so it shares every whole block of it; requests under one system prompt share
-the blocks the system prompt fills. Only whole blocks count: engines cache whole blocks
+deep in a prompt loses little. A later turn of a conversation serialises to the earlier
+turn's JSON plus more, so it shares every whole block of it; requests under one system
+prompt share the blocks the system prompt fills. Only whole blocks count: engines cache whole blocks
 too, and a partial one would differ at the next turn anyway. An `X-Appliance-Session`
 header adds a key of its own, matched before any block.
 
 The index maps a key to the replicas last sent it (most recent first), least recently
-used keys dropped beyond `entries`. Each gateway worker keeps its own; workers agree on a
-prefix none has seen through `home`, rendezvous hashing of its first key over the
-replicas, which needs no shared state (and also holds across gateway hosts).
+used keys dropped beyond `entries`. Each gateway worker keeps its own, so a prefix costs
+at most one cache miss per worker. Sessions must agree across workers from their first
+request: `home` places a session no index knows by rendezvous hashing of its key over
+the replicas, which needs no shared state (and holds across gateway hosts too).
 
 A key collision (32 bits of CRC per depth) routes a request where its prefix is not
 cached: it costs a cache miss, never a wrong answer.
@@ -47,12 +48,6 @@ class Route:
 
     keys: tuple[int, ...]  # blocks, shortest prefix first
     session: int | None = None  # the session header's key
-
-    @property
-    def home_key(self) -> int | None:
-        if self.session is not None:
-            return self.session
-        return self.keys[0] if self.keys else None
 
 
 def prompt_bytes(
