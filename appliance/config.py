@@ -109,6 +109,72 @@ class GatewayLimits(Strict):
     )
 
 
+class GatewayRouting(Strict):
+    """How the gateway picks a replica of a model (see docs/scaling.md, "Routing")."""
+
+    policy: Literal["prefix", "load", "least_outstanding"] = Field(
+        "prefix",
+        description="prefix: send a request to the replica that most likely holds its prompt "
+        "prefix (or its X-Appliance-Session) in cache, unless that replica is loaded more "
+        "than spill_margin above the least loaded; load: the least loaded of load_choices "
+        "replicas drawn at random; least_outstanding: fewest of this host's requests in "
+        "flight, engine reports ignored.",
+    )
+    load_choices: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Replicas drawn at random and compared for each request (power of two "
+        "choices); 0 compares every replica. Drawing avoids gateways herding onto the one "
+        "replica a stale report shows idle.",
+    )
+    load_max_age_s: float = Field(
+        3.0,
+        gt=0,
+        le=600,
+        description="An engine's load report older than this is ignored: the replica's load "
+        "is then this host's requests in flight alone.",
+    )
+    kv_weight: float = Field(
+        0.5,
+        ge=0,
+        le=100,
+        description="Weight of the engine's KV-cache use (0 to 1) in a replica's load, where "
+        "requests count as a fraction of max_num_seqs: 0.5 makes a full cache weigh like half "
+        "of max_num_seqs more requests.",
+    )
+    spill_margin: float = Field(
+        0.25,
+        ge=0,
+        le=100,
+        description="The replica holding a request's prefix takes it while its load (as a "
+        "fraction of max_num_seqs, KV term included) is at most this much above the least "
+        "loaded replica's; beyond it the request spills to the least loaded.",
+    )
+    block_chars: int = Field(
+        256,
+        ge=16,
+        le=1_048_576,
+        description="Prompts (the JSON of the messages, or the prompt) are hashed in blocks: "
+        "16 of this many characters, then each as long as all before it. A request goes "
+        "to the replica that was sent its longest run of equal leading blocks.",
+    )
+    max_blocks: int = Field(
+        24,
+        ge=1,
+        le=48,
+        description="Blocks hashed per request at most (the first ones): bounds the CPU and "
+        "index entries a long prompt costs. 24 reaches 1M characters with block_chars 256.",
+    )
+    index_entries: int = Field(
+        65_536,
+        ge=1,
+        le=10_000_000,
+        description="Prefix blocks remembered per gateway worker, least recently used "
+        "dropped first (about 150 bytes each).",
+    )
+
+
 class GatewayConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible endpoint binds to.")
     port: Port = Field(8000, description="Port of the OpenAI-compatible endpoint.")
@@ -158,6 +224,7 @@ class GatewayConfig(Strict):
         None, description="PEM private key of tls_cert, readable by the appliance only."
     )
     limits: GatewayLimits = GatewayLimits()
+    routing: GatewayRouting = GatewayRouting()
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewayConfig:

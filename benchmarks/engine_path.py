@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -169,55 +168,6 @@ def _wait(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None)
     raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
 
 
-def _direct_engine(home: Path, model: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """The engine exactly as a replica would start it (minus Ray and the key)."""
-    from appliance.catalog import load_catalog
-    from appliance.config import EnginesConfig
-    from appliance.engines import LaunchSpec, get_adapter
-    from appliance.engines.runner import engine_command
-    from appliance.placement import Cluster
-    from appliance.planner import plan_model
-
-    entry = load_catalog().get(model)
-    plan = plan_model(entry, Cluster.cpu_only())
-    engines = EnginesConfig()
-    spec = LaunchSpec(
-        model=model,
-        weights=home / "models" / model,
-        host="127.0.0.1",
-        port=port,
-        entry=entry,
-        plan=plan,
-        work_dir=home / "run",
-    )
-    launch = get_adapter("vllm", engines.of("vllm")).launch(spec)
-    cmd = engine_command(spec, launch, "vllm", engines, "bench", dict(os.environ))
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            cmd.argv, env=cmd.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """The engine's whole group (its own session): the engine core and the worker go with
-    the API server, which exits first."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        proc.poll()  # reap the leader, so that only live members keep the group
-        time.sleep(0.1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def _free_port() -> int:
     import socket
 
@@ -319,13 +269,17 @@ def _bench(model: str, args: argparse.Namespace) -> str:
     )
     engine_port = _free_port()
     started = time.monotonic()
-    engine = _direct_engine(home, model, engine_port, root / "direct-engine.log")
+    from appliance.testing.engines import start_engine, stop_engine
+
+    engine = start_engine(
+        model, home / "models" / model, engine_port, root / "direct-engine.log", home / "run"
+    )
     try:
         _wait(f"http://127.0.0.1:{engine_port}/health", 600, engine)
         print(f"direct engine healthy after {time.monotonic() - started:.1f}s")
         run(f"http://127.0.0.1:{engine_port}/v1/chat/completions", None, "direct")
     finally:
-        _stop(engine)
+        stop_engine(engine)
 
     started = time.monotonic()
     up = _cli(config, "up")

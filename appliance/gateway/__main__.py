@@ -134,10 +134,10 @@ def _serve(
         return 2
     host, port = bound_address(sock)
     counts = shared_counts(config.run_dir / "gateway-replicas", worker)
-    table = ReplicaTable(counts)
+    table = ReplicaTable(counts, gc.routing)
     src: StaticSource | RayRegistrySource
     if args.static_replica:
-        src = StaticSource(table, args.static_replica)
+        src = StaticSource(table, args.static_replica, gc.refresh_interval_s)
     else:
         src = RayRegistrySource(
             table, args.ray_address, gc.refresh_interval_s, config.serve.stale_after_s

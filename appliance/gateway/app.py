@@ -52,6 +52,8 @@ from appliance.gateway.errors import GatewayError, error_response, internal_erro
 from appliance.gateway.limits import SharedLimits, limited
 from appliance.gateway.metrics import GatewayMetrics, upstream_of
 from appliance.gateway.overflow import Overflow
+from appliance.gateway.prefix import SESSION_HEADER
+from appliance.gateway.prefix import Route as PrefixRoute
 from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
@@ -75,6 +77,7 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # thread, where encoding releases the GIL (see tokens.py).
 INLINE_COUNT_CHARS = 16 * 1024
 _VLLM_EXTENSIONS = validate.extensions_for("vllm")
+_SESSION_HEADER = SESSION_HEADER.encode()
 # A kept streamed answer stops growing here (a runaway generation must not fill memory).
 KEPT_CHUNKS_MAX = 20_000
 # Refusals the audit log keeps besides the 4xx ones: the gateway shedding load.
@@ -483,6 +486,7 @@ class Gateway:
             exchange.tally = tally
             exchange.key = key
             exchange.cloud_only = cloud_only
+            exchange.route = self._route(headers, checked)
             if key is not None and key.policy.log_bodies_days:
                 exchange.keep_days = key.policy.log_bodies_days
                 exchange.request = raw
@@ -675,7 +679,23 @@ class Gateway:
                 _ATTEMPT.reset(token)
         raise _engine_unreachable()
 
-    async def _acquire(self, model: str, info: ModelInfo | None, tried: frozenset[str]) -> Replica:
+    def _route(self, headers: dict[bytes, bytes], checked: validate.Checked) -> PrefixRoute | None:
+        """The prompt's prefix keys and session, for the replica choice (routing.py)."""
+        session = headers.get(_SESSION_HEADER)
+        return self.table.chooser.route(
+            checked.model,
+            checked.messages,
+            checked.prompts,
+            session.decode("latin-1") if session else None,
+        )
+
+    async def _acquire(
+        self,
+        model: str,
+        info: ModelInfo | None,
+        tried: frozenset[str],
+        route: PrefixRoute | None = None,
+    ) -> Replica:
         capacity = None
         if info is not None:
             capacity = info.max_num_seqs or self.limits.cpu_max_num_seqs
@@ -686,6 +706,7 @@ class Gateway:
                 self.limits.queue_per_replica,
                 self.limits.queue_timeout_s,
                 exclude=tried,
+                route=route,
             )
         except Overloaded as exc:
             raise self._busy(exc.reason[0].upper() + exc.reason[1:]) from None
@@ -908,7 +929,7 @@ class Gateway:
             exchange.hide_usage = True
         tried: set[str] = set()
         while True:
-            replica = await self._acquire(model, info, frozenset(tried))
+            replica = await self._acquire(model, info, frozenset(tried), exchange.route)
             exchange.row.replica = replica.replica_id
             try:
                 payload: dict[str, Any] | None = None
@@ -1173,11 +1194,12 @@ class _Exchange:
     __slots__ = (
         "acquired_at", "ahead", "answered", "cloud_error", "cloud_only", "gone", "headers",
         "hide_usage", "keep_days", "kept", "key", "overflow_decided", "queued_at", "request",
-        "row", "tally",
+        "route", "row", "tally",
     )  # fmt: skip
 
     def __init__(self, row: UsageRow) -> None:
         self.row = row
+        self.route: PrefixRoute | None = None  # the prompt's prefix keys, for the replica choice
         self.tally: _Tally | None = None  # the prompt's tokens, or how to count them
         self.key: KeyRecord | None = None
         # The key's rate-limit headers, and where the request ran.

@@ -244,6 +244,15 @@ class GatewayMetrics:
             ("model", "replica"),
             registry=own,
         )
+        self.routes = Counter(
+            "appliance_route_decisions_total",
+            "How requests were placed on a replica: affinity (where their prompt prefix "
+            "went), session_home (a new X-Appliance-Session), spill (the prefix's replica "
+            "was too loaded) or load (no prefix known).",
+            ("model", "decision"),
+            registry=own,
+        )
+        table.chooser.on_decision = self.routed
         # Requests this worker is handling, set once a second (not twice a request); the
         # sum over live workers (a dead worker's figure goes with it).
         self.in_flight = Gauge(
@@ -314,6 +323,9 @@ class GatewayMetrics:
         return model if model is not None and self.table.knows(model) else NONE
 
     # The request path.
+
+    def routed(self, model: str, decision: str) -> None:
+        self._child(self.routes, model, decision).inc()
 
     def set_in_flight(self, requests: int) -> None:
         self.in_flight.set(requests)

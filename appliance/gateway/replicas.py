@@ -2,14 +2,13 @@
 
 A source (the Ray registry, or a static list for benchmarks) replaces the snapshot as a
 whole; the table adds what only the gateway knows: requests in flight per replica and
-replicas that just refused a connection. Picking is least-outstanding-requests among
-healthy replicas of the model, ties broken in turn.
+replicas that just refused a connection. Which healthy replica with room takes a request
+is routing.Chooser's call: engine load, these counts and prefix affinity.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import struct
 import threading
@@ -19,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config import GatewayRouting
 from appliance.control.records import RegistrySnapshot
+from appliance.engines.base import EngineLoad
+from appliance.gateway.prefix import Route
+from appliance.gateway.routing import Chooser
 from appliance.gateway.shared import WORKERS_MAX, SharedTable, owner_id
 
 log = logging.getLogger("appliance.gateway")
@@ -36,6 +39,8 @@ class Replica:
     engine_model: str  # what requests must name
     response_model: str  # what responses name
     api_key: str | None = None  # what the engine requires (Authorization: Bearer)
+    load: EngineLoad | None = None  # the engine's last report; None: none read
+    load_age_s: float = 0.0  # how old that report was when the snapshot was taken
 
     @property
     def rewrites_request(self) -> bool:
@@ -167,13 +172,18 @@ class ReplicaTable:
 
     RECHECK_S = 0.05
 
-    def __init__(self, counts: LocalCounts | SharedCounts | None = None) -> None:
+    def __init__(
+        self,
+        counts: LocalCounts | SharedCounts | None = None,
+        routing: GatewayRouting | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.loaded = False
         self.models: tuple[str, ...] = ()
         self._by_model: dict[str, tuple[Replica, ...]] = {}
         self.counts = counts or LocalCounts()
+        self.chooser = Chooser(routing or GatewayRouting(), seed)
         self._failed_until: dict[str, float] = {}
-        self._turn = itertools.count()
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -184,6 +194,7 @@ class ReplicaTable:
             by_model.setdefault(replica.model, []).append(replica)
         self._by_model = {m: tuple(rs) for m, rs in by_model.items()}
         self.models = tuple(sorted(by_model))
+        self.chooser.reported(replicas)
         self.loaded = True
         if self._loop is not None and any(self._waiters.values()):
             # New replicas may have room: let waiters look again (on the loop's thread).
@@ -207,8 +218,14 @@ class ReplicaTable:
     def in_flight(self, replica: Replica) -> int:
         return self.counts.total(replica.replica_id)
 
-    def _take(self, model: str, exclude: frozenset[str], capacity: int | None) -> Replica | None:
-        """The least loaded healthy replica with room, acquired; ties taken in turn."""
+    def _take(
+        self,
+        model: str,
+        exclude: frozenset[str],
+        capacity: int | None,
+        route: Route | None = None,
+    ) -> Replica | None:
+        """The chooser's pick among healthy replicas with room, acquired."""
         loads = [
             (self.counts.total(r.replica_id), r)
             for r in self.healthy(model)
@@ -217,12 +234,11 @@ class ReplicaTable:
         loads = [(n, r) for n, r in loads if capacity is None or n < capacity]
         if not loads:
             return None
-        least = min(n for n, _ in loads)
-        tied = [r for n, r in loads if n == least]
-        first = next(self._turn) % len(tied)
         # Another worker may take the room first: try the others before giving up.
-        for replica in tied[first:] + tied[:first] + [r for n, r in loads if n != least]:
+        counts = {r.replica_id: n for n, r in loads}
+        for replica in self.chooser.order(loads, capacity, route, self.counts):
             if self.counts.try_acquire(replica.replica_id, capacity):
+                self.chooser.sent(route, replica, counts[replica.replica_id] + 1)
                 return replica
         return None
 
@@ -233,6 +249,7 @@ class ReplicaTable:
         queue_per_replica: int,
         timeout_s: float,
         exclude: frozenset[str] = frozenset(),
+        route: Route | None = None,
     ) -> Replica | None:
         """A replica with room, acquired; waits in line when all are full.
 
@@ -241,7 +258,7 @@ class ReplicaTable:
         self._loop = asyncio.get_running_loop()
         waiters = self._waiters.setdefault(model, deque())
         if not waiters:
-            replica = self._take(model, exclude, capacity)
+            replica = self._take(model, exclude, capacity, route)
             if replica is not None:
                 return replica
         healthy = [r for r in self.healthy(model) if r.replica_id not in exclude]
@@ -254,7 +271,7 @@ class ReplicaTable:
                 f"{self.counts.waiting(model)} requests are already waiting",
             )
         try:
-            return await self._wait(model, capacity, timeout_s, exclude, waiters)
+            return await self._wait(model, capacity, timeout_s, exclude, waiters, route)
         finally:
             self.counts.done_waiting(model)
 
@@ -265,6 +282,7 @@ class ReplicaTable:
         timeout_s: float,
         exclude: frozenset[str],
         waiters: deque[asyncio.Future[None]],
+        route: Route | None = None,
     ) -> Replica | None:
         assert self._loop is not None
         deadline = time.monotonic() + timeout_s
@@ -284,7 +302,7 @@ class ReplicaTable:
                 woken = fut.done()
                 if not woken and waiters[0] is not fut:
                     continue
-                replica = self._take(model, exclude, capacity)
+                replica = self._take(model, exclude, capacity, route)
                 if replica is not None:
                     if not woken:
                         waiters.remove(fut)
@@ -344,23 +362,62 @@ class ReplicaTable:
 
 def replicas_from_snapshot(snapshot: RegistrySnapshot) -> list[Replica]:
     return [
-        Replica(r.replica_id, r.model, r.url, r.engine_model, r.response_model, r.engine_key)
+        Replica(
+            r.replica_id,
+            r.model,
+            r.url,
+            r.engine_model,
+            r.response_model,
+            r.engine_key,
+            r.load,
+            r.age_s,
+        )
         for r in snapshot.routable()
     ]
 
 
 class StaticSource:
-    """A fixed list of replicas (`--static-replica NAME=URL`): benchmarks, debugging."""
+    """A fixed list of replicas (`--static-replica NAME=URL`): benchmarks, debugging.
 
-    def __init__(self, table: ReplicaTable, pairs: list[tuple[str, str]]) -> None:
-        replicas = [
+    With `interval_s`, a thread reads each engine's `/metrics` as a replica would (the
+    engines are taken to speak vLLM's metric names, as the fake engine does) and swaps
+    in the list with their load, so load-aware routing works without Ray too."""
+
+    def __init__(
+        self, table: ReplicaTable, pairs: list[tuple[str, str]], interval_s: float | None = None
+    ) -> None:
+        self.table = table
+        self.models = sorted({m for m, _ in pairs})
+        self.replicas = [
             Replica(f"static-{i}", model, url.rstrip("/"), model, model)
             for i, (model, url) in enumerate(pairs)
         ]
-        table.replace(sorted({m for m, _ in pairs}), replicas)
+        table.replace(self.models, self.replicas)
+        self._stop = threading.Event()
+        if interval_s:
+            self.interval_s = interval_s
+            threading.Thread(target=self._run, name="static-load", daemon=True).start()
+
+    def _run(self) -> None:
+        import dataclasses
+        import urllib.request
+
+        from appliance.engines.vllm import VllmEngine
+
+        adapter = VllmEngine()
+        while not self._stop.wait(self.interval_s):
+            replicas = []
+            for replica in self.replicas:
+                try:
+                    with urllib.request.urlopen(replica.url + "/metrics", timeout=2) as answer:
+                        load = adapter.parse_load(answer.read().decode(errors="replace"))
+                except (OSError, ValueError):
+                    load = None  # not up, or no metrics page: routed on in-flight counts
+                replicas.append(dataclasses.replace(replica, load=load))
+            self.table.replace(self.models, replicas)
 
     def stop(self) -> None:
-        pass
+        self._stop.set()
 
 
 class RayRegistrySource:

@@ -143,6 +143,12 @@ GATEWAY_METRICS: tuple[Metric, ...] = (
         ("provider",),
         "Each provider's recent time to first byte.",
     ),
+    Metric(
+        "appliance_route_decisions_total",
+        "counter",
+        ("model", "decision"),
+        "How requests were placed on a replica: affinity, session_home, spill or load.",
+    ),
 )
 
 # Counters of events (a rejection, an engine error): a labelled counter has no series until
