@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import __version__, deploy, versions
+from appliance import __version__, versions
 from appliance.catalog import load_catalog
 from appliance.cli import main
 from appliance.config import load_config
@@ -46,7 +46,9 @@ def cli(
     appliance_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> Cli:
     # The host running the tests may have GPUs (or a site config); these tests plan for none.
-    monkeypatch.setattr(deploy, "local_cluster", lambda _gpus=None: Cluster.cpu_only())
+    monkeypatch.setattr(
+        "appliance.control.cluster.local_cluster", lambda _gpus=None: Cluster.cpu_only()
+    )
     monkeypatch.setattr("appliance.config.SEARCH_PATHS", (Path("appliance.toml"),))
     return Cli(capsys)
 
@@ -443,7 +445,9 @@ def test_model_add_from_a_missing_path_says_so(cli: Cli, tmp_path: Path) -> None
 def test_adding_a_model_again_plans_with_its_own_gpus_free(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deploy, "local_cluster", lambda _gpus=None: Cluster.parse("4xH100-80GB"))
+    monkeypatch.setattr(
+        "appliance.control.cluster.local_cluster", lambda _gpus=None: Cluster.parse("4xH100-80GB")
+    )
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
