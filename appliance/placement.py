@@ -149,10 +149,21 @@ class Cluster:
 
     def usable_by(self, gpu: str | None) -> Cluster:
         """The nodes a plan for GPU type `gpu` may run on: that type, or nodes whose type
-        nothing reports (GPUs declared to Ray by count only); all for a plan without one."""
+        nothing reports (GPUs declared to Ray by count only); all for a plan without one.
+
+        Ray names GPUs by family (`H100` for the SXM and NVL boards alike), so a node Ray
+        describes also counts for the other types of its family.
+        """
         if gpu is None:
             return self
-        return Cluster(tuple(n for n in self.nodes if n.gpu in (gpu, "")))
+        family = gpu.split("-")[0].upper()
+        return Cluster(
+            tuple(
+                n
+                for n in self.nodes
+                if n.gpu in (gpu, "") or (n.accelerator.split("-")[0].upper() == family)
+            )
+        )
 
     def describe(self) -> str:
         """The --gpus text for this cluster, e.g. '2x8xH200'; 'no GPUs' when empty."""

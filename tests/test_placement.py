@@ -208,3 +208,11 @@ def test_fit_uses_nodes_of_the_plans_gpu_type_and_untyped_ones() -> None:
 
 def test_cpu_plans_take_no_gpus() -> None:
     assert fit([("cpu", _plan(2, 0))], Cluster.cpu_only())["cpu"].replicas == 2
+
+
+def test_a_node_ray_names_by_family_counts_for_every_type_of_it() -> None:
+    # Ray calls an H100 NVL board "H100", which the planner reads as the SXM one.
+    [node] = Cluster.from_ray([_ray_node("ee" * 28, "gpu05", 4)]).nodes
+    assert node.gpu == "H100-80GB"
+    fits = fit([("m", _plan(1, 4, gpu="H100-NVL"))], Cluster((node,)))
+    assert fits["m"].placed == (("gpu05",),)

@@ -7,10 +7,10 @@ a dead or silent engine fails it and Serve replaces the replica. Requests never 
 through here: the gateway talks to the engine over plain HTTP.
 
 A replica whose pipeline stages span nodes runs in a placement group of one bundle per
-stage (the supervisor asks Serve for it): it holds no GPUs itself, tells its engine the
-group (`PLACEMENT_GROUP_ENV`) so that the engine's Ray workers take the bundles' GPUs,
-reports where each stage's bundle is (`ranks`), and fails its health check as soon as
-the group loses a node, whatever the engine notices.
+stage (the supervisor asks Serve for it): it holds no GPUs itself, names the group to its
+engine (`LaunchSpec.placement_group`, in the engine's environment) so that the engine's
+Ray workers take the bundles' GPUs, reports where each stage's bundle is (`ranks`), and
+fails its health check as soon as the group loses a node, whatever the engine notices.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import aiohttp
 import ray
 from ray import serve
 
-from appliance.control import NAMESPACE, PLACEMENT_GROUP_ENV, REGISTRY_NAME
+from appliance.control import NAMESPACE, REGISTRY_NAME
 from appliance.control.launch import EngineStart, engine_start
 from appliance.control.records import Rank, ReplicaInfo, ReplicaSpec
 from appliance.control.runtime import die_with_parent, log_tail
@@ -179,13 +179,10 @@ class EngineReplica:
             gpu_ids=self.gpu_ids,
             work_dir=self.work_dir,
             container=container_name(self.spec.model, self.replica_id),
-            base_env=(
-                {**os.environ, PLACEMENT_GROUP_ENV: self.group.id.hex()}
-                if self.group is not None
-                else os.environ
-            ),
+            base_env=os.environ,
             with_api_key=True,
             api_key=offer.api_key if offer is not None else None,
+            placement_group=self.group.id.hex() if self.group is not None else None,
         )
 
     def _start_engine(self) -> subprocess.Popen[bytes]:

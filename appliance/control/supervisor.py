@@ -345,11 +345,10 @@ class Supervisor:
         with its CPUs and no GPUs, and its engine's workers take the bundles' GPUs.
         On nodes of the plan's GPU type, where Ray reports one.
         """
-        kind = {
-            f"accelerator_type:{n.accelerator}": 0.001
-            for n in self.nodes
-            if plan.gpu and n.gpu == plan.gpu and n.accelerator
-        }
+        cluster = Cluster(tuple(n.node() for n in self.nodes)).usable_by(plan.gpu)
+        names = {n.accelerator for n in cluster.nodes if n.accelerator} if plan.gpu else set()
+        # One name Ray gives those nodes: ask for it (a replica never lands on another type).
+        kind = {f"accelerator_type:{names.pop()}": 0.001} if len(names) == 1 else {}
         if not plan.spans_nodes:
             return {
                 "ray_actor_options": {
