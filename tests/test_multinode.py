@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -28,8 +27,7 @@ from appliance.config import load_config
 from appliance.control.runtime import supervisor_env
 from appliance.planner import Plan
 from appliance.state import State
-from appliance.store import Store
-from tests.conftest import ApplianceUnderTest
+from tests.conftest import ApplianceUnderTest, install_unread_weights, vllm_stand_in
 
 pytestmark = pytest.mark.e2e
 
@@ -53,9 +51,10 @@ class RayCluster:
 
     def _answer(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"the Ray cluster process exited with {self.proc.wait()}"
-        return dict(json.loads(line))
+        while line := self.proc.stdout.readline():
+            if line.startswith("{"):  # Ray may print its own lines too
+                return dict(json.loads(line))
+        raise AssertionError(f"the Ray cluster process exited with {self.proc.wait()}")
 
     def command(self, what: str) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -75,12 +74,7 @@ class RayCluster:
 
 class TwoNodes(ApplianceUnderTest):
     def __init__(self, root: Path) -> None:
-        stand_in = root / "fake-vllm"
-        stand_in.write_text(
-            f'#!/bin/sh\nexec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
-        )
-        stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
-        super().__init__(root, f'[engines.vllm]\ncommand = "{stand_in}"\n')
+        super().__init__(root, f'[engines.vllm]\ncommand = "{vllm_stand_in(root)}"\n')
         # Ray's settings as the supervisor's (token auth, the appliance's own token).
         self.ray_env = {**os.environ, **supervisor_env(load_config(self.config))}
         self.ray = RayCluster({**self.ray_env, "PYTHONPATH": str(REPO)})
@@ -102,26 +96,18 @@ def _wait(what: str, check: Callable[[], Any], timeout: float) -> Any:
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     c = TwoNodes(tmp_path_factory.mktemp("multinode"))
     try:
-        Store(c.home / "models").install(
-            MODEL, lambda d: (d / "config.json").write_text("{}"), source="test"
-        )
+        install_unread_weights(c.home, MODEL)
         # The deployment record's own entry: the replica must run this one, not the
         # catalog's (whose tool parser is llama3_json).
         catalog = load_catalog(None).get(MODEL).model_dump(mode="json")
         entry = ModelEntry.model_validate_json(json.dumps({**catalog, "tool_parser": "hermes"}))
-        plan = Plan(
-            engine="vllm",
-            precision="bf16",
-            replicas=1,
-            tensor_parallel=2,
-            pipeline_parallel=2,
-            gpus_per_replica=4,
-            cpus_per_replica=1.0,
-            max_model_len=8192,
-            max_num_seqs=64,
-            gpu="H100-80GB",
-            placement=(("node-a", "node-b"),),
-        )
+        # TP 2 x PP 2 on 2 H100s per node: each replica needs both nodes.
+        shape: dict[str, Any] = {
+            "tensor_parallel": 2,
+            "pipeline_parallel": 2,
+            "gpus_per_replica": 4,
+        }
+        plan = Plan("vllm", "bf16", gpu="H100-80GB", placement=(("a", "b"),), **shape)
         State(c.home / "state.db").add_deployment(MODEL, plan, entry)
         up = c.cli("up", "--timeout", "120")
         assert up.returncode == 0, up.stdout + up.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -87,15 +88,9 @@ def test_a_one_node_replica_holds_its_gpus_on_a_node_of_its_type() -> None:
 @pytest.mark.usefixtures("appliance_home")
 def test_a_replica_across_nodes_gets_one_bundle_per_stage_on_distinct_nodes() -> None:
     sup = _supervisor()
-    plan = Plan(
-        engine="vllm",
-        precision="bf16",
-        tensor_parallel=8,
-        pipeline_parallel=2,
-        gpus_per_replica=16,
-        gpu="H100-80GB",
-        placement=(("n0", "n1"),),
-    )
+    # Llama 3.1 405B in BF16 on two nodes of 8 H100s: TP 8 x PP 2.
+    one_node = Plan("vllm", "bf16", tensor_parallel=8, gpus_per_replica=8, gpu="H100-80GB")
+    plan = replace(one_node, pipeline_parallel=2, gpus_per_replica=16, placement=(("n0", "n1"),))
     stage = {"GPU": 8.0, "accelerator_type:H100": 0.001}
     assert sup._resources(plan) == {
         # The replica holds no GPUs: its engine's Ray workers take the bundles'.
