@@ -38,15 +38,17 @@ REPO = Path(__file__).resolve().parent.parent
 class RayCluster:
     """tests/raycluster.py in its own process: Ray stays out of pytest's."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.raycluster", "2", "H100"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            env=env,
-        )
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        with log.open("ab") as output:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.raycluster", "2", "H100"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=output,
+                text=True,
+                cwd=REPO,
+                env=env,
+            )
         self.address = str(self._answer()["address"])
 
     def _answer(self) -> dict[str, Any]:
@@ -75,9 +77,13 @@ class RayCluster:
 class TwoNodes(ApplianceUnderTest):
     def __init__(self, root: Path) -> None:
         super().__init__(root, f'[engines.vllm]\ncommand = "{vllm_stand_in(root)}"\n')
-        # Ray's settings as the supervisor's (token auth, the appliance's own token).
-        self.ray_env = {**os.environ, **supervisor_env(load_config(self.config))}
-        self.ray = RayCluster({**self.ray_env, "PYTHONPATH": str(REPO)})
+        # Ray's settings as the supervisor's with [ray].address set: token auth with the
+        # appliance's own token, nodes on the host's address (the single-host setting
+        # would bind the cluster to loopback, where a joining driver does not look).
+        env = supervisor_env(load_config(self.config))
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        self.ray_env = {**os.environ, **env}
+        self.ray = RayCluster({**self.ray_env, "PYTHONPATH": str(REPO)}, root / "ray.log")
         with self.config.open("a") as f:
             f.write(f'[ray]\naddress = "{self.ray.address}"\n')
 
