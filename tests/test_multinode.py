@@ -181,6 +181,15 @@ def test_plan_plans_for_the_cluster_not_this_host(two_nodes: TwoNodes) -> None:
     assert json.loads(done.stdout)["cluster"] == "2x2xH100-80GB"
 
 
+def test_with_the_appliance_down_plans_ask_ray_at_its_address(two_nodes: TwoNodes) -> None:
+    # What `model add` and `plan` read when [ray].address is set and no supervisor runs.
+    from appliance.control.cluster import _ask_ray
+
+    cluster = _ask_ray(load_config(two_nodes.config))
+    assert cluster.describe() == "2x2xH100-80GB"
+    assert all(n.node_id and n.accelerator == "H100" for n in cluster.nodes)
+
+
 def test_losing_a_node_fails_the_replica_and_a_new_node_brings_it_back(
     two_nodes: TwoNodes,
 ) -> None:
