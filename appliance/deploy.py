@@ -6,7 +6,6 @@ second and brings Serve in line.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Any
 from appliance.audit import admin_event
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.config import ApplianceConfig
+from appliance.control.cluster import free_cluster
 from appliance.control.runtime import read_status
 from appliance.errors import StoreError
-from appliance.placement import Cluster, local_cluster
 from appliance.planner import Objective, Plan, plan_model
 from appliance.state import State
 from appliance.store import Store
@@ -25,18 +24,6 @@ from appliance.store import Store
 # What `up` serves on the embedded default: a real chat model small enough for CPU cores,
 # fetched as a package (tiny-random-llama, built locally, stays for fast tests).
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def free_cluster(config: ApplianceConfig, replanning: str | None = None) -> Cluster:
-    """This host's GPUs (or the declared count), less those the other added models hold.
-
-    `replanning` names a model being planned again: its own GPUs count as free.
-    """
-    used: Counter[str] = Counter()
-    for dep in State(config.state_db).deployments():
-        if dep.model != replanning:
-            used.update(dep.plan.gpus_per_node())
-    return local_cluster(config.ray.num_gpus).without(used)
 
 
 @dataclass(frozen=True)
@@ -116,6 +103,7 @@ def add_model(
         options["engine"] = engine
     if objective:
         options["objective"] = objective
+    # On Ray's view of the cluster where there is one (appliance.control.cluster).
     # The plan sizes the KV cache with the fraction the engine adapters will pass on.
     options["memory_fraction"] = config.engines.memory_fractions()
     plan = plan_model(entry, free_cluster(config, replanning=entry.name), **options)
@@ -133,6 +121,7 @@ def add_model(
     State(config.state_db).add_deployment(
         entry.name,
         plan,
+        entry,
         audit=admin_event("model added", entry.name, detail),
     )
     return AddResult(entry, plan, built)

@@ -1,7 +1,9 @@
-"""The GPUs a cluster has free, and where a model's replicas go on them.
+"""The GPUs a cluster has free, and where a model's replicas go on them: the one placer.
 
-A cluster is a list of nodes, each with one GPU type and a count of free GPUs. Written as
-text (``--gpus``)::
+A cluster is a list of nodes, each with one GPU type and a count of free GPUs. It comes
+from Ray's view of the nodes (`Cluster.from_ray`, what `model add`, `plan` and the
+supervisor all place on; appliance.control.cluster says where that view is read), from
+this host's nvidia-smi where no Ray runs yet (`local_cluster`), or from text (``--gpus``)::
 
     8xH100-80GB            one node with 8 H100 SXM 80GB
     2x8xH200               two nodes with 8 H200 each
@@ -14,7 +16,8 @@ Placement rules: a tensor-parallel group stays inside one node (its NVLink domai
 stages of a pipeline-parallel replica go to different nodes; the first replicas go to
 different nodes so that losing one node does not take the model down, and the rest are
 packed onto the node with the fewest free GPUs that still fits them (best fit), which keeps
-large blocks free for models that need many GPUs.
+large blocks free for models that need many GPUs. `place` decides this for one model when
+it is planned; `fit` decides it again for every deployed model on the nodes alive now.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from appliance.gpus import GpuSpec, find_gpu, known_gpus
+
+if TYPE_CHECKING:
+    from appliance.planner.plan import Plan
 
 _PART = re.compile(r"^(?:(\d+)\s*[xX*]\s*)?(?:(\d+)\s*[xX*]\s*)?([A-Za-z][\w.-]*)$")
 _NO_GPUS = {"", "0", "cpu", "none"}
@@ -35,12 +42,15 @@ _NO_GPUS = {"", "0", "cpu", "none"}
 
 @dataclass(frozen=True)
 class Node:
-    """One host: its GPU type (a catalog key, or nvidia-smi's name when unknown), free GPUs."""
+    """One host: its GPU type (a catalog key, or the reported name when unknown; "" when
+    nothing says), free GPUs; from Ray, its node id and the accelerator name Ray gave it."""
 
     name: str
     gpu: str
     gpus: int
     memory_mib: int | None = None
+    node_id: str = ""
+    accelerator: str = ""  # Ray's `accelerator_type:<name>` resource, e.g. "H100"
 
     @property
     def spec(self) -> GpuSpec | None:
@@ -79,6 +89,40 @@ class Cluster:
                 nodes.append(Node(f"node-{len(nodes)}", spec.key, gpu_count, spec.memory_mib))
         return cls(tuple(nodes))
 
+    @classmethod
+    def from_ray(cls, nodes: list[dict[str, Any]]) -> Cluster:
+        """The live nodes of `ray.nodes()`: GPUs as Ray counts them (declared or detected),
+        the GPU type from the `accelerator_type:<name>` resource Ray sets for NVIDIA GPUs.
+
+        A node is named by Ray's node name (the installer sets it to the host's inventory
+        name, the embedded Ray to the host name), with its id's start where two share one.
+        """
+        alive = [n for n in nodes if n.get("Alive")]
+        names = Counter(str(n.get("NodeName") or n["NodeID"]) for n in alive)
+        found: list[Node] = []
+        for node in sorted(alive, key=lambda n: str(n.get("NodeName") or n["NodeID"])):
+            resources: dict[str, float] = node.get("Resources") or {}
+            name = str(node.get("NodeName") or node["NodeID"])
+            if names[name] > 1:
+                name = f"{name}-{str(node['NodeID'])[:8]}"
+            kinds = [k.partition(":")[2] for k in resources if k.startswith("accelerator_type:")]
+            accelerator = kinds[0] if kinds else ""
+            spec = find_gpu(accelerator) if accelerator else None
+            found.append(
+                Node(
+                    name,
+                    spec.key if spec else accelerator,
+                    int(resources.get("GPU", 0)),
+                    spec.memory_mib if spec else None,
+                    node_id=str(node["NodeID"]),
+                    accelerator=accelerator,
+                )
+            )
+        return cls(tuple(found))
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
     @property
     def total_gpus(self) -> int:
         return sum(node.gpus for node in self.nodes)
@@ -98,6 +142,28 @@ class Cluster:
 
     def of_type(self, gpu: str) -> Cluster:
         return Cluster(tuple(n for n in self.nodes if n.gpu == gpu and n.gpus > 0))
+
+    def with_gpus(self) -> Cluster:
+        """Less the nodes without GPUs, which hold no GPU replica (CPU plans place nowhere)."""
+        return Cluster(tuple(n for n in self.nodes if n.gpus > 0))
+
+    def usable_by(self, gpu: str | None) -> Cluster:
+        """The nodes a plan for GPU type `gpu` may run on: that type, or nodes whose type
+        nothing reports (GPUs declared to Ray by count only); all for a plan without one.
+
+        Ray names GPUs by family (`H100` for the SXM and NVL boards alike), so a node Ray
+        describes also counts for the other types of its family.
+        """
+        if gpu is None:
+            return self
+        family = gpu.split("-")[0].upper()
+        return Cluster(
+            tuple(
+                n
+                for n in self.nodes
+                if n.gpu in (gpu, "") or (n.accelerator.split("-")[0].upper() == family)
+            )
+        )
 
     def describe(self) -> str:
         """The --gpus text for this cluster, e.g. '2x8xH200'; 'no GPUs' when empty."""
@@ -152,7 +218,8 @@ def _query_nvidia_smi() -> str | None:
 def local_cluster(
     max_gpus: int | None = None, query: Callable[[], str | None] = _query_nvidia_smi
 ) -> Cluster:
-    """This host's GPUs as nvidia-smi lists them; no GPUs without a driver."""
+    """This host's GPUs as nvidia-smi lists them; no GPUs without a driver. The node is
+    named by the host name, as the embedded Ray names its node (the supervisor says so)."""
     out = query()
     if not out or max_gpus == 0:
         return Cluster.cpu_only()
@@ -234,3 +301,58 @@ def _explain(
     free_text = ", ".join(f"{name}: {count}" for name, count in left) or "none"
     lines.append(f"GPUs left free: {free_text}.")
     return " ".join(lines)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Where a deployed model's replicas go on the nodes alive now, and why not all do."""
+
+    placed: tuple[tuple[str, ...], ...]  # per replica, the node of each pipeline stage
+    message: str = ""
+
+    @property
+    def replicas(self) -> int:
+        return len(self.placed)
+
+
+def fit(plans: list[tuple[str, Plan]], cluster: Cluster) -> dict[str, Fit]:
+    """The replicas of every deployed model that the cluster's GPUs hold, by `place`'s rules.
+
+    Models are taken in the order given (the order they were added), each on the GPUs the
+    ones before it left, on nodes of its plan's GPU type. A replica that cannot be placed
+    is reported here rather than left pending in Ray. CPU plans are not placed on GPUs:
+    all their replicas count.
+    """
+    free = cluster
+    fits: dict[str, Fit] = {}
+    for model, plan in plans:
+        tp, pp = plan.tensor_parallel, plan.pipeline_parallel
+        if plan.on_cpu:
+            fits[model] = Fit(tuple(() for _ in range(plan.replicas)))
+            continue
+        placement = place(free.usable_by(plan.gpu), tp, pp, plan.replicas)
+        used: Counter[str] = Counter()
+        for stages in placement.replicas:
+            for name in stages:
+                used[name] += tp
+        free = free.without(used)
+        message = ""
+        if len(placement.replicas) < plan.replicas:
+            message = _shortfall(plan, len(placement.replicas), free.usable_by(plan.gpu))
+        fits[model] = Fit(placement.replicas, message)
+    return fits
+
+
+def _shortfall(plan: Plan, placed: int, left: Cluster) -> str:
+    tp, pp = plan.tensor_parallel, plan.pipeline_parallel
+    kind = f"{plan.gpu} " if plan.gpu else ""
+    each = (
+        f"each needs {tp} {kind}GPUs on each of {pp} nodes"
+        if pp > 1
+        else f"each needs {plan.gpus_per_replica} {kind}GPUs on one node"
+    )
+    counts = ", ".join(str(g) for g in sorted((n.gpus for n in left.nodes), reverse=True))
+    return (
+        f"{placed} of {plan.replicas} replicas placed: {each}, and the nodes have "
+        f"{counts or 'none'} GPUs free. Add GPU hosts, remove a model, or plan fewer replicas."
+    )

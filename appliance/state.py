@@ -22,16 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import GENESIS, record_hash
+from appliance.catalog import ModelEntry
 from appliance.control.records import Deployment
 from appliance.errors import ApplianceError
 from appliance.keys import KEY_PREFIX, KeyPolicy, KeyRecord, validate_key_name
 from appliance.planner.plan import Plan
 
 SCHEMA = """
+-- One deployment record per model (appliance.control.records.Deployment): the plan and
+-- the catalog entry it was made from, as JSON; the engine is the plan's.
 CREATE TABLE IF NOT EXISTS deployments (
     model       TEXT PRIMARY KEY,
-    engine      TEXT NOT NULL,
     plan        TEXT NOT NULL,
+    entry       TEXT,
     added_at    REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -105,7 +108,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name)
     WHERE revoked_at IS NULL;
 """
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # An audit record (appliance.audit.admin_event), written in the same transaction as the
 # change it records: the change and its record land together or not at all.
 Event = dict[str, Any]
@@ -151,6 +154,17 @@ def _migrate(conn: sqlite3.Connection) -> None:
             ALTER TABLE usage ADD COLUMN upstream TEXT;
             ALTER TABLE usage ADD COLUMN upstream_reason TEXT;
             ALTER TABLE usage ADD COLUMN cost REAL;
+            """
+        )
+    deployments = {r[1] for r in conn.execute("PRAGMA table_info(deployments)").fetchall()}
+    if deployments and "entry" not in deployments:
+        # 3 -> 4: a deployment keeps the catalog entry its plan was made from (rows from
+        # before have none: the supervisor uses the catalog's); the engine column, a copy
+        # of the plan's engine that nothing read, goes.
+        conn.executescript(
+            """
+            ALTER TABLE deployments ADD COLUMN entry TEXT;
+            ALTER TABLE deployments DROP COLUMN engine;
             """
         )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -226,8 +240,8 @@ class State:
         self.path = path
         self._ready = False
         # Deployment records by their row: the supervisor reads the table every second,
-        # and a plan is parsed again only when its row changes.
-        self._deployments: dict[tuple[str, str, float], Deployment] = {}
+        # and a record is parsed again only when its row changes.
+        self._deployments: dict[tuple[str, str, str | None, float], Deployment] = {}
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -257,12 +271,20 @@ class State:
 
     # Deployments: the models the appliance should be serving.
 
-    def add_deployment(self, model: str, plan: Plan, audit: Event | None = None) -> None:
+    def add_deployment(
+        self,
+        model: str,
+        plan: Plan,
+        entry: ModelEntry | None = None,
+        audit: Event | None = None,
+    ) -> None:
+        """Record what `model` should run: `plan`, made from the catalog `entry`."""
+        entry_json = entry.model_dump_json() if entry is not None else None
         with self._connect() as conn:
             conn.execute(
-                "INSERT INTO deployments(model, engine, plan, added_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(model) DO UPDATE SET engine=excluded.engine, plan=excluded.plan",
-                (model, plan.engine, json.dumps(plan.to_dict(), sort_keys=True), time.time()),
+                "INSERT INTO deployments(model, plan, entry, added_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(model) DO UPDATE SET plan=excluded.plan, entry=excluded.entry",
+                (model, json.dumps(plan.to_dict(), sort_keys=True), entry_json, time.time()),
             )
             _chain(conn, [audit] if audit else [])
 
@@ -276,13 +298,13 @@ class State:
     def deployments(self) -> list[Deployment]:
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT model, plan, added_at FROM deployments ORDER BY model"
+                "SELECT model, plan, entry, added_at FROM deployments ORDER BY model"
             ).fetchall()
         known, self._deployments = self._deployments, {}
         for row in rows:
             record = known.get(row)
             if record is None:
-                record = Deployment(model=row[0], plan=json.loads(row[1]), added_at=row[2])
+                record = Deployment.from_row(*row)
             self._deployments[row] = record
         return list(self._deployments.values())
 

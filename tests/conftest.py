@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -205,6 +206,24 @@ def appliance_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
     return home
+
+
+def vllm_stand_in(root: Path) -> Path:
+    """An `engines.vllm.command` that runs the fake engine, which takes the `-m
+    vllm.entrypoints.openai.api_server ...` it is given as vLLM's command line."""
+    stand_in = root / "fake-vllm"
+    stand_in.write_text(f'#!/bin/sh\nexec {sys.executable} -m appliance.testing.fake_engine "$@"\n')
+    stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
+    return stand_in
+
+
+def install_unread_weights(home: Path, model: str) -> None:
+    """Weights a stand-in engine never reads, installed through the store like any model's."""
+    from appliance.store import Store
+
+    Store(home / "models").install(
+        model, lambda d: (d / "config.json").write_text("{}"), source="test"
+    )
 
 
 class ApplianceUnderTest:

@@ -559,3 +559,9 @@ def test_image_parts_and_auto_tools_reach_only_models_whose_entry_allows_them(
         assert no_parser.value.param == "tools" and no_parser.value.status == 400
         assert "names no tool-call parser" in no_parser.value.message
     assert chat_request({**with_tools, "tool_choice": "none"}, extensions=plain.extensions)
+    # Once the deployment record has its own entry, it wins over the catalog's.
+    [dep] = state.deployments()
+    state.add_deployment(MODEL, dep.plan, tiny.model_copy(update={"modalities": ["text", "image"]}))
+    asyncio.run(book.refresh(force=True))
+    recorded = book.get(MODEL)
+    assert recorded is not None and chat_request(body, extensions=recorded.extensions).messages

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import __version__, deploy, versions
+from appliance import __version__, versions
 from appliance.catalog import load_catalog
 from appliance.cli import main
 from appliance.config import load_config
-from appliance.control.records import GatewayStatus, ModelStatus, StatusFile
+from appliance.control.records import ClusterNode, GatewayStatus, ModelStatus, StatusFile
 from appliance.control.runtime import write_status
 from appliance.placement import Cluster
 from appliance.planner import Plan
@@ -46,7 +46,9 @@ def cli(
     appliance_home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> Cli:
     # The host running the tests may have GPUs (or a site config); these tests plan for none.
-    monkeypatch.setattr(deploy, "local_cluster", lambda _gpus=None: Cluster.cpu_only())
+    monkeypatch.setattr(
+        "appliance.control.cluster.local_cluster", lambda _gpus=None: Cluster.cpu_only()
+    )
     monkeypatch.setattr("appliance.config.SEARCH_PATHS", (Path("appliance.toml"),))
     return Cli(capsys)
 
@@ -252,6 +254,10 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
         model=TINY,
         load={"running": 2.0, "waiting": 1.0, "kv_cache_usage": 0.25},
         engine_key="sk-engine-secret",
+        ranks=[
+            {"stage": 0, "node": "gpu01", "node_id": "a" * 56, "gpus": 8},
+            {"stage": 1, "node": "gpu02", "node_id": "b" * 56, "gpus": 8},
+        ],
     )
     status = StatusFile(
         pid=supervisor_pid,
@@ -285,6 +291,25 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
     assert "ready" in table.text
     # The engine's own load figures, as the replica read them from its metrics.
     assert "running 2, waiting 1, KV cache 25% used" in table.text
+    # Where each pipeline stage of a replica across nodes runs.
+    assert "stage 1 on gpu02: 8 GPU(s)" in table.text
+
+
+def test_plan_and_model_add_plan_for_the_running_appliances_cluster(
+    cli: Cli, supervisor_pid: int
+) -> None:
+    # This host has no GPUs (the fixture); the cluster the supervisor sees in Ray has 16.
+    nodes = [
+        ClusterNode(name=f"gpu0{i}", node_id=f"{i}" * 56, gpu="H100-80GB", gpus=8, free_gpus=8)
+        for i in (1, 2)
+    ]
+    write_status(load_config(), StatusFile(pid=supervisor_pid, phase="running", nodes=nodes))
+    model = "llama-3.1-405b-instruct"
+    shown = cli("plan", model, "--precision", "bf16", "--json")
+    assert shown.code == 0, shown.text
+    report = shown.json()
+    assert report["cluster"] == "2x8xH100-80GB"
+    assert report["plan"]["placement"] == [["gpu01", "gpu02"]]  # named as Ray names them
 
 
 def test_down_when_not_running(cli: Cli) -> None:
@@ -443,7 +468,9 @@ def test_model_add_from_a_missing_path_says_so(cli: Cli, tmp_path: Path) -> None
 def test_adding_a_model_again_plans_with_its_own_gpus_free(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deploy, "local_cluster", lambda _gpus=None: Cluster.parse("4xH100-80GB"))
+    monkeypatch.setattr(
+        "appliance.control.cluster.local_cluster", lambda _gpus=None: Cluster.parse("4xH100-80GB")
+    )
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")

@@ -501,7 +501,9 @@ class TestCommandWithModel:
         assert data["planner"]["nodes"] == 2
 
     def test_default_gpus_are_this_hosts(self, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr("appliance.cli.cost.local_cluster", lambda _: Cluster.parse("8xH200"))
+        monkeypatch.setattr(
+            "appliance.control.cluster.local_cluster", lambda _: Cluster.parse("8xH200")
+        )
         r = run("--no-chart", "--model", LLAMA_70B)
         assert r.code == 0, r.text
         assert f"{LLAMA_70B} on 8xH200" in r.text
@@ -509,7 +511,7 @@ class TestCommandWithModel:
     def test_no_gpus_here_points_at_the_gpus_flag(
         self, run: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr("appliance.cli.cost.local_cluster", lambda _: Cluster.cpu_only())
+        monkeypatch.setattr("appliance.control.cluster.local_cluster", lambda _: Cluster.cpu_only())
         r = run("--no-chart", "--model", LLAMA_70B)
         assert r.code == 1
         assert "needs GPUs and this cluster has none" in r.text

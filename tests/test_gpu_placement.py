@@ -5,8 +5,6 @@ command line) reports what each replica started it with.
 
 from __future__ import annotations
 
-import stat
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +14,7 @@ import pytest
 
 from appliance.planner import Plan
 from appliance.state import State
-from appliance.store import Store
-from tests.conftest import ApplianceUnderTest
+from tests.conftest import ApplianceUnderTest, install_unread_weights, vllm_stand_in
 
 pytestmark = pytest.mark.e2e
 
@@ -26,12 +23,7 @@ MODEL = "llama-3.1-8b-instruct"
 
 class Cluster(ApplianceUnderTest):
     def __init__(self, root: Path) -> None:
-        stand_in = root / "fake-vllm"
-        # Given `-m vllm.entrypoints.openai.api_server ...`, which the fake takes as vLLM's.
-        stand_in.write_text(
-            f'#!/bin/sh\nexec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
-        )
-        stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
+        stand_in = vllm_stand_in(root)
         super().__init__(
             root,
             f'[ray]\nnum_gpus = 4\nnum_cpus = 4\n[engines.vllm]\ncommand = "{stand_in}"\n',
@@ -41,10 +33,7 @@ class Cluster(ApplianceUnderTest):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
     c = Cluster(tmp_path_factory.mktemp("gpus"))
-    # Weights the stand-in never reads, installed through the store like any model.
-    Store(c.home / "models").install(
-        MODEL, lambda d: (d / "config.json").write_text("{}"), source="test"
-    )
+    install_unread_weights(c.home, MODEL)
     plan = Plan(
         engine="vllm",
         precision="bf16",

@@ -88,3 +88,23 @@ def test_a_replica_gets_an_engine_key_and_a_printed_command_none(tmp_path: Path)
     assert keyed.launch.api_key and keyed.command.env["VLLM_API_KEY"] == keyed.launch.api_key
     assert printed.launch.api_key is None and "VLLM_API_KEY" not in printed.command.env
     assert keyed.command.argv == printed.command.argv  # the key is never on the command line
+
+
+def test_a_replica_gets_the_entry_its_plan_was_made_from(tmp_path: Path) -> None:
+    config = _config(tmp_path, "process")
+    catalog = load_catalog(config.catalog).get(MODEL)
+    plan = plan_model(catalog, Cluster.parse("8xH100-80GB"), engine="vllm")
+    # The catalog changed since `model add` (a newer models.toml): the record's entry holds.
+    added = catalog.model_copy(update={"tool_parser": "hermes"})
+    State(config.state_db).add_deployment(MODEL, plan, added)
+    supervisor = Supervisor(config)
+    [dep] = supervisor.state.deployments()
+    assert dep.entry == added
+    spec = supervisor._spec(dep)
+    assert spec is not None and spec.entry == added
+    # A record from before entries were kept: the catalog's.
+    State(config.state_db).add_deployment(MODEL, plan)
+    [old] = supervisor.state.deployments()
+    assert old.entry is None
+    spec = supervisor._spec(old)
+    assert spec is not None and spec.entry == catalog

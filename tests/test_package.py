@@ -343,12 +343,13 @@ def test_model_add_of_a_packaged_model_says_what_it_fetches_and_converts(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from appliance import deploy
     from appliance.cli import main
     from appliance.placement import Cluster
 
     # vLLM, the entry's engine, plans for GPUs: give the planner one.
-    monkeypatch.setattr(deploy, "local_cluster", lambda _gpus=None: Cluster.parse("1xH100-80GB"))
+    monkeypatch.setattr(
+        "appliance.control.cluster.local_cluster", lambda _gpus=None: Cluster.parse("1xH100-80GB")
+    )
     entry = entry_for(built)
     source = entry.sources["bf16"]
     catalog = tmp_path / "models.toml"

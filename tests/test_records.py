@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from appliance.catalog import load_catalog
 from appliance.config import load_config
 from appliance.control.records import (
     Deployment,
@@ -98,6 +99,20 @@ def test_a_plan_a_newer_version_stored_reads_and_is_parsed_once(appliance_home: 
     [changed] = state.deployments()
     assert changed is not first and changed.plan.precision == "fp8"
     assert Deployment.model_validate({"model": "m", "plan": PLAN.to_dict()}).plan == PLAN
+
+
+def test_an_entry_this_version_cannot_read_leaves_the_plan(appliance_home: Path) -> None:
+    state = State(appliance_home / "state.db")
+    entry = load_catalog(None).get("tiny-random-llama")
+    state.add_deployment("m", PLAN, entry)
+    [dep] = state.deployments()
+    assert dep.entry == entry
+    # Written by a version whose catalog entries had a field this one does not know.
+    newer = json.dumps({**entry.model_dump(mode="json"), "added_later": 1})
+    with sqlite3.connect(state.path) as conn:
+        conn.execute("UPDATE deployments SET entry = ?", (newer,))
+    [dep] = state.deployments()
+    assert dep.entry is None and dep.plan == PLAN  # the supervisor uses its catalog's
 
 
 def test_routable_is_healthy_and_fresh_for_every_reader() -> None:

@@ -6,6 +6,7 @@ prints how long the appliance took to serve again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -268,11 +269,27 @@ def test_a_hung_gateway_is_restarted_by_the_watchdog(appliance: Appliance) -> No
     assert f"gateway pid {old} has not answered /healthz" in log
 
 
+def _replica_process(replica: dict[str, Any]) -> int:
+    """The Serve replica's own process: its engine's parent, unless the supervisor started
+    that engine warm and the replica adopted it (its parent is then the supervisor, which
+    must not be the one killed); Ray titles it ray::ServeReplica:<app>:<deployment>."""
+    engine = int(replica["pid"])
+    if not replica["warm_start"]:
+        return int(Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    title = f"ray::ServeReplica:{MODEL}:engine".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title):
+                found.append(int(proc.name))
+    assert len(found) == 1, f"replica processes titled {title!r}: {found}"
+    return found[0]
+
+
 def test_a_killed_serve_replica_is_reported_at_once_and_replaced(appliance: Appliance) -> None:
     [replica] = appliance.healthy()
     engine = int(replica["pid"])
-    actor = int(Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    os.kill(actor, signal.SIGKILL)
+    os.kill(_replica_process(replica), signal.SIGKILL)
     started = time.monotonic()
     stale = _until(
         lambda: replica["replica_id"] not in {r["replica_id"] for r in appliance.healthy()},

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -203,3 +204,25 @@ def test_a_full_disk_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> Non
         assert "first" not in state.active_key_digests().values()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_state_file_of_schema_3_keeps_its_deployments(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE deployments (model TEXT PRIMARY KEY, engine TEXT NOT NULL,
+            plan TEXT NOT NULL, added_at REAL NOT NULL);
+        PRAGMA user_version = 3;
+        """
+    )
+    conn.execute(
+        "INSERT INTO deployments VALUES (?, ?, ?, ?)",
+        ("m", "vllm", json.dumps(PLAN.to_dict()), 12.0),
+    )
+    conn.commit()
+    conn.close()
+    [dep] = State(path).deployments()
+    assert (dep.model, dep.plan, dep.entry, dep.added_at) == ("m", PLAN, None, 12.0)
+    columns = [r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(deployments)")]
+    assert columns == ["model", "plan", "added_at", "entry"]  # the engine is the plan's

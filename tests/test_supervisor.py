@@ -1,51 +1,16 @@
-"""The supervisor's placement check, without Ray."""
+"""The supervisor without Ray: what it asks Ray to reserve, its errors and its loop."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
-from appliance.control.supervisor import fit_replicas
+from appliance.config import load_config
+from appliance.control.records import ClusterNode
+from appliance.control.supervisor import Supervisor
 from appliance.planner import Plan
-
-
-def _plan(replicas: int, gpus: int, placement: tuple[tuple[str, ...], ...] = ()) -> Plan:
-    return Plan(
-        engine="vllm",
-        precision="bf16",
-        replicas=replicas,
-        tensor_parallel=gpus or 1,
-        gpus_per_replica=gpus,
-        placement=placement,
-    )
-
-
-def test_replicas_fit_inside_one_node_each() -> None:
-    fits = fit_replicas([("a", _plan(3, 4))], {"n1": 8, "n2": 4})
-    assert fits == {"a": (3, "")}
-    # 4 GPUs free across two nodes is not room for a TP-4 replica.
-    fits = fit_replicas([("a", _plan(2, 4))], {"n1": 2, "n2": 2})
-    assert fits["a"][0] == 0 and "each needs 4 GPUs on one node" in fits["a"][1]
-
-
-def test_models_take_gpus_in_the_order_they_were_added() -> None:
-    fits = fit_replicas([("first", _plan(1, 4)), ("second", _plan(2, 4))], {"n1": 8})
-    assert fits["first"] == (1, "")
-    assert fits["second"][0] == 1
-    assert fits["second"][1].startswith("1 of 2 replicas placed")
-
-
-def test_best_fit_keeps_room_for_big_replicas() -> None:
-    # The TP-2 replica goes to the 2-GPU node, leaving the 8-GPU node whole for TP-8.
-    fits = fit_replicas([("small", _plan(1, 2)), ("big", _plan(1, 8))], {"a": 8, "b": 2})
-    assert fits == {"small": (1, ""), "big": (1, "")}
-
-
-def test_cpu_and_multi_node_plans_are_not_counted_here() -> None:
-    multi = _plan(1, 8, placement=(("node-0", "node-1"),))
-    fits = fit_replicas([("cpu", _plan(2, 0)), ("multi", multi)], {})
-    assert fits == {"cpu": (2, ""), "multi": (1, "")}
 
 
 def test_a_failed_replica_is_reported_by_its_own_error() -> None:
@@ -63,12 +28,6 @@ def test_a_failed_replica_is_reported_by_its_own_error() -> None:
         "Install it in its own virtualenv and set engines.vllm.command."
     )
     assert _our_error("Deploying.") == "Deploying."
-
-
-def test_every_replica_on_a_node_counts_against_it() -> None:
-    fits = fit_replicas([("a", _plan(2, 4)), ("b", _plan(1, 4))], {"n1": 8})
-    assert fits["a"] == (2, "")
-    assert fits["b"][0] == 0 and "the nodes have 0 GPUs free" in fits["b"][1]
 
 
 def test_a_failing_loop_step_is_logged_once_backed_off_and_recovers(
@@ -98,3 +57,44 @@ def test_a_failing_loop_step_is_logged_once_backed_off_and_recovers(
     sup._step("status", lambda: None)
     assert "status works again" in caplog.records[-1].getMessage()
     assert sup.failing == {}
+
+
+def _supervisor() -> Supervisor:
+    sup = Supervisor(load_config())
+    sup.nodes = [
+        ClusterNode(name=f"n{i}", node_id=f"id{i}", gpu="H100-80GB", accelerator="H100", gpus=8)
+        for i in range(2)
+    ]
+    return sup
+
+
+@pytest.mark.usefixtures("appliance_home")
+def test_a_one_node_replica_holds_its_gpus_on_a_node_of_its_type() -> None:
+    sup = _supervisor()
+    plan = Plan(
+        engine="vllm", precision="bf16", tensor_parallel=4, gpus_per_replica=4, gpu="H100-80GB"
+    )
+    assert sup._resources(plan) == {
+        "ray_actor_options": {
+            "num_cpus": 1.0,
+            "num_gpus": 4,
+            "resources": {"accelerator_type:H100": 0.001},
+        }
+    }
+    cpu = Plan(engine="vllm", precision="fp32")
+    assert sup._resources(cpu) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0}}
+
+
+@pytest.mark.usefixtures("appliance_home")
+def test_a_replica_across_nodes_gets_one_bundle_per_stage_on_distinct_nodes() -> None:
+    sup = _supervisor()
+    # Llama 3.1 405B in BF16 on two nodes of 8 H100s: TP 8 x PP 2.
+    one_node = Plan("vllm", "bf16", tensor_parallel=8, gpus_per_replica=8, gpu="H100-80GB")
+    plan = replace(one_node, pipeline_parallel=2, gpus_per_replica=16, placement=(("n0", "n1"),))
+    stage = {"GPU": 8.0, "accelerator_type:H100": 0.001}
+    assert sup._resources(plan) == {
+        # The replica holds no GPUs: its engine's Ray workers take the bundles'.
+        "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0},
+        "placement_group_bundles": [{"CPU": 1.0, **stage}, stage],
+        "placement_group_strategy": "STRICT_SPREAD",
+    }

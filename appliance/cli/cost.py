@@ -10,6 +10,7 @@ from rich.text import Text
 
 from appliance.catalog import load_catalog
 from appliance.cli.common import config_of, console, print_json, print_table
+from appliance.control.cluster import given_or_viewed
 from appliance.cost import (
     CostInputs,
     PlannedThroughput,
@@ -23,7 +24,6 @@ from appliance.cost import parse_tokens as _parse_tokens
 from appliance.cost import parse_workload as _parse_workload
 from appliance.costchart import summary_lines, write_html
 from appliance.errors import PlanError
-from appliance.placement import Cluster, local_cluster
 
 DEFAULT_CHART = Path("appliance-cost.html")
 
@@ -112,8 +112,8 @@ def cost(
         None,
         "--gpus",
         help="GPUs to plan --model for, as `appliance plan --gpus` takes them: COUNTxTYPE or "
-        "NODESxCOUNTxTYPE, '+' between node kinds (8xH100-80GB, 2x8xH200). Default: what "
-        "nvidia-smi reports on this host.",
+        "NODESxCOUNTxTYPE, '+' between node kinds (8xH100-80GB, 2x8xH200). Default: the "
+        "GPUs `appliance plan` plans for (the Ray cluster's, or this host's).",
     ),
     utilization: float | None = typer.Option(
         None,
@@ -285,11 +285,11 @@ def cost(
 
 
 def _plan(ctx: typer.Context, model: str, gpus: str | None, i: CostInputs) -> PlannedThroughput:
-    """The planner's throughput for `model` on --gpus (default: this host's GPUs)."""
+    """The planner's throughput for `model` on --gpus (default: the cluster's GPUs)."""
     config = config_of(ctx)
     entry = load_catalog(config.catalog).get(model)
     try:
-        cluster = Cluster.parse(gpus) if gpus is not None else local_cluster(config.ray.num_gpus)
+        cluster = given_or_viewed(config, gpus)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--gpus") from None
     try:

@@ -315,6 +315,11 @@ def status(
                 f"{'healthy' if rep.routable else '[red]unhealthy[/]'}  {rep.url}  "
                 f"engine pid {rep.pid}  up {age:.0f}s{_load_text(rep.load)}"
             )
+            for rank in rep.ranks:
+                console.print(
+                    f"    stage {rank.stage} on {rank.node}: {rank.gpus} GPU(s) "
+                    f"(node id {rank.node_id[:12]})"
+                )
             if not rep.routable:
                 why = rep.problem or "no report for a while (replica stopped or stuck?)"
                 console.print(f"    [yellow]{why}[/]")

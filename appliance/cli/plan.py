@@ -11,9 +11,9 @@ import typer
 from appliance.catalog import ModelEntry, load_catalog
 from appliance.cli.common import config_of, console, print_json, print_table
 from appliance.config import ApplianceConfig
+from appliance.control.cluster import given_or_viewed
 from appliance.control.launch import engine_start, replica_spec
 from appliance.errors import PlanError
-from appliance.placement import Cluster, local_cluster
 from appliance.planner import (
     GIB,
     Candidate,
@@ -32,7 +32,8 @@ def plan(
         None,
         "--gpus",
         help="GPUs to plan for: COUNTxTYPE or NODESxCOUNTxTYPE, '+' between node kinds "
-        "(8xH100-80GB, 2x8xH200, cpu). Default: what nvidia-smi reports on this host.",
+        "(8xH100-80GB, 2x8xH200, cpu). Default: the GPUs of the Ray cluster (the running "
+        "appliance's, or [ray].address), or of this host (nvidia-smi) without one.",
     ),
     context: int | None = typer.Option(
         None,
@@ -77,7 +78,7 @@ def plan(
     config = config_of(ctx)
     entry = load_catalog(config.catalog).get(model)
     try:
-        cluster = Cluster.parse(gpus) if gpus is not None else local_cluster(config.ray.num_gpus)
+        cluster = given_or_viewed(config, gpus)
         shape = Workload.parse(workload)
         goal = Objective.parse(objective)
     except ValueError as exc:

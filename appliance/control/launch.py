@@ -67,12 +67,14 @@ def engine_start(
     base_env: Mapping[str, str],
     with_api_key: bool,
     api_key: str | None = None,
+    placement_group: str | None = None,
 ) -> EngineStart:
     """The engine of one replica: its adapter, argv, env and files.
 
     `with_api_key`: give an engine that can require a key a fresh one (a replica does;
     a command printed for a person does not); `api_key`: the one a warm engine was
-    started with, which the replica adopting it must use.
+    started with, which the replica adopting it must use; `placement_group`: the hex id
+    of the group a replica whose stages span nodes runs in.
     """
     adapter = get_adapter(spec.engine, spec.engines.of(spec.engine))
     if not (with_api_key and adapter.accepts_api_key):
@@ -91,6 +93,7 @@ def engine_start(
         extra_args=spec.extra_args,
         extra_env=dict(spec.extra_env),
         ray_address=spec.ray_address,
+        placement_group=placement_group,
         api_key=api_key,
     )
     launch = adapter.launch(launch_spec)

@@ -2,6 +2,7 @@
 
     record            carried by                  written by      read by
     Deployment        the state file (SQLite)     `model add`     supervisor, gateway, CLI
+    ClusterNode       the status file             supervisor      CLI (`model add`, `plan`)
     ReplicaSpec       Serve's deployment argument supervisor      replica
     ReplicaInfo       registry report (Ray)       replica         registry actor
     RegistrySnapshot  registry answer (Ray)       registry actor  supervisor, gateway
@@ -19,11 +20,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+)
 
 from appliance.catalog import ModelEntry
 from appliance.config import EnginesConfig
 from appliance.engines.base import EngineLoad
+from appliance.gpus import find_gpu
+from appliance.placement import Node
 from appliance.planner.plan import Plan
 
 
@@ -32,15 +43,32 @@ class Record(BaseModel):
 
 
 class Deployment(Record):
-    """A model the appliance should be serving, and the plan it was added with."""
+    """A model the appliance should be serving: the plan `model add` made, and a snapshot
+    of the catalog entry it made it from (what every replica of it is given). The engine
+    is the plan's, stored once."""
 
     model: str
     plan: Plan
+    # None: a row written before records kept it, or one this version's catalog schema
+    # cannot read; the supervisor then uses its catalog's entry.
+    entry: ModelEntry | None = None
     added_at: float = 0.0
 
     @property
     def engine(self) -> str:
         return self.plan.engine
+
+    @classmethod
+    def from_row(cls, model: str, plan: str, entry: str | None, added_at: float) -> Deployment:
+        """A row of state.db's deployments table (JSON columns)."""
+        snapshot = None
+        if entry is not None:
+            try:
+                snapshot = ModelEntry.model_validate_json(entry)
+            except ValidationError:
+                # Written by a version with another catalog schema: the plan still holds.
+                snapshot = None
+        return cls(model=model, plan=json.loads(plan), entry=snapshot, added_at=added_at)
 
 
 class ReplicaSpec(Record):
@@ -70,6 +98,40 @@ class ReplicaSpec(Record):
         return self.plan.engine
 
 
+class ClusterNode(Record):
+    """One live node of the Ray cluster, as the supervisor last saw it."""
+
+    name: str
+    node_id: str
+    gpu: str = ""  # GPU type key (appliance.gpus), Ray's name when unknown, "" for none
+    accelerator: str = ""  # Ray's accelerator_type name
+    gpus: int = 0
+    free_gpus: int = 0  # not held by any actor or placement group
+
+    def node(self) -> Node:
+        """As the placer takes it: every GPU of the node (deployments' plans say which
+        of them are spoken for)."""
+        spec = find_gpu(self.gpu) if self.gpu else None
+        return Node(
+            self.name,
+            self.gpu,
+            self.gpus,
+            spec.memory_mib if spec else None,
+            node_id=self.node_id,
+            accelerator=self.accelerator,
+        )
+
+
+class Rank(Record):
+    """Where one pipeline stage of a replica whose stages span nodes runs: its bundle of
+    the replica's placement group."""
+
+    stage: int
+    node: str  # the placer's name for the node
+    node_id: str
+    gpus: int
+
+
 class ReplicaInfo(Record):
     """What a replica reports about its engine, every report interval."""
 
@@ -92,6 +154,7 @@ class ReplicaInfo(Record):
     started_at: float = 0.0
     log: str = ""
     warm_start: bool = False  # the engine was started by the supervisor, before Ray
+    ranks: list[Rank] = Field(default_factory=list)  # stages on other nodes: one per stage
 
     @field_validator("response_model", mode="before")
     @classmethod
@@ -168,6 +231,7 @@ class StatusFile(Record):
     ray_address: str = ""
     endpoint: str = ""  # the gateway's /v1 URL, as it bound it once it has said so
     gateway: GatewayStatus = Field(default_factory=GatewayStatus)
+    nodes: list[ClusterNode] = Field(default_factory=list)  # Ray's live nodes
     models: dict[str, ModelStatus] = Field(default_factory=dict)
     stale: bool = False
 

@@ -51,8 +51,18 @@ class ReplicaRegistry:
 
 
 def get_or_create_registry() -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from appliance.control import NAMESPACE, REGISTRY_NAME
 
     return ReplicaRegistry.options(  # type: ignore[attr-defined]
-        name=REGISTRY_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+        name=REGISTRY_NAME,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        # On the supervisor's node: an actor needing no CPU could land on any node, and
+        # the table must not go with a GPU node that fails.
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        ),
     ).remote()

@@ -5,6 +5,12 @@ free port with exactly those devices visible, waits until it answers a real requ
 then publishes its URL and load to the registry. Serve asks `check_health` periodically;
 a dead or silent engine fails it and Serve replaces the replica. Requests never pass
 through here: the gateway talks to the engine over plain HTTP.
+
+A replica whose pipeline stages span nodes runs in a placement group of one bundle per
+stage (the supervisor asks Serve for it): it holds no GPUs itself, names the group to its
+engine (`LaunchSpec.placement_group`, in the engine's environment) so that the engine's
+Ray workers take the bundles' GPUs, reports where each stage's bundle is (`ranks`), and
+fails its health check as soon as the group loses a node, whatever the engine notices.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from ray import serve
 
 from appliance.control import NAMESPACE, REGISTRY_NAME
 from appliance.control.launch import EngineStart, engine_start
-from appliance.control.records import ReplicaInfo, ReplicaSpec
+from appliance.control.records import Rank, ReplicaInfo, ReplicaSpec
 from appliance.control.runtime import die_with_parent, log_tail
 from appliance.control.warm import AdoptedProcess, WarmOffer, claim, exit_text, read_offer
 from appliance.engines import EngineLaunch, EngineLoad
@@ -59,6 +65,35 @@ def _bind_serve_grpc_to(host: str) -> None:
     serve_replica.add_port_to_grpc_server = bound
 
 
+def group_ranks(group: Any) -> list[Rank]:
+    """Where each bundle of the replica's placement group is: one per pipeline stage."""
+    from ray.util import placement_group_table
+
+    from appliance.placement import Cluster
+
+    table = placement_group_table(group)
+    names = {n.node_id: n.name for n in Cluster.from_ray(ray.nodes()).nodes}
+    ranks = []
+    for stage, bundle in sorted(table["bundles"].items()):
+        node_id = table["bundles_to_node_id"].get(stage, "")
+        name = names.get(node_id, node_id)
+        ranks.append(Rank(stage=stage, node=name, node_id=node_id, gpus=int(bundle.get("GPU", 0))))
+    return ranks
+
+
+def group_problem(group: Any) -> str | None:
+    """None while every bundle of the group is on a live node, else what is lost."""
+    from ray.util import placement_group_table
+
+    state = placement_group_table(group).get("state")
+    if state == "CREATED":
+        return None
+    return (
+        f"its placement group is {state}: a node holding one of its pipeline stages is "
+        "gone, and the engine cannot run without it"
+    )
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -72,6 +107,9 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
         self.host = self.spec.engine_host or ray.util.get_node_ip_address()
+        # Stages on several nodes: the group Serve reserved, one bundle per stage.
+        self.group = ray.util.get_current_placement_group() if self.spec.plan.spans_nodes else None
+        self.ranks = group_ranks(self.group) if self.group is not None else []
         _bind_serve_grpc_to(self.host)
         # Cheap, and it catches a truncated or rewritten file before an engine loads it.
         weights = Path(self.spec.weights)
@@ -144,6 +182,7 @@ class EngineReplica:
             base_env=os.environ,
             with_api_key=True,
             api_key=offer.api_key if offer is not None else None,
+            placement_group=self.group.id.hex() if self.group is not None else None,
         )
 
     def _start_engine(self) -> subprocess.Popen[bytes]:
@@ -240,6 +279,7 @@ class EngineReplica:
             started_at=self.started_at,
             log=str(self.log_path),
             warm_start=self.warm_start,
+            ranks=self.ranks,
         )
 
     def _registry_handle(self) -> Any:
@@ -257,6 +297,11 @@ class EngineReplica:
         """None when the engine is alive and answers its health URL, else why not."""
         if self.proc.poll() is not None:
             return f"engine {exit_text(self.proc.returncode)}"
+        if self.group is not None:
+            # An engine whose workers died with their node can hang instead of exiting.
+            lost = await asyncio.get_running_loop().run_in_executor(None, group_problem, self.group)
+            if lost is not None:
+                return lost
         try:
             async with self.session.get(
                 self.url + self.launch.health_path, timeout=aiohttp.ClientTimeout(total=5)

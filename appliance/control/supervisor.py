@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -24,7 +25,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +33,10 @@ from typing import Any
 from appliance.catalog import load_catalog
 from appliance.config import ApplianceConfig, load_config
 from appliance.control import NAMESPACE
+from appliance.control.cluster import ray_nodes
 from appliance.control.launch import replica_spec
 from appliance.control.records import (
+    ClusterNode,
     Deployment,
     GatewayStatus,
     ModelStatus,
@@ -52,7 +54,7 @@ from appliance.observability.targets import (
     engine_targets_path,
     write_engine_targets,
 )
-from appliance.placement import Cluster, Node, place
+from appliance.placement import Cluster, Fit, fit
 from appliance.planner import Plan
 from appliance.state import State
 from appliance.store import Store
@@ -75,42 +77,6 @@ def gateway_url(config: ApplianceConfig) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{config.gateway.scheme}://{host}:{config.gateway.port}"
-
-
-def fit_replicas(
-    plans: list[tuple[str, Plan]], gpus_per_node: dict[str, int]
-) -> dict[str, tuple[int, str]]:
-    """How many replicas of each model the cluster's GPUs can hold, and why not more.
-
-    Models are taken in the order given (the order they were added); each replica's GPUs
-    must sit on one node (tensor parallelism stays inside an NVLink domain). A replica
-    that cannot be placed is reported here rather than left pending in Ray.
-    """
-    # The planner's own placement (one node per tensor-parallel group, replicas spread,
-    # then best fit), run on the GPUs Ray reports rather than on the planned cluster.
-    free = Cluster(tuple(Node(name, "", gpus) for name, gpus in gpus_per_node.items()))
-    fits: dict[str, tuple[int, str]] = {}
-    for model, plan in plans:
-        need = plan.gpus_per_replica
-        if need == 0 or plan.spans_nodes:
-            fits[model] = (plan.replicas, "")
-            continue
-        placement = place(free, need, 1, plan.replicas)
-        placed = len(placement.replicas)
-        used: Counter[str] = Counter()
-        for stages in placement.replicas:
-            used[stages[0]] += need
-        free = free.without(used)
-        why = ""
-        if placed < plan.replicas:
-            left = ", ".join(str(g) for g in sorted((n.gpus for n in free.nodes), reverse=True))
-            why = (
-                f"{placed} of {plan.replicas} replicas placed: each needs {need} GPUs on one "
-                f"node, and the nodes have {left or 'none'} GPUs free. Add GPU hosts, remove a "
-                "model, or plan fewer replicas."
-            )
-        fits[model] = (placed, why)
-    return fits
 
 
 def _our_error(message: str) -> str:
@@ -163,6 +129,7 @@ class Supervisor:
         self.started_at = time.time()
         self.registry: Any = None
         self.warm = WarmEngines(config)
+        self.nodes: list[ClusterNode] = []  # Ray's live nodes at the last reconcile
 
     # Lifecycle.
 
@@ -229,7 +196,7 @@ class Supervisor:
     def _start_warm(self) -> None:
         """CPU models' first engines start now, while Ray starts (control/warm.py)."""
         deployments = [d for d in self.state.deployments() if self.store.is_installed(d.model)]
-        specs = {d.model: self._spec(d) for d in deployments if d.model in self.catalog}
+        specs = {d.model: spec for d in deployments if (spec := self._spec(d)) is not None}
         self.warm.start_all(deployments, specs)
 
     def _start_ray(self) -> None:
@@ -253,6 +220,9 @@ class Supervisor:
                 log_to_driver=False,
                 object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
                 _node_ip_address="127.0.0.1",
+                # The name this host's nvidia-smi view has when `model add` plans
+                # without a running Ray (appliance.control.cluster).
+                _node_name=socket.gethostname(),
             )
         self.ray_address = ray.get_runtime_context().gcs_address
         log.info("Ray at %s", self.ray_address)
@@ -342,10 +312,15 @@ class Supervisor:
 
     # Reconciliation: Serve applications follow the deployments in the state file.
 
-    def _spec(self, dep: Deployment) -> ReplicaSpec:
-        return replica_spec(
-            self.config, self.catalog.get(dep.model), dep.plan, self.ray_address or None
-        )
+    def _spec(self, dep: Deployment) -> ReplicaSpec | None:
+        """What each replica of `dep` gets, with the catalog entry its plan was made from
+        (the catalog's for records older than that); None when neither has one."""
+        entry = dep.entry
+        if entry is None and dep.model in self.catalog:
+            entry = self.catalog.get(dep.model)
+        if entry is None:
+            return None
+        return replica_spec(self.config, entry, dep.plan, self.ray_address or None)
 
     def _deploy(self, dep: Deployment, spec: ReplicaSpec, replicas: int) -> None:
         from ray import serve
@@ -354,17 +329,12 @@ class Supervisor:
         # before anything needs Ray.
         from appliance.control.replica import engine_replica_deployment
 
-        plan = dep.plan
         sc = self.config.serve
         app = (
             engine_replica_deployment()
             .options(
                 num_replicas=replicas,
-                ray_actor_options={
-                    "num_cpus": plan.cpus_per_replica,
-                    # Stages on several hosts: vLLM's Ray executor reserves the GPUs itself.
-                    "num_gpus": 0 if plan.spans_nodes else plan.gpus_per_replica,
-                },
+                **self._resources(dep.plan),
                 health_check_period_s=sc.health_check_period_s,
                 health_check_timeout_s=sc.health_check_timeout_s,
                 graceful_shutdown_timeout_s=30,
@@ -374,21 +344,57 @@ class Supervisor:
         )
         serve._run(app, _blocking=False, name=dep.model, route_prefix=None)
 
-    def _gpu_nodes(self) -> dict[str, int]:
-        import ray
+    def _resources(self, plan: Plan) -> dict[str, Any]:
+        """What Ray reserves for each replica of `plan`.
 
+        One node: the replica itself holds the plan's CPUs and GPUs. Stages on several
+        nodes: a placement group of one bundle per stage, each the stage's tensor-parallel
+        GPUs on a node of its own (STRICT_SPREAD); the replica sits in the first bundle
+        with its CPUs and no GPUs, and its engine's workers take the bundles' GPUs.
+        On nodes of the plan's GPU type, where Ray reports one.
+        """
+        cluster = Cluster(tuple(n.node() for n in self.nodes)).usable_by(plan.gpu)
+        names = {n.accelerator for n in cluster.nodes if n.accelerator} if plan.gpu else set()
+        # One name Ray gives those nodes: ask for it (a replica never lands on another type).
+        kind = {f"accelerator_type:{names.pop()}": 0.001} if len(names) == 1 else {}
+        if not plan.spans_nodes:
+            return {
+                "ray_actor_options": {
+                    "num_cpus": plan.cpus_per_replica,
+                    "num_gpus": plan.gpus_per_replica,
+                    **({"resources": kind} if kind and plan.gpus_per_replica else {}),
+                }
+            }
+        stage = {"GPU": float(plan.tensor_parallel), **kind}
         return {
-            str(node["NodeID"]): int(node["Resources"].get("GPU", 0))
-            for node in ray.nodes()
-            if node.get("Alive")
+            "ray_actor_options": {"num_cpus": plan.cpus_per_replica, "num_gpus": 0},
+            "placement_group_bundles": [
+                {"CPU": plan.cpus_per_replica, **stage},
+                *(dict(stage) for _ in range(plan.pipeline_parallel - 1)),
+            ],
+            "placement_group_strategy": "STRICT_SPREAD",
         }
+
+    def _read_nodes(self) -> list[ClusterNode]:
+        import ray
+        from ray._private.state import available_resources_per_node
+
+        try:
+            free = available_resources_per_node()
+        except Exception:  # a private API: the free counts are for people only
+            free = {}
+        return ray_nodes(ray.nodes(), free)
 
     def _reconcile(self) -> None:
         from ray import serve
         from ray.serve.schema import ApplicationStatus
 
         desired = {d.model: d for d in self.state.deployments()}
-        fits = fit_replicas([(d.model, d.plan) for d in desired.values()], self._gpu_nodes())
+        self.nodes = self._read_nodes()
+        # The planner's placer, on the nodes alive now, in the order models were added.
+        by_age = sorted(desired.values(), key=lambda d: d.added_at)
+        cluster = Cluster(tuple(n.node() for n in self.nodes))
+        fits: dict[str, Fit] = fit([(d.model, d.plan) for d in by_age], cluster)
         apps = serve.status().applications
         now = time.monotonic()
         for model, app in apps.items():
@@ -403,16 +409,25 @@ class Supervisor:
                     f"run `appliance model add {model}`"
                 )
                 continue
-            placed, why = fits[model]
+            spec = self._spec(dep)
+            if spec is None:
+                self.problems[model] = (
+                    f"{model} has no catalog entry in its deployment record nor in the "
+                    f"catalog; run `appliance model add {model}` again"
+                )
+                continue
+            placed, why = fits[model].replicas, fits[model].message
             if placed == 0:
                 self.problems[model] = why
                 if model in self.deployed:
                     serve.delete(model, _blocking=False)
                     del self.deployed[model]
                 continue
-            spec = self._spec(dep)
             # The spec holds the plan: a replan or a config change redeploys.
-            fingerprint = hashlib.sha256(f"{spec.model_dump_json()} {placed}".encode()).hexdigest()
+            resources = json.dumps(self._resources(dep.plan), sort_keys=True)
+            fingerprint = hashlib.sha256(
+                f"{spec.model_dump_json()} {placed} {resources}".encode()
+            ).hexdigest()
             if self.deployed.get(model) != fingerprint:
                 log.info("deploying %s (%d replicas)", model, placed)
                 self._deploy(dep, spec, placed)
@@ -466,6 +481,7 @@ class Supervisor:
             phase=phase,
             started_at=self.started_at,
             ray_address=self.ray_address,
+            nodes=self.nodes if live else [],
             gateway=GatewayStatus(
                 pid=self.gateway.pid if self.gateway else None,
                 ready=self.gateway_ok,

@@ -35,8 +35,10 @@ class LaunchSpec:
     work_dir: Path = Path(".")
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
-    # Multi-node plans: the Ray cluster the engine's own executor joins.
+    # Multi-node plans: the Ray cluster the engine's own executor joins, and the hex id of
+    # the replica's placement group, whose bundles its workers take.
     ray_address: str | None = None
+    placement_group: str | None = None
     # A secret only the gateway knows, for engines that can require one on their API
     # (see EngineAdapter.requires_key); None: no key.
     api_key: str | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from appliance.control import PLACEMENT_GROUP_ENV
 from appliance.engines.base import EngineAdapter, EngineLaunch, LaunchSpec, warmup_request
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -152,6 +153,8 @@ class VllmEngine(EngineAdapter):
         }
         if spec.ray_address and plan.spans_nodes:
             env["RAY_ADDRESS"] = spec.ray_address
+        if spec.placement_group and plan.spans_nodes:
+            env[PLACEMENT_GROUP_ENV] = spec.placement_group
         return EngineLaunch(
             argv=argv,
             env=env,

@@ -1,11 +1,12 @@
 """What the gateway knows of each deployed model, beyond where its replicas are.
 
-The deployment record in the state file holds the plan the replicas were started with:
-its engine (which request extensions it accepts), `max_model_len` (the context a prompt
-plus its completion must fit) and `max_num_seqs` (what one replica runs at once). The
-store holds the model's tokenizer. Both are re-read every few seconds off the event
-loop; a tokenizer is loaded once per installed copy of the model (keyed by its manifest's
-mtime, so a reinstall is picked up).
+The deployment record in the state file holds the plan the replicas were started with
+and the catalog entry it was made from: the plan's engine (which request extensions it
+accepts), `max_model_len` (the context a prompt plus its completion must fit) and
+`max_num_seqs` (what one replica runs at once); the entry's modalities and tool-call
+parser (which content parts a request may carry). The store holds the model's tokenizer.
+Both are re-read every few seconds off the event loop; a tokenizer is loaded once per
+installed copy of the model (keyed by its manifest's mtime, so a reinstall is picked up).
 
 A model whose record or tokenizer cannot be read is still served: its prompts go
 uncounted (the engine's own check remains) and the reason is logged once.
@@ -87,7 +88,9 @@ class DeploymentBook:
         models = {}
         for dep in self._load():
             plan = dep.plan
-            entry = self._entries(dep.model) if self._entries else None
+            # The entry the replicas run with (the record's); the catalog's for records
+            # written before records kept it.
+            entry = dep.entry or (self._entries(dep.model) if self._entries else None)
             reads = entry.modalities if entry is not None else ()
             parts = {MODALITY_PARTS[m] for m in reads if m in MODALITY_PARTS}
             # Tool calls need the catalog's tool-call parser (a model the catalog does not

@@ -539,12 +539,19 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
     parser.add_argument("--served-model-name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--distributed-executor-backend", default=None)
     args, _ = parser.parse_known_args(argv)
-    info = {
+    info: dict[str, Any] = {
         "argv": ["python3", *VLLM_SERVER, *argv],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "pid": os.getpid(),
     }
+    if args.distributed_executor_backend == "ray":
+        from appliance.testing.ray_executor import start_workers
+
+        # Before serving, as vLLM places its workers before it answers /health.
+        info["ray_address"] = os.environ.get("RAY_ADDRESS")
+        info["ranks"] = start_workers()
     ns = argparse.Namespace(
         host=args.host,
         port=args.port,
