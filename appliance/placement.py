@@ -31,7 +31,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from appliance.errors import PlanError
 from appliance.gpus import GpuSpec, find_gpu, known_gpus
+from appliance.installer.parsers import SMI_QUERY_FIELDS, ProbeFormatError, parse_smi_query
 
 if TYPE_CHECKING:
     from appliance.planner.plan import Plan
@@ -177,18 +179,13 @@ class Cluster:
 
 
 def parse_nvidia_smi(text: str, host: str, max_gpus: int | None = None) -> Cluster:
-    """A one-host cluster from `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader`
-    lines such as 'NVIDIA H100 80GB HBM3, 81559 MiB'. max_gpus caps the count (Ray's num_gpus)."""
+    """A one-host cluster from `nvidia-smi --query-gpu=<SMI_QUERY_FIELDS> --format=csv`, read
+    by the installer's parser (one nvidia-smi parser for preflight and placement). max_gpus
+    caps the count (Ray's num_gpus). Raises ProbeFormatError on text it cannot read."""
     found: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        name, _, memory = line.rpartition(",")
-        if not name.strip():
-            continue
-        mib = re.match(r"\s*(\d+)", memory)
-        spec = find_gpu(name.strip())
-        found.setdefault(spec.key if spec else name.strip(), []).append(
-            int(mib.group(1)) if mib else 0
-        )
+    for gpu in parse_smi_query(text):
+        spec = find_gpu(gpu.name)
+        found.setdefault(spec.key if spec else gpu.name, []).append(gpu.memory_mib or 0)
     budget = max_gpus if max_gpus is not None else sum(len(m) for m in found.values())
     nodes: list[Node] = []
     for gpu, memories in found.items():
@@ -205,7 +202,7 @@ def _query_nvidia_smi() -> str | None:
         return None
     try:
         return subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={','.join(SMI_QUERY_FIELDS)}", "--format=csv"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -223,7 +220,14 @@ def local_cluster(
     out = query()
     if not out or max_gpus == 0:
         return Cluster.cpu_only()
-    return parse_nvidia_smi(out, socket.gethostname(), max_gpus)
+    try:
+        return parse_nvidia_smi(out, socket.gethostname(), max_gpus)
+    except ProbeFormatError as exc:
+        raise PlanError(
+            f"{exc}: cannot tell which GPUs this host has",
+            hint="Name them instead, e.g. `--gpus 8xH100-80GB` (or [ray] num_gpus = 0 for "
+            "none), and check the driver with `nvidia-smi`.",
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from appliance.errors import PlanError
+from appliance.installer.parsers import parse_smi_query
 from appliance.placement import Cluster, Fit, Node, fit, local_cluster, parse_nvidia_smi, place
 from appliance.planner import Plan
 
@@ -51,8 +55,23 @@ def test_parse_errors_say_what_is_wrong(text: str, message: str) -> None:
         Cluster.parse(text)
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "hosts"
+SMI_HEADER = (
+    "index, name, pci.bus_id, driver_version, vbios_version, memory.total [MiB], persistence_mode\n"
+)
+
+
+def _smi(*rows: tuple[str, int]) -> str:
+    """`nvidia-smi --query-gpu=<SMI_QUERY_FIELDS> --format=csv` as a driver prints it."""
+    return SMI_HEADER + "".join(
+        f"{i}, {name}, 00000000:{i + 0x10:02X}:00.0, 570.124.06, 96.00.A5.00.01, {mib} MiB, "
+        "Enabled\n"
+        for i, (name, mib) in enumerate(rows)
+    )
+
+
 def test_nvidia_smi_output_becomes_one_node_per_gpu_type() -> None:
-    out = "NVIDIA H100 80GB HBM3, 81559 MiB\n" * 8 + "NVIDIA RTX 4090, 24564 MiB\n"
+    out = _smi(*[("NVIDIA H100 80GB HBM3", 81559)] * 8, ("NVIDIA RTX 4090", 24564))
     cluster = parse_nvidia_smi(out, "gpu-host")
     assert cluster.nodes == (
         Node("gpu-host", "H100-80GB", 8, 81559),
@@ -60,15 +79,30 @@ def test_nvidia_smi_output_becomes_one_node_per_gpu_type() -> None:
     )
 
 
+@pytest.mark.parametrize(("host", "gpu"), [("h200-hgx", "H200"), ("h200-nvl", "H200-NVL")])
+def test_placement_reads_the_installers_nvidia_smi_fixtures(host: str, gpu: str) -> None:
+    # One query and one parser for preflight and placement: the fixtures preflight reads.
+    text = (FIXTURES / host / "nvidia-smi-query.csv").read_text()
+    cluster = parse_nvidia_smi(text, host)
+    assert [(n.gpu, n.gpus) for n in cluster.nodes] == [(gpu, len(parse_smi_query(text)))]
+
+
 def test_nvidia_smi_count_is_capped_by_what_ray_declares() -> None:
-    out = "NVIDIA H200, 143771 MiB\n" * 8
+    out = _smi(*[("NVIDIA H200", 143771)] * 8)
     assert parse_nvidia_smi(out, "h", max_gpus=4).total_gpus == 4
 
 
 def test_local_cluster_without_a_driver_has_no_gpus() -> None:
+    one = _smi(("NVIDIA H200", 143771))
     assert local_cluster(query=lambda: None) == Cluster.cpu_only()
-    assert local_cluster(max_gpus=0, query=lambda: "NVIDIA H200, 143771 MiB\n").total_gpus == 0
-    assert local_cluster(query=lambda: "NVIDIA H200, 143771 MiB\n").nodes[0].gpu == "H200"
+    assert local_cluster(max_gpus=0, query=lambda: one).total_gpus == 0
+    assert local_cluster(query=lambda: one).nodes[0].gpu == "H200"
+
+
+def test_unreadable_nvidia_smi_output_is_a_plan_error_that_says_what_to_do() -> None:
+    with pytest.raises(PlanError, match="--gpus") as err:
+        local_cluster(query=lambda: "NVIDIA H200, 143771 MiB\n")  # another query's format
+    assert "cannot read the output of `nvidia-smi --query-gpu`" in str(err.value)
 
 
 def test_replicas_fill_one_node() -> None:
