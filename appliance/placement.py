@@ -183,9 +183,9 @@ def parse_nvidia_smi(text: str, host: str, max_gpus: int | None = None) -> Clust
     by the installer's parser (one nvidia-smi parser for preflight and placement). max_gpus
     caps the count (Ray's num_gpus). Raises ProbeFormatError on text it cannot read."""
     found: dict[str, list[int]] = {}
-    for gpu in parse_smi_query(text):
-        spec = find_gpu(gpu.name)
-        found.setdefault(spec.key if spec else gpu.name, []).append(gpu.memory_mib or 0)
+    for smi in parse_smi_query(text):
+        spec = find_gpu(smi.name)
+        found.setdefault(spec.key if spec else smi.name, []).append(smi.memory_mib or 0)
     budget = max_gpus if max_gpus is not None else sum(len(m) for m in found.values())
     nodes: list[Node] = []
     for gpu, memories in found.items():
