@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from appliance.testing.fake_clouds import (
     FakeCloud,
     Fault,
 )
+from appliance.testing.loop_thread import LoopThread
 
 SECRETS = (ANTHROPIC_KEY, AWS_SECRET, AZURE_KEY, OPENAI_KEY)
 PRICE = {"input_per_million": 3.0, "output_per_million": 15.0}
@@ -125,26 +125,14 @@ def _config(providers: dict[str, dict[str, Any]], *names: str, **policy: Any) ->
     )
 
 
-class Shim:
+class Shim(LoopThread):
     """The gateway's part, reduced: validate, hand to Burst, answer JSON or SSE."""
 
     def __init__(self, burst: Burst) -> None:
+        super().__init__()
         self.burst = burst
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.runner: web.AppRunner | None = None
         self.url = ""
-
-    def __enter__(self) -> Shim:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     async def _start(self) -> None:
         await self.burst.start()

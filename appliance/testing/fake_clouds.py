@@ -46,6 +46,8 @@ from typing import Any
 
 from aiohttp import web
 
+from appliance.testing.loop_thread import LoopThread
+
 ANTHROPIC_KEY = "sk-ant-fake-0123456789abcdef"
 OPENAI_KEY = "sk-openai-fake-0123456789abcdef"
 AZURE_KEY = "azure-fake-0123456789abcdef"
@@ -128,28 +130,16 @@ def exception_frame(kind: str, message: str) -> bytes:
     return frame(headers, json.dumps({"message": message}).encode())
 
 
-class FakeCloud:
+class FakeCloud(LoopThread):
     def __init__(self, delay_s: float = 0.0, port: int = 0) -> None:
+        super().__init__()
         self.delay_s = delay_s
         self.port = port
         self.requests: list[Seen] = []
         self.faults: list[Fault] = []
         self.url = ""
         self.raw = b""  # the last request's body, as it arrived
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
-
-    def __enter__(self) -> FakeCloud:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     async def _start(self) -> None:
         app = web.Application()
