@@ -5,8 +5,11 @@ command line) reports what each replica started it with.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -53,11 +56,42 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
         c.cli("down", timeout=180)
 
 
+def _answering(c: Cluster, wanted: int = 2, within_s: float = 60.0) -> list[dict[str, Any]]:
+    """The healthy, fresh replicas of a status in which there are `wanted` of them and each
+    one's engine answers /health.
+
+    A replica that stopped without saying so stays fresh in the registry for its max age
+    (5 s), so a status read just as Serve replaced one can name a gone engine: CI saw
+    "connection refused" on such a URL once. Such a status is read again; if no consistent
+    one comes, the test fails with the status and the supervisor's log, which say why."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status = c.status()
+        replicas = status["models"][MODEL]["replicas"]
+        healthy = [r for r in replicas if r["healthy"] and r["fresh"]]
+        gone = [r["url"] for r in healthy if not _answers(r["url"] + "/health")]
+        if len(healthy) == wanted and not gone:
+            return healthy
+        if time.monotonic() > deadline:
+            log = (c.home / "logs" / "supervisor.log").read_text(errors="replace")[-4000:]
+            pytest.fail(
+                f"no status with {wanted} answering replicas in {within_s:.0f}s; last: "
+                f"{len(healthy)} healthy, not answering: {gone}\n"
+                f"{json.dumps(status, indent=1)[:4000]}\nsupervisor.log:\n{log}"
+            )
+        time.sleep(1.0)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_each_replica_sees_exactly_its_own_two_gpus(cluster: tuple[Cluster, str]) -> None:
     c, _ = cluster
-    replicas = c.status()["models"][MODEL]["replicas"]
-    healthy = [r for r in replicas if r["healthy"] and r["fresh"]]
-    assert len(healthy) == 2
+    healthy = _answering(c)
     seen: list[set[str]] = []
     for replica in healthy:
         launch = httpx.get(replica["url"] + "/debug/launch").json()
@@ -91,8 +125,7 @@ def test_the_model_answers_through_the_gateway(cluster: tuple[Cluster, str]) -> 
 
 def test_engines_require_the_key_only_the_gateway_knows(cluster: tuple[Cluster, str]) -> None:
     c, _ = cluster
-    status = c.status()
-    replica = status["models"][MODEL]["replicas"][0]
+    replica = _answering(c)[0]
     assert "engine_key" not in replica  # never in the status file
     assert "VLLM_API_KEY" not in " ".join(replica["argv"])  # nor on the command line
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
