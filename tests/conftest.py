@@ -25,13 +25,27 @@ from appliance.control.records import ReplicaState
 _engine_install: threading.Thread | None = None
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The installer tests last: their downloads (a Debian root, the wheelhouse: minutes
+    of network on a fresh machine) then overlap every test before them."""
+    items.sort(key=lambda item: item.get_closest_marker("installer") is not None)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When end-to-end tests will run, install vLLM's CPU build (minutes, once per machine)
-    in the background now, while the tests before them run; the first `appliance up`
-    waits on the same lock instead of starting the install itself."""
+    """Start the downloads that selected tests will wait for, in the background, while
+    the tests before them run: the installer tests' Debian root and wheelhouse, and vLLM's
+    CPU build for the end-to-end tests (minutes, once per machine; the first `appliance
+    up` waits on the same lock instead of starting the install itself)."""
+    if any(item.get_closest_marker("installer") for item in session.items):
+        from tests.installer.testhosts import start_downloads
+
+        start_downloads()
+    if any(item.get_closest_marker("e2e") for item in session.items):
+        _start_engine_install()
+
+
+def _start_engine_install() -> None:
     global _engine_install
-    if not any(item.get_closest_marker("e2e") for item in session.items):
-        return
     from appliance.config import EnginesConfig
     from appliance.engines.cpuenv import CpuEngineEnv
 
@@ -52,6 +66,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _engine_install is not None:
         _engine_install.join()  # never leave pip running behind the session
+    if "tests.installer.testhosts" in sys.modules:
+        sys.modules["tests.installer.testhosts"].finish_downloads()
 
 
 def free_port() -> int:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from appliance.installer import bundle as bundles
-from tests.installer.testhosts import CACHE, debian_root, require_root, require_tools
+from tests.installer.testhosts import downloaded, require_root, require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,43 +20,13 @@ def debian() -> Path:
     require_root()
     # What every test host needs: the overlay root, its mounts and loop-device disks.
     require_tools("chroot", "mount", "umount", "losetup", "findmnt", "mountpoint")
-    return debian_root()
-
-
-def _dependencies() -> list[str]:
-    with (ROOT / "pyproject.toml").open("rb") as f:
-        return list(tomllib.load(f)["project"]["dependencies"])
+    return downloaded("debian")
 
 
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
     """The appliance's dependencies as CPython 3.11 wheels, downloaded once and reused."""
-    deps = _dependencies()
-    key = hashlib.sha256("\n".join(sorted(deps)).encode()).hexdigest()[:12]
-    path = CACHE / f"wheels-cp311-{key}"
-    if (path / ".complete").is_file():
-        return path
-    partial = CACHE / f".wheels-cp311-{key}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    platforms = [a for p in bundles.PLATFORMS for a in ("--platform", p)]
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "pip", "download", "--dest", str(partial),
-            "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-            *platforms, *deps,
-        ],
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        pytest.skip(f"cannot download the appliance's dependencies: {proc.stderr[-800:]}")
-    (partial / ".complete").write_text("\n".join(deps) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    partial.rename(path)
-    for stale in CACHE.glob("wheels-cp311-*"):  # made for an older dependency list
-        if stale != path:
-            shutil.rmtree(stale, ignore_errors=True)
-    return path
+    return downloaded("wheels")
 
 
 @dataclass(frozen=True)

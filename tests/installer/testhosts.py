@@ -11,12 +11,17 @@ devices by name, namespaces by name, processes by pid.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
+import threading
+import tomllib
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +32,8 @@ SUITE = "bookworm"
 # What every real host has and a minbase root lacks: Python for Ansible, systemd for
 # the units, iproute2 for network facts, pciutils for the GPU probe.
 INCLUDE = "python3,python3-apt,systemd,iproute2,pciutils"
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hosts"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "hosts"
 
 
 def run(
@@ -70,6 +76,9 @@ HOST_TOOLS = {
 # Set to 1 to have missing tools skip their tests instead of being installed.
 NO_INSTALL_ENV = "APPLIANCE_TEST_NO_INSTALL"
 _apt_updated = False
+# One apt-get at a time: the installer tests' downloads run in a thread beside the tests
+# (tests/conftest.py), and dpkg's lock refuses a second apt-get rather than waiting.
+_apt_lock = threading.Lock()
 
 
 def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,6 +90,11 @@ def require_tools(*tools: str) -> None:
     """Make sure these programs exist: installed with apt-get when this runs as root on a
     machine with apt (unless $APPLIANCE_TEST_NO_INSTALL=1), else the test is skipped with
     the reason and the package to install."""
+    with _apt_lock:
+        _require_tools(tools)
+
+
+def _require_tools(tools: tuple[str, ...]) -> None:
     global _apt_updated
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if not missing:
@@ -136,6 +150,74 @@ def debian_root() -> Path:
         shutil.rmtree(root)
     partial.rename(root)
     return root
+
+
+def _dependencies() -> list[str]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return list(tomllib.load(f)["project"]["dependencies"])
+
+
+def wheelhouse_dir() -> Path:
+    """The appliance's dependencies as CPython 3.11 wheels, downloaded once and reused."""
+    from appliance.installer import bundle as bundles
+
+    deps = _dependencies()
+    key = hashlib.sha256("\n".join(sorted(deps)).encode()).hexdigest()[:12]
+    path = CACHE / f"wheels-cp311-{key}"
+    if (path / ".complete").is_file():
+        return path
+    partial = CACHE / f".wheels-cp311-{key}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    platforms = [a for p in bundles.PLATFORMS for a in ("--platform", p)]
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "pip", "download", "--dest", str(partial),
+            "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+            *platforms, *deps,
+        ],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot download the appliance's dependencies: {proc.stderr[-800:]}")
+    (partial / ".complete").write_text("\n".join(deps) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)
+    for stale in CACHE.glob("wheels-cp311-*"):  # made for an older dependency list
+        if stale != path:
+            shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+# The installer tests' downloads (minutes of network, little CPU on a fresh machine),
+# started in threads when the session's tests are known, so that they overlap the tests
+# that run before the installer tests (tests/conftest.py puts those last).
+_DOWNLOADS: dict[str, Callable[[], Path]] = {"debian": debian_root, "wheels": wheelhouse_dir}
+_prefetch: ThreadPoolExecutor | None = None
+_prefetched: dict[str, Future[Path]] = {}
+
+
+def start_downloads() -> None:
+    """Begin the downloads in the background, as root only (the tests skip otherwise)."""
+    global _prefetch
+    if os.geteuid() != 0 or _prefetch is not None:
+        return
+    _prefetch = ThreadPoolExecutor(max_workers=len(_DOWNLOADS), thread_name_prefix="prefetch")
+    for name, download in _DOWNLOADS.items():
+        _prefetched[name] = _prefetch.submit(download)
+
+
+def downloaded(name: str) -> Path:
+    """The download's result, waiting for it if it was started in the background (its
+    skip or error raised here, in the test that needs it), or made now if it was not."""
+    future = _prefetched.get(name)
+    return future.result() if future is not None else _DOWNLOADS[name]()
+
+
+def finish_downloads() -> None:
+    """Never leave debootstrap or pip running behind the session."""
+    if _prefetch is not None:
+        _prefetch.shutdown(wait=True)
 
 
 def _is_mount(path: Path) -> bool:
