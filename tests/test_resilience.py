@@ -269,27 +269,42 @@ def test_a_hung_gateway_is_restarted_by_the_watchdog(appliance: Appliance) -> No
     assert f"gateway pid {old} has not answered /healthz" in log
 
 
-def _replica_process(replica: dict[str, Any]) -> int:
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    with contextlib.suppress(OSError):
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == ancestor:
+                return True
+    return False
+
+
+def _replica_process(replica: dict[str, Any], supervisor: int) -> int:
     """The Serve replica's own process: its engine's parent, unless the supervisor started
     that engine warm and the replica adopted it (its parent is then the supervisor, which
-    must not be the one killed); Ray titles it ray::ServeReplica:<app>:<deployment>."""
+    must not be the one killed); Ray titles it ray::ServeReplica:<app>:<deployment>, and
+    it runs under this appliance's supervisor (whose Ray started it), not another's."""
     engine = int(replica["pid"])
     if not replica["warm_start"]:
-        return int(Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return _parent(engine)
     title = f"ray::ServeReplica:{MODEL}:engine".encode()
     found = []
     for proc in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
             if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title):
                 found.append(int(proc.name))
-    assert len(found) == 1, f"replica processes titled {title!r}: {found}"
-    return found[0]
+    ours = [pid for pid in found if _descends_from(pid, supervisor)]
+    assert len(ours) == 1, f"replica processes titled {title!r}: {found}, {ours} of ours"
+    return ours[0]
 
 
 def test_a_killed_serve_replica_is_reported_at_once_and_replaced(appliance: Appliance) -> None:
     [replica] = appliance.healthy()
     engine = int(replica["pid"])
-    os.kill(_replica_process(replica), signal.SIGKILL)
+    os.kill(_replica_process(replica, int(appliance.status()["pid"])), signal.SIGKILL)
     started = time.monotonic()
     stale = _until(
         lambda: replica["replica_id"] not in {r["replica_id"] for r in appliance.healthy()},
