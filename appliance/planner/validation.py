@@ -140,7 +140,11 @@ class Result:
 def bench_settings(entry: ModelEntry, gpu: GpuSpec, tp: int, isl: int, osl: int) -> tuple[int, int]:
     """(max_batch_size, max_num_tokens) that trtllm-bench gives the engine:
     calc_engine_setting and finetune_setting in tensorrt_llm/bench/build/tuning.py, for an
-    FP8 checkpoint with an FP8 KV cache and no pipeline parallelism."""
+    FP8 checkpoint with an FP8 KV cache and no pipeline parallelism; then, on the PyTorch
+    backend with chunked prefill off (trtllm-bench's default, and the page's commands do not
+    turn it on), get_settings in tensorrt_llm/bench/benchmark/utils/general.py raises
+    max_num_tokens to at least ISL + max_batch_size (NVIDIA/TensorRT-LLM#5625), so that a
+    whole prompt fits one step."""
     arch, gib = entry.architecture, 2**30
     per_token = 2 * arch.num_layers * max(tp, arch.num_kv_heads) * arch.head_dim / gib
     engine = arch.params_total_b * 1e9 / gib
@@ -149,7 +153,7 @@ def bench_settings(entry: ModelEntry, gpu: GpuSpec, tp: int, isl: int, osl: int)
     raw_token = min(raw_bs * (1 + isl / osl), 32768)
     max_bs = _step_up(raw_bs, ((256, 32), (1024, 128), (math.inf, 256)), least=64)
     max_tokens = _step_up(raw_token, ((4096, 256), (8192, 512), (math.inf, 1024)), least=2048)
-    return max_bs, max_tokens
+    return max_bs, max(max_tokens, isl + max_bs)
 
 
 def _step_up(value: float, bands: tuple[tuple[float, int], ...], least: int) -> int:
