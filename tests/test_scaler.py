@@ -202,3 +202,28 @@ def test_an_idle_replica_kept_for_idle_after_is_reclaimed_to_zero() -> None:
     world.loads["spare"] = Load(queue=1, held=1, idle_s=0.0)
     assert world.tick() == {"spare": 0, "high": 2}
     assert world.last["spare"].blocked
+
+
+def test_every_scaling_knob_is_documented() -> None:
+    from pathlib import Path
+
+    from appliance.gateway.app import COLD_START_HEADER
+
+    root = Path(__file__).parent.parent / "docs"
+    reference = (root / "configuration.md").read_text()
+    section = reference[reference.index("### `[models.NAME]`") :]
+    scaling = (root / "scaling.md").read_text()
+    knobs = set(ModelOverride.model_fields) - {"engine_args", "engine_env"}
+    assert knobs == {
+        "min_replicas",
+        "max_replicas",
+        "target_queue",
+        "idle_after_s",
+        "downscale_delay_s",
+        "priority",
+    }
+    for name in knobs:
+        assert f"| `{name}` |" in section, name
+        assert f"| `{name}` |" in scaling, name
+    assert "`gateway.cold_start_timeout_s`" in scaling and "`cold_start_timeout_s`" in reference
+    assert COLD_START_HEADER in scaling and COLD_START_HEADER == "x-appliance-cold-start-ms"
