@@ -3,7 +3,7 @@ declares 4 GPUs, three models on the stand-in for vLLM (the fake engine taking v
 command line), the gateway with two workers, the official openai client as the caller.
 
     busy   priority 10, 1 to 5 replicas of 1 GPU, target_queue 2, max_num_seqs 2,
-           answers of 30 tokens 150 ms apart (4.5 s): ten at once make a queue
+           answers of 30 tokens 150 ms apart (4.5 s): twelve at once make a queue
     spare  priority 0, 0 to 1 replica, idle_after_s 120: its idle replica is what busy
            reclaims when the GPUs run out
     cold   0 to 1 replica, idle_after_s 3: scales to zero and back
@@ -45,7 +45,7 @@ class Scaling(ApplianceUnderTest):
             f'[ray]\nnum_gpus = 4\nnum_cpus = 8\n[engines.vllm]\ncommand = "{stand_in}"\n'
             f'[models."{BUSY}"]\nmin_replicas = 1\nmax_replicas = 5\ntarget_queue = 2.0\n'
             "downscale_delay_s = 3.0\npriority = 10\n"
-            'engine_env = { FAKE_ENGINE_TOKENS = "40", FAKE_ENGINE_DELAY_MS = "150" }\n'
+            'engine_env = { FAKE_ENGINE_TOKENS = "30", FAKE_ENGINE_DELAY_MS = "150" }\n'
             f'[models."{SPARE}"]\nmin_replicas = 0\nidle_after_s = 120.0\n'
             f'[models."{COLD}"]\nmin_replicas = 0\nidle_after_s = 3.0\n',
             gateway_config="workers = 2\ncold_start_timeout_s = 60.0\n",
@@ -120,7 +120,7 @@ def test_a_queue_scales_up_within_the_gpus_reclaiming_an_idle_lower_priority_rep
     client = appliance.client()
 
     def ask(_: int) -> str:
-        reply = client.chat.completions.create(model=BUSY, messages=HELLO, max_tokens=40)
+        reply = client.chat.completions.create(model=BUSY, messages=HELLO, max_tokens=30)
         return reply.choices[0].message.content or ""
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
