@@ -190,6 +190,13 @@ class GatewayConfig(Strict):
     retry_after_s: int = Field(
         5, ge=1, le=3600, description="Retry-After sent with 503 when no replica is healthy."
     )
+    cold_start_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=7200,
+        description="Longest a request for a model scaled to zero waits for its first "
+        "replica to start; then 503 with Retry-After.",
+    )
     connect_timeout_s: float = Field(
         5.0, gt=0, le=120, description="Time allowed to open a connection to an engine."
     )
@@ -404,6 +411,63 @@ class ModelOverride(Strict):
     engine_env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the engine."
     )
+    # Scaling (docs/scaling.md). Neither bound set: the plan's replica count, fixed.
+    min_replicas: int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="Fewest replicas the model scales down to; 0 lets it scale to zero "
+        "after idle_after_s without requests. Setting this or max_replicas turns "
+        "autoscaling on (unset with max_replicas set: 1).",
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Most replicas the model scales up to, GPUs permitting (unset with "
+        "min_replicas set: the plan's replica count, at least min_replicas and 1).",
+    )
+    target_queue: float = Field(
+        4.0,
+        gt=0,
+        le=100_000,
+        description="Requests running or waiting per replica that autoscaling aims at: "
+        "the engines' running + waiting and the requests the gateway holds for the "
+        "model, divided by this, rounded up, is the replica count wanted.",
+    )
+    idle_after_s: float = Field(
+        300.0,
+        gt=0,
+        le=30 * 86400,
+        description="With min_replicas = 0: seconds without a request (and nothing "
+        "running) after which the model scales to zero and frees its GPUs.",
+    )
+    downscale_delay_s: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="How long demand must stay below the replica count before a replica "
+        "is removed (to a count above zero; zero is idle_after_s).",
+    )
+    priority: int = Field(
+        0,
+        ge=-1000,
+        le=1000,
+        description="When GPUs are short, a model of higher priority scaling up takes an "
+        "idle replica of an autoscaled model of lower priority (above its min_replicas); "
+        "models of higher priority are also placed first.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ModelOverride:
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_replicas ({low}) is above max_replicas ({high})")
+        return self
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
 
 
 class ModelPrice(Strict):

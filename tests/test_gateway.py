@@ -388,6 +388,67 @@ def test_requests_before_the_first_replica_table_are_503_not_404() -> None:
     assert resp.json()["error"]["code"] == "model_unavailable"
 
 
+def _at_zero() -> dict[str, Any]:
+    from appliance.control.records import ScaleState
+
+    return {"cold": ScaleState(autoscaled=True, min_replicas=0, max_replicas=1)}
+
+
+def test_a_request_for_a_model_at_zero_waits_for_its_first_replica(processes: Processes) -> None:
+    from starlette.testclient import TestClient
+
+    from appliance.gateway.app import GatewaySettings, create_app
+    from appliance.gateway.replicas import Replica, ReplicaTable
+
+    _, url = processes.fake_engine("cold", 3, 1)
+    table = ReplicaTable()
+    table.replace(["cold"], [], _at_zero())
+    assert table.cold("cold")
+    seen: list[Any] = []
+
+    def replica_up() -> None:
+        seen.append(table.activity().models["cold"])  # what goes to the supervisor
+        table.replace(["cold"], [Replica("r1", "cold", url, "cold", "cold")], _at_zero())
+
+    body = {"model": "cold", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    app = create_app(table, settings=GatewaySettings(cold_start_timeout_s=30))
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200  # at zero on purpose is ready
+        timer = threading.Timer(0.5, replica_up)
+        timer.start()
+        resp = client.post("/v1/chat/completions", json=body)
+        timer.join()
+        again = client.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    assert 400 <= int(resp.headers["x-appliance-cold-start-ms"]) < 30_000
+    assert resp.json()["choices"][0]["message"]["content"]
+    assert seen[0].waiting == 1 and seen[0].idle_s is not None and seen[0].idle_s < 1
+    assert again.status_code == 200 and "x-appliance-cold-start-ms" not in again.headers
+    assert table.activity().models["cold"].waiting == 0
+
+
+def test_past_the_cold_start_bound_a_request_gets_503_with_retry_after() -> None:
+    from starlette.testclient import TestClient
+
+    from appliance.gateway.app import GatewaySettings, create_app
+    from appliance.gateway.replicas import ReplicaTable
+
+    table = ReplicaTable()
+    table.replace(["cold"], [], _at_zero())
+    app = create_app(table, settings=GatewaySettings(cold_start_timeout_s=0.3, retry_after_s=7))
+    with TestClient(app) as client:
+        resp = client.post(
+            "/v1/chat/completions",
+            json={"model": "cold", "messages": [{"role": "user", "content": "x"}]},
+        )
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "7"
+    error = resp.json()["error"]
+    assert error["code"] == "model_cold_start_timeout" and error["type"] == "server_error"
+    assert "scaled to zero" in error["message"]
+    assert table.activity().models["cold"].waiting == 0  # it left the line
+
+
 def test_gateway_serves_https_with_the_configured_certificate(
     tmp_path: Path, processes: Processes
 ) -> None:

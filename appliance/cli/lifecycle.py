@@ -18,7 +18,7 @@ from appliance.audit import admin_event
 from appliance.catalog import load_catalog
 from appliance.cli.common import config_of, console, print_json
 from appliance.config import ApplianceConfig, EngineConfig
-from appliance.control.records import StatusFile
+from appliance.control.records import ScaleState, StatusFile
 from appliance.control.runtime import (
     clear_status,
     last_supervisor_pid,
@@ -81,6 +81,9 @@ def _progress_line(status: StatusFile | None) -> str:
         parts.append("gateway starting")
     for name, model in status.models.items():
         n = model.healthy_replicas
+        if model.scaling is not None and model.scaling.scaled_to_zero and not n:
+            parts.append(f"{name}: scaled to zero")
+            continue
         parts.append(f"{name}: {n} healthy" if n else f"{name}: {model.status.lower()}")
     return ", ".join(parts)
 
@@ -308,6 +311,8 @@ def status(
         )
         if model.message:
             console.print(f"  [yellow]{model.message}[/]")
+        for line in _scaling_lines(model.scaling):
+            console.print(f"  {line}")
         for rep in model.replicas:
             age = time.time() - (rep.started_at or time.time())
             console.print(
@@ -323,6 +328,24 @@ def status(
             if not rep.routable:
                 why = rep.problem or "no report for a while (replica stopped or stuck?)"
                 console.print(f"    [yellow]{why}[/]")
+
+
+def _scaling_lines(scaling: ScaleState | None) -> list[str]:
+    """An autoscaled model's bounds, demand and decisions (a fixed count says nothing)."""
+    if scaling is None or not scaling.autoscaled:
+        return []
+    idle = "" if scaling.idle_s is None else f", last request {scaling.idle_s:.0f}s ago"
+    lines = [
+        f"autoscaled: {scaling.target} replica(s) set (min {scaling.min_replicas}, max "
+        f"{scaling.max_replicas}, target_queue {scaling.target_queue:g}, priority "
+        f"{scaling.priority}); queue {scaling.queue:g}, wanted {scaling.wanted}{idle}"
+    ]
+    if scaling.message and scaling.scaled_to_zero:
+        lines.append(scaling.message)
+    if scaling.decisions:
+        done = ", ".join(f"{action} {n}" for action, n in sorted(scaling.decisions.items()))
+        lines.append(f"scaling decisions since start: {done}")
+    return lines
 
 
 def _load_text(load: EngineLoad | None) -> str:

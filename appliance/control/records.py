@@ -6,6 +6,8 @@
     ReplicaSpec       Serve's deployment argument supervisor      replica
     ReplicaInfo       registry report (Ray)       replica         registry actor
     RegistrySnapshot  registry answer (Ray)       registry actor  supervisor, gateway
+    ScaleState        registry (Ray), status file supervisor      gateway, CLI
+    GatewayDemand     registry report (Ray)       gateway worker  registry actor
     StatusFile        <home>/run/appliance.json   supervisor      CLI (`status`, `up`, `top`)
 
 Writers dump a record to plain data (JSON, or dicts over Ray); readers validate it back.
@@ -179,9 +181,53 @@ class ReplicaState(ReplicaInfo):
         return self.healthy and self.fresh
 
 
+class ScaleState(Record):
+    """A model's replica count as the supervisor's scaler last set it, and why
+    (control/scaling.py): shown by `appliance status`, and read by the gateway, which holds
+    requests for a model that can be woken (`wakeable`) while it has no replica."""
+
+    autoscaled: bool = False  # min_replicas or max_replicas is set
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_queue: float = 4.0
+    priority: int = 0
+    target: int = 0  # replicas asked of Ray Serve now
+    wanted: int = 0  # what demand asks for within min and max, before the GPU ceiling
+    queue: float = 0.0  # requests running and waiting: engines' and the gateway's
+    idle_s: float | None = None  # since the model's last request; None: none seen yet
+    message: str = ""  # e.g. "wanted 3, have 2: no free GPUs"
+    decisions: dict[str, int] = Field(default_factory=dict)  # action -> count, this run
+
+    @property
+    def wakeable(self) -> bool:
+        """It may be at zero replicas, and a request brings one back."""
+        return self.min_replicas == 0
+
+    @property
+    def scaled_to_zero(self) -> bool:
+        return self.wakeable and self.target == 0
+
+
+class ModelActivity(Record):
+    """What one gateway worker saw of a model lately."""
+
+    waiting: int = 0  # requests held for a replica: a cold start, or every replica full
+    idle_s: float | None = None  # since its last request to the model; None: none yet
+
+
+class GatewayDemand(Record):
+    """One gateway worker's report to the registry, every refresh (its demand signal)."""
+
+    models: dict[str, ModelActivity] = Field(default_factory=dict)
+
+
 class RegistrySnapshot(Record):
     models: list[str] = Field(default_factory=list)  # deployed, whether or not a replica is up
     replicas: list[ReplicaState] = Field(default_factory=list)
+    # The supervisor's scaling state per model, and the gateways' demand summed over
+    # their workers' fresh reports (waiting: total; idle_s: the least).
+    scale: dict[str, ScaleState] = Field(default_factory=dict)
+    demand: dict[str, ModelActivity] = Field(default_factory=dict)
 
     def routable(self) -> list[ReplicaState]:
         return [r for r in self.replicas if r.routable]
@@ -204,11 +250,21 @@ class ModelStatus(Record):
     status: str  # Serve's application status, or NOT_DEPLOYED
     message: str = ""  # why it is not (fully) deployed
     replicas: list[ReplicaState] = Field(default_factory=list)
+    scaling: ScaleState | None = None  # None: written before scaling was recorded
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def healthy_replicas(self) -> int:
         return sum(1 for r in self.replicas if r.routable)
+
+    @property
+    def serving(self) -> bool:
+        """Up as it should be: a routable replica, or scaled to zero on purpose."""
+        if self.status != "RUNNING":
+            return False
+        return self.healthy_replicas > 0 or (
+            self.scaling is not None and self.scaling.scaled_to_zero
+        )
 
     @property
     def failed(self) -> bool:
@@ -237,10 +293,11 @@ class StatusFile(Record):
 
     @property
     def ready(self) -> bool:
-        """Running, the gateway answers, and every model has a routable replica."""
+        """Running, the gateway answers, and every model has a routable replica (or is
+        scaled to zero, and a request brings one back)."""
         if self.phase != "running" or not self.gateway.ready:
             return False
-        return all(m.status == "RUNNING" and m.healthy_replicas > 0 for m in self.models.values())
+        return all(m.serving for m in self.models.values())
 
     def replicas(self) -> list[ReplicaState]:
         return [r for m in self.models.values() for r in m.replicas]

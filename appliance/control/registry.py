@@ -3,6 +3,14 @@
 Replicas report their engine URL, health and load every few hundred milliseconds; the
 gateway reads a snapshot. Ages are measured on the registry's own clock, so clocks that
 disagree between hosts do not matter.
+
+It is also where scaling's two signals meet (control/scaling.py): each gateway worker
+reports, with every snapshot it reads, the requests it holds per model and how long ago
+its last request for each came (`demand`); the supervisor reads them summed over the
+workers and publishes each model's scaling state back (`set_models`), which the gateway
+reads to know which models a request may wait for while they have no replica. Every
+worker of every gateway host already talks to this actor, so the signal needs no file
+shared between processes and reaches the supervisor from any host.
 """
 
 from __future__ import annotations
@@ -12,7 +20,14 @@ from typing import Any
 
 import ray
 
-from appliance.control.records import RegistrySnapshot, ReplicaInfo, ReplicaState
+from appliance.control.records import (
+    GatewayDemand,
+    ModelActivity,
+    RegistrySnapshot,
+    ReplicaInfo,
+    ReplicaState,
+    ScaleState,
+)
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)  # type: ignore[call-overload]
@@ -23,11 +38,21 @@ class ReplicaRegistry:
     def __init__(self) -> None:
         self._replicas: dict[str, tuple[ReplicaInfo, float]] = {}  # id -> (report, received)
         self._models: list[str] = []
+        self._scale: dict[str, ScaleState] = {}
+        # gateway worker -> (its last report, received)
+        self._demand: dict[str, tuple[GatewayDemand, float]] = {}
 
-    def set_models(self, models: list[str]) -> None:
-        """The models that are deployed, whether or not a replica is up."""
+    def set_models(self, models: list[str], scale: dict[str, dict[str, Any]] | None = None) -> None:
+        """The models that are deployed, whether or not a replica is up, and the
+        supervisor's scaling state of each."""
         self._models = sorted(models)
         self._replicas = {k: v for k, v in self._replicas.items() if v[0].model in models}
+        if scale is not None:
+            self._scale = {m: ScaleState.model_validate(s) for m, s in scale.items()}
+
+    def demand(self, worker: str, report: dict[str, Any]) -> None:
+        """One gateway worker's requests held and last request per model."""
+        self._demand[worker] = (GatewayDemand.model_validate(report), time.monotonic())
 
     def report(self, info: dict[str, Any]) -> None:
         report = ReplicaInfo.model_validate(info)
@@ -47,7 +72,30 @@ class ReplicaRegistry:
             ReplicaState(**dict(info), age_s=round(now - at, 3), fresh=now - at <= max_age_s)
             for info, at in self._replicas.values()
         ]
-        return RegistrySnapshot(models=list(self._models), replicas=replicas).model_dump()
+        return RegistrySnapshot(
+            models=list(self._models),
+            replicas=replicas,
+            scale=dict(self._scale),
+            demand=self._summed_demand(now, max_age_s),
+        ).model_dump()
+
+    def _summed_demand(self, now: float, max_age_s: float) -> dict[str, ModelActivity]:
+        """Over the workers that reported within max_age_s (a worker that died, or a
+        gateway that stopped, stops counting): requests held, summed; the time since
+        the last request, the least (each aged by its report's own age)."""
+        self._demand = {k: v for k, v in self._demand.items() if now - v[1] <= max_age_s}
+        waiting: dict[str, int] = {}
+        idle: dict[str, float] = {}
+        for report, at in self._demand.values():
+            for model, seen in report.models.items():
+                waiting[model] = waiting.get(model, 0) + seen.waiting
+                if seen.idle_s is not None:
+                    aged = seen.idle_s + (now - at)
+                    idle[model] = min(idle.get(model, aged), aged)
+        return {
+            m: ModelActivity(waiting=waiting[m], idle_s=round(idle[m], 3) if m in idle else None)
+            for m in waiting
+        }
 
 
 def get_or_create_registry() -> Any:

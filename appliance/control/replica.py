@@ -94,6 +94,13 @@ def group_problem(group: Any) -> str | None:
     )
 
 
+# Scale-down and shutdown: how long a replica waits for its engine's requests in flight
+# (below the deployment's graceful_shutdown_timeout_s, 30 s), and how long at least (the
+# gateway's next refresh of the replica table, 0.5 s by default, and the hop to it).
+DRAIN_S = 25.0
+DRAIN_SETTLE_S = 1.0
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -152,6 +159,7 @@ class EngineReplica:
         # Why the engine is not fit for traffic; None while it is.
         self.problem: str | None = None
         self._probe_problem: str | None = None
+        self._failed_check = False  # the last health check Serve made failed
         self._prober: asyncio.Task[None] | None = None
         try:
             await self._wait_ready()
@@ -363,10 +371,14 @@ class EngineReplica:
             await asyncio.sleep(self.spec.report_interval_s)
 
     async def check_health(self) -> None:
+        # Serve replaces a replica whose checks fail in a row: one that is stopped after
+        # a failed check is being replaced, and does not drain (see __del__).
+        self._failed_check = True
         if self.proc.poll() is not None:
             raise self._dead_error()
         if self.problem is not None:
             raise EngineError(self.problem)
+        self._failed_check = False
 
     async def describe(self) -> dict[str, Any]:
         return self.info(self.proc.poll() is None and self.problem is None).model_dump()
@@ -400,9 +412,44 @@ class EngineReplica:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(self.command.stop, capture_output=True, timeout=60, check=False)
 
+    def _drain(self) -> None:
+        """Before the engine stops: no new requests, and those in flight finish.
+
+        Serve counts only requests that pass through it (none do), so its own drain
+        waits for nothing. The replica tells the registry it takes no more (the gateway
+        drops it at its next refresh), then waits until its engine runs and queues
+        nothing, within DRAIN_S: Serve kills the replica at graceful_shutdown_timeout_s.
+        Blocking is fine here: the replica does nothing else any more.
+        """
+        import urllib.request
+
+        self.problem = "stopping: finishing the requests in flight"
+        self._publish(self.info(False))
+        metrics = self.adapter.metrics_path
+        started = time.monotonic()
+        while time.monotonic() - started < DRAIN_S and self.proc.poll() is None:
+            # Requests the gateway sent just before it heard reach the engine first.
+            if time.monotonic() - started >= DRAIN_SETTLE_S:
+                if metrics is None:
+                    return
+                try:
+                    with urllib.request.urlopen(self.url + metrics, timeout=2) as answer:
+                        load = self.adapter.parse_load(answer.read().decode(errors="replace"))
+                except (OSError, ValueError):
+                    return
+                if load is None or load.running + load.waiting == 0:
+                    return
+            time.sleep(0.2)
+
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown (scale-down, redeploy, `appliance down`).
         self._stopped = True
+        # A healthy replica going away (scale-down, redeploy, `down`) drains; a broken
+        # one being replaced has nothing worth waiting for.
+        serving = getattr(self, "_reporter", None) is not None and self.problem is None
+        if serving and not self._failed_check and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self._drain()
         if getattr(self, "_registry", None) is not None:
             with contextlib.suppress(Exception):
                 self._registry.forget.remote(self.replica_id)

@@ -2,9 +2,11 @@
 
 It starts (or joins) Ray, starts Ray Serve with its HTTP proxy disabled, keeps one Serve
 application per deployed model in line with the state file (`model add`/`remove` take
-effect within a second), runs the gateway as a child process and restarts it if it dies,
-and writes the status file that `appliance status` reads. SIGTERM stops everything it
-started: replicas (and with them their engines), Serve, the gateway, then Ray.
+effect within a second), sets each model's replica count from its demand and the GPUs
+free (control/scaling.py; Serve's external scaler changes the count without touching the
+replicas already running), runs the gateway as a child process and restarts it if it
+dies, and writes the status file that `appliance status` reads. SIGTERM stops everything
+it started: replicas (and with them their engines), Serve, the gateway, then Ray.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,11 @@ from appliance.control.records import (
     ModelStatus,
     RegistrySnapshot,
     ReplicaSpec,
+    ScaleState,
     StatusFile,
 )
 from appliance.control.runtime import clear_status, die_with_parent, supervisor_env, write_status
+from appliance.control.scaling import Decision, Load, Model, Policy, Scaler
 from appliance.control.warm import WarmEngines
 from appliance.errors import ApplianceError
 from appliance.gateway import INSTANCE_ENV
@@ -130,6 +134,11 @@ class Supervisor:
         self.registry: Any = None
         self.warm = WarmEngines(config)
         self.nodes: list[ClusterNode] = []  # Ray's live nodes at the last reconcile
+        self.scaler = Scaler()
+        self.targets: dict[str, int] = {}  # model -> replicas asked of Serve
+        self.scale: dict[str, ScaleState] = {}  # model -> its state at the last reconcile
+        self.snapshot = RegistrySnapshot()  # the registry, as the last reconcile read it
+        self.scale_errors: dict[str, str] = {}  # model -> the last error setting its count
 
     # Lifecycle.
 
@@ -322,6 +331,9 @@ class Supervisor:
             return None
         return replica_spec(self.config, entry, dep.plan, self.ray_address or None)
 
+    def _policy(self, dep: Deployment) -> Policy:
+        return Policy.of(self.config.models.get(dep.model), dep.plan.replicas)
+
     def _deploy(self, dep: Deployment, spec: ReplicaSpec, replicas: int) -> None:
         from ray import serve
 
@@ -342,7 +354,30 @@ class Supervisor:
             )
             .bind(spec.model_dump(mode="json"))
         )
-        serve._run(app, _blocking=False, name=dep.model, route_prefix=None)
+        # The supervisor sets the replica count from then on (`_scale`): Serve's external
+        # scaler changes it without a new version, so running replicas are kept.
+        serve._run(
+            app, _blocking=False, name=dep.model, route_prefix=None, external_scaler_enabled=True
+        )
+
+    def _scale(self, model: str, replicas: int) -> None:
+        """Set a deployed model's replica count; the replicas already running stay.
+
+        Ray Serve's external scaling API (`external_scaler_enabled`), as its dashboard's
+        `POST /api/v1/applications/<app>/deployments/<name>/scale` calls it: on the
+        controller, as the embedded Ray runs no dashboard. A redeploy with another
+        `num_replicas` would give the deployment a new random version and restart
+        every replica.
+        """
+        import ray
+        from ray.serve._private.common import DeploymentID
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        assert client is not None  # it raises when Serve is not running
+        controller = client._controller
+        deployment = DeploymentID(name="engine", app_name=model)
+        ray.get(controller.update_deployment_replicas.remote(deployment, replicas), timeout=10)
 
     def _resources(self, plan: Plan) -> dict[str, Any]:
         """What Ray reserves for each replica of `plan`.
@@ -385,16 +420,36 @@ class Supervisor:
             free = {}
         return ray_nodes(ray.nodes(), free)
 
+    def _read_registry(self) -> RegistrySnapshot:
+        import ray
+
+        return RegistrySnapshot.model_validate(
+            ray.get(self.registry.snapshot.remote(self.config.serve.stale_after_s), timeout=5)
+        )
+
+    def _load(self, model: str, snapshot: RegistrySnapshot) -> Load:
+        """A model's demand: its engines' running + waiting and what the gateway holds."""
+        routable = [r for r in snapshot.replicas if r.model == model and r.routable]
+        engines = sum(r.load.running + r.load.waiting for r in routable if r.load is not None)
+        seen = snapshot.demand.get(model)
+        held = seen.waiting if seen is not None else 0
+        return Load(
+            queue=engines + held,
+            held=held,
+            idle_s=seen.idle_s if seen is not None else None,
+            routable=len(routable),
+        )
+
     def _reconcile(self) -> None:
         from ray import serve
         from ray.serve.schema import ApplicationStatus
 
         desired = {d.model: d for d in self.state.deployments()}
         self.nodes = self._read_nodes()
-        # The planner's placer, on the nodes alive now, in the order models were added.
-        by_age = sorted(desired.values(), key=lambda d: d.added_at)
+        # Without the replicas' and the gateway's figures no count is decided: the step
+        # fails (logged once, tried again with back-off) and the counts stay as they are.
+        self.snapshot = snapshot = self._read_registry()
         cluster = Cluster(tuple(n.node() for n in self.nodes))
-        fits: dict[str, Fit] = fit([(d.model, d.plan) for d in by_age], cluster)
         apps = serve.status().applications
         now = time.monotonic()
         for model, app in apps.items():
@@ -402,6 +457,7 @@ class Supervisor:
             if failed and now - self.deployed_at.get(model, now) > RETRY_FAILED_S:
                 log.warning("retrying %s, whose deployment failed: %s", model, app.message)
                 self.deployed.pop(model, None)
+        specs: dict[str, ReplicaSpec] = {}
         for model, dep in desired.items():
             if not self.store.is_installed(model):
                 self.problems[model] = (
@@ -416,47 +472,110 @@ class Supervisor:
                     f"catalog; run `appliance model add {model}` again"
                 )
                 continue
-            placed, why = fits[model].replicas, fits[model].message
-            if placed == 0:
-                self.problems[model] = why
-                if model in self.deployed:
-                    serve.delete(model, _blocking=False)
-                    del self.deployed[model]
-                continue
-            # The spec holds the plan: a replan or a config change redeploys.
-            resources = json.dumps(self._resources(dep.plan), sort_keys=True)
-            fingerprint = hashlib.sha256(
-                f"{spec.model_dump_json()} {placed} {resources}".encode()
-            ).hexdigest()
-            if self.deployed.get(model) != fingerprint:
-                log.info("deploying %s (%d replicas)", model, placed)
-                self._deploy(dep, spec, placed)
-                self.deployed[model] = fingerprint
-                self.deployed_at[model] = time.monotonic()
-            if why:
-                self.problems[model] = why
-            else:
-                self.problems.pop(model, None)
+            specs[model] = spec
+        # Who gets how many replicas: demand, bounds and priorities, on the placer's view
+        # of the nodes alive now (models of higher priority first, then by age).
+        models = [
+            Model(m, self._policy(desired[m]), self._load(m, snapshot), desired[m].added_at)
+            for m in specs
+        ]
+        order = sorted(models, key=lambda m: (-m.policy.priority, m.added_at, m.name))
+
+        def fits(alloc: Mapping[str, int]) -> dict[str, Fit]:
+            plans = [(m.name, replace(desired[m.name].plan, replicas=alloc[m.name])) for m in order]
+            return fit(plans, cluster)
+
+        decisions = self.scaler.decide(models, fits)
+        for each in order:
+            self._apply(desired[each.name], specs[each.name], each.policy, decisions[each.name])
         for model in list(self.deployed):
             if model not in desired:
                 log.info("removing %s", model)
                 serve.delete(model, _blocking=False)
                 del self.deployed[model]
-        for model in list(self.problems):
-            if model not in desired:
-                del self.problems[model]
-        self.registry.set_models.remote(sorted(desired))
+        for table in (self.problems, self.targets, self.scale, self.scale_errors):
+            for model in list(table):
+                if model not in desired:
+                    del table[model]
+        self.scaler.forget(specs)
+        self.registry.set_models.remote(
+            sorted(desired), {m: s.model_dump(mode="json") for m, s in self.scale.items()}
+        )
+
+    def _apply(
+        self, dep: Deployment, spec: ReplicaSpec, policy: Policy, decision: Decision
+    ) -> None:
+        """Bring the model's Serve application to the decision's replica count."""
+        from ray import serve
+
+        model, target = dep.model, decision.target
+        load = self._load(model, self.snapshot)
+        if decision.actions:
+            log.info(
+                "scaling %s: %s, %d -> %d replicas (wanted %d, queue %g, idle %s)%s",
+                model,
+                " + ".join(decision.actions),
+                self.targets.get(model, 0),
+                target,
+                decision.wanted,
+                load.queue,
+                "-" if load.idle_s is None else f"{load.idle_s:.1f}s",
+                f": {decision.message}" if decision.message else "",
+            )
+        self.scale[model] = ScaleState(
+            autoscaled=policy.autoscaled,
+            min_replicas=policy.min_replicas,
+            max_replicas=policy.max_replicas,
+            target_queue=policy.target_queue,
+            priority=policy.priority,
+            target=target,
+            wanted=decision.wanted,
+            queue=load.queue,
+            idle_s=load.idle_s,
+            message=decision.message,
+            decisions=self.scaler.decisions(model),
+        )
+        if target == 0 and policy.min_replicas > 0:
+            # Nothing of it fits: reported, not left pending in Ray. (A model that may
+            # scale to zero stays deployed at zero: requests for it wait in the gateway.)
+            self.problems[model] = decision.message
+            if model in self.deployed:
+                serve.delete(model, _blocking=False)
+                del self.deployed[model]
+            self.targets.pop(model, None)
+            return
+        # The spec holds the plan: a replan or a config change redeploys (the count does not).
+        resources = json.dumps(self._resources(dep.plan), sort_keys=True)
+        fingerprint = hashlib.sha256(f"{spec.model_dump_json()} {resources}".encode()).hexdigest()
+        if self.deployed.get(model) != fingerprint:
+            log.info("deploying %s (%d replicas)", model, target)
+            self._deploy(dep, spec, target)
+            self.deployed[model] = fingerprint
+            self.deployed_at[model] = time.monotonic()
+            self.targets[model] = target
+        elif self.targets.get(model) != target:
+            try:
+                self._scale(model, target)
+            except Exception as exc:
+                what = f"{type(exc).__name__}: {exc}"
+                if self.scale_errors.get(model) != what:  # once per condition
+                    log.warning("could not set %s to %d replicas: %s", model, target, what)
+                    self.scale_errors[model] = what
+                return  # tried again at the next reconcile
+            self.scale_errors.pop(model, None)
+            self.targets[model] = target
+        if decision.blocked:
+            self.problems[model] = decision.message
+        else:
+            self.problems.pop(model, None)
 
     # Status.
 
     def _models_status(self) -> dict[str, ModelStatus]:
-        import ray
         from ray import serve
 
         try:
-            snapshot = RegistrySnapshot.model_validate(
-                ray.get(self.registry.snapshot.remote(self.config.serve.stale_after_s), timeout=5)
-            )
+            snapshot = self._read_registry()
         except Exception as exc:
             log.warning("registry snapshot failed: %r", exc)
             snapshot = RegistrySnapshot()
@@ -470,6 +589,7 @@ class Supervisor:
                 status=str(app.status.value) if app else "NOT_DEPLOYED",
                 message=self.problems.get(dep.model) or _app_message(app),
                 replicas=[r for r in snapshot.replicas if r.model == dep.model],
+                scaling=self.scale.get(dep.model),
             )
         return models
 
@@ -508,12 +628,14 @@ class Supervisor:
             from ray import serve
 
             if ray.is_initialized():
+                # All at once: each replica waits for its engine's requests in flight.
                 for model in list(self.deployed):
                     log.info("stopping %s", model)
                     try:
-                        serve.delete(model, _blocking=True)
+                        serve.delete(model, _blocking=False)
                     except Exception as exc:
                         log.warning("could not delete %s cleanly: %r", model, exc)
+                self._wait_deleted(set(self.deployed))
                 serve.shutdown()
                 if self.registry is not None:
                     ray.kill(self.registry)
@@ -532,6 +654,21 @@ class Supervisor:
             ray.shutdown()
             clear_status(self.config)
             log.info("stopped")
+
+    def _wait_deleted(self, models: set[str], timeout_s: float = 60.0) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                left = models & set(serve.status().applications)
+            except Exception as exc:
+                log.warning("could not read Serve's status while stopping: %r", exc)
+                return
+            if not left:
+                return
+            time.sleep(0.2)
+        log.warning("still stopping after %.0fs: %s", timeout_s, ", ".join(sorted(left)))
 
     def _publish_quietly(self, phase: str) -> None:
         with contextlib.suppress(OSError):

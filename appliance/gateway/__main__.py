@@ -155,6 +155,7 @@ def _serve(
         connect_timeout_s=gc.connect_timeout_s,
         request_timeout_s=gc.request_timeout_s,
         retry_after_s=gc.retry_after_s,
+        cold_start_timeout_s=gc.cold_start_timeout_s,
         limits=gc.limits,
         instance=os.environ.get(INSTANCE_ENV, ""),
         listen=f"{gc.scheme}://{host}:{port}",

@@ -5,7 +5,9 @@ the body is read), body size and time (413/408), JSON and schema (`validate`, 40
 `param`), model known and up (404/503), prompt plus `max_tokens` within the model's
 context, counted with its own tokenizer (400 `context_length_exceeded`), then room on a
 replica: at most the plan's `max_num_seqs` per replica, then a bounded wait in line, then
-503 with Retry-After. Every error is the OpenAI envelope.
+503 with Retry-After. A model scaled to zero first gets a replica: its requests wait for
+one to start (`cold_start_timeout_s`, then 503 with Retry-After), and the answer says how
+long they waited (`x-appliance-cold-start-ms`). Every error is the OpenAI envelope.
 
 The engine's bytes are streamed back unchanged except for the model name, rewritten when
 an engine calls the model by another name. A client that goes away, streaming or not,
@@ -55,7 +57,7 @@ from appliance.gateway.overflow import Overflow
 from appliance.gateway.prefix import SESSION_HEADER
 from appliance.gateway.prefix import Route as PrefixRoute
 from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
-from appliance.gateway.replicas import Overloaded, Replica, ReplicaTable
+from appliance.gateway.replicas import ColdStartTimeout, Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
 from appliance.keys import KeyRecord
 from appliance.ledger import Spool, UsageRow, body_line, refusal_line
@@ -84,6 +86,8 @@ KEPT_CHUNKS_MAX = 20_000
 _REFUSALS = {"model_overloaded", "too_many_connections"}
 # Where a request ran, and why (docs/cloud-overflow.md): on every answer.
 UPSTREAM_HEADER = "x-appliance-upstream"
+# On an answer that waited for a model scaled to zero to start a replica: the wait, in ms.
+COLD_START_HEADER = "x-appliance-cold-start-ms"
 _IMAGE_PART = MODALITY_PARTS["image"]
 
 
@@ -92,6 +96,7 @@ class GatewaySettings:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 600.0
     retry_after_s: int = 5
+    cold_start_timeout_s: float = 300.0
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     # Identifies this gateway process to its supervisor (in /healthz and /readyz).
     instance: str = ""
@@ -261,8 +266,9 @@ class Gateway:
     # Plain endpoints.
 
     def _ready(self) -> bool:
-        """Ready: the replica table is loaded and every model has a healthy replica."""
-        return self.table.loaded and all(self.table.healthy_counts().values())
+        """Ready: the replica table is loaded and every model has a healthy replica (or
+        is scaled to zero: a request starts one)."""
+        return self.table.ready()
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse(
@@ -341,6 +347,17 @@ class Gateway:
             f"{self.settings.retry_after_s} seconds.",
             type="server_error",
             code="model_unavailable",
+            headers={"retry-after": str(self.settings.retry_after_s)},
+        )
+
+    def _cold_start_timeout(self, model: str, waited_s: float) -> GatewayError:
+        return GatewayError(
+            503,
+            f"The model '{model}' was scaled to zero and no replica of it started within "
+            f"{waited_s:.0f} seconds (gateway.cold_start_timeout_s); it is still starting: "
+            f"retry after {self.settings.retry_after_s} seconds.",
+            type="server_error",
+            code="model_cold_start_timeout",
             headers={"retry-after": str(self.settings.retry_after_s)},
         )
 
@@ -464,6 +481,7 @@ class Gateway:
             raise self._unavailable(model)
         if not self.table.knows(model):
             raise self._not_found(model)
+        self.table.note_request(model)  # demand, which the supervisor scales on
         if key is not None:
             checked = _within_key_caps(key, checked)
         # The key's token limits need the exact count; the context alone may not.
@@ -927,6 +945,13 @@ class Gateway:
             # The ledger needs the usage; the tap hides it from a client that did not ask.
             forwarded = {**forwarded, "stream_options": {**(options or {}), "include_usage": True}}
             exchange.hide_usage = True
+        if self.table.cold(model):
+            try:
+                waited = await self.table.wait_warm(model, self.settings.cold_start_timeout_s)
+            except ColdStartTimeout as exc:
+                raise self._cold_start_timeout(model, exc.waited_s) from None
+            exchange.headers[COLD_START_HEADER] = str(round(waited * 1000))
+            self.metrics.cold_started(model, waited)
         tried: set[str] = set()
         while True:
             replica = await self._acquire(model, info, frozenset(tried), exchange.route)

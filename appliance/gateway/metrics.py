@@ -49,6 +49,9 @@ BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 )  # fmt: skip
+# A model scaled to zero starts an engine: seconds on the stand-in, minutes for a large
+# model on GPUs (weights, CUDA graphs).
+COLD_START_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 NONE = "-"  # a label whose value is unknown (no key, an unknown model, no upstream)
 LOCAL = "local"
@@ -60,6 +63,7 @@ REASONS = {
     "model_not_allowed": "model_not_allowed",
     "model_not_found": "model_not_found",
     "model_unavailable": "no_replica",
+    "model_cold_start_timeout": "cold_start_timeout",
     "model_overloaded": "overloaded",
     "too_many_connections": "too_many_connections",
     "concurrency_limit_exceeded": "concurrency",
@@ -253,6 +257,14 @@ class GatewayMetrics:
             registry=own,
         )
         table.chooser.on_decision = self.routed
+        self.cold_starts = Histogram(
+            "appliance_cold_start_wait_seconds",
+            "How long requests for a model scaled to zero waited for its first replica "
+            "(answered ones; those that waited too long are rejections, cold_start_timeout).",
+            ("model",),
+            buckets=COLD_START_BUCKETS,
+            registry=own,
+        )
         # Requests this worker is handling, set once a second (not twice a request); the
         # sum over live workers (a dead worker's figure goes with it).
         self.in_flight = Gauge(
@@ -326,6 +338,9 @@ class GatewayMetrics:
 
     def routed(self, model: str, decision: str) -> None:
         self._child(self.routes, model, decision).inc()
+
+    def cold_started(self, model: str, waited_s: float) -> None:
+        self._child(self.cold_starts, self.model_label(model)).observe(waited_s)
 
     def set_in_flight(self, requests: int) -> None:
         self.in_flight.set(requests)
@@ -451,13 +466,16 @@ class _Answered:
 
 
 class _ReplicaGauges:
-    """The replica table's figures at scrape time (a prometheus-client custom collector)."""
+    """The replica table's figures at scrape time (a prometheus-client custom collector),
+    and the supervisor's scaling state, which the table holds from the registry: replica
+    counts set and wanted, and the scaling decisions counted since the supervisor started
+    (a counter that goes back to 0 when it restarts, as any process's does)."""
 
     def __init__(self, table: ReplicaTable) -> None:
         self.table = table
 
     def collect(self) -> Iterable[Metric]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         table = self.table
         in_flight = GaugeMetricFamily(
@@ -476,10 +494,33 @@ class _ReplicaGauges:
             "Replicas of the model the gateway routes to now (healthy, fresh, not just failed).",
             labels=("model",),
         )
+        target = GaugeMetricFamily(
+            "appliance_replicas_target",
+            "Replicas the supervisor asks Ray Serve for (its scaling decision).",
+            labels=("model",),
+        )
+        wanted = GaugeMetricFamily(
+            "appliance_replicas_wanted",
+            "Replicas the model's demand asks for within min_replicas and max_replicas, "
+            "before the GPU ceiling: above the target when GPUs are short.",
+            labels=("model",),
+        )
+        decisions = CounterMetricFamily(
+            "appliance_scaling_decisions",
+            "Scaling decisions by model and action: up, down, to_zero, from_zero, reclaimed "
+            "(gave a replica to a model of higher priority), blocked (no GPUs to grow).",
+            labels=("model", "action"),
+        )
         for model in table.models:
             replicas = table.replicas(model)
             for replica in replicas:
                 in_flight.add_metric((model, replica.replica_id), table.in_flight(replica))
             queued.add_metric((model, NONE), table.counts.waiting(model))
             healthy.add_metric((model,), len(table.healthy(model)))
-        return [in_flight, queued, healthy]
+            state = table.scale.get(model)
+            if state is not None:
+                target.add_metric((model,), state.target)
+                wanted.add_metric((model,), state.wanted)
+                for action, count in sorted(state.decisions.items()):
+                    decisions.add_metric((model, action), count)
+        return [in_flight, queued, healthy, target, wanted, decisions]

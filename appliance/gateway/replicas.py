@@ -9,17 +9,21 @@ is routing.Chooser's call: engine load, these counts and prefix affinity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.config import GatewayRouting
-from appliance.control.records import RegistrySnapshot
+from appliance.control.records import GatewayDemand, ModelActivity, RegistrySnapshot, ScaleState
 from appliance.engines.base import EngineLoad
 from appliance.gateway.prefix import Route
 from appliance.gateway.routing import Chooser
@@ -58,6 +62,15 @@ class Overloaded(Exception):
         super().__init__(reason)
         self.model = model
         self.reason = reason
+
+
+class ColdStartTimeout(Exception):
+    """A model scaled to zero had no replica up within the cold-start bound."""
+
+    def __init__(self, model: str, waited_s: float) -> None:
+        super().__init__(model)
+        self.model = model
+        self.waited_s = waited_s
 
 
 class LocalCounts:
@@ -168,6 +181,12 @@ class ReplicaTable:
     per healthy replica and at most `timeout_s` each; past either bound, `Overloaded`.
     A waiter is woken by a release in its own worker, and looks again every
     `RECHECK_S` for room another worker freed.
+
+    A model that may scale to zero (the supervisor's scaling state, in the snapshot) and
+    has no replica holds its requests in `wait_warm` until one is up. The table keeps
+    what the supervisor scales on (`activity`): when each model last had a request and
+    how many requests wait here for it; the source sends it with every refresh, and at
+    once when a request starts waiting for a cold model (`on_cold`).
     """
 
     RECHECK_S = 0.05
@@ -186,17 +205,29 @@ class ReplicaTable:
         self._failed_until: dict[str, float] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.scale: dict[str, ScaleState] = {}
+        self._last_request: dict[str, float] = {}  # model -> time.monotonic()
+        self._cold: dict[str, int] = {}  # model -> requests waiting for its first replica
+        self._warm: dict[str, asyncio.Event] = {}  # set when a cold model has a replica
+        self.on_cold: Callable[[], None] | None = None
 
-    def replace(self, models: list[str], replicas: list[Replica]) -> None:
+    def replace(
+        self,
+        models: list[str],
+        replicas: list[Replica],
+        scale: dict[str, ScaleState] | None = None,
+    ) -> None:
         """Swap in a new snapshot (callable from any thread: one reference assignment)."""
         by_model: dict[str, list[Replica]] = {m: [] for m in models}
         for replica in replicas:
             by_model.setdefault(replica.model, []).append(replica)
         self._by_model = {m: tuple(rs) for m, rs in by_model.items()}
         self.models = tuple(sorted(by_model))
+        if scale is not None:
+            self.scale = scale
         self.chooser.reported(replicas)
         self.loaded = True
-        if self._loop is not None and any(self._waiters.values()):
+        if self._loop is not None and (any(self._waiters.values()) or self._warm):
             # New replicas may have room: let waiters look again (on the loop's thread).
             self._loop.call_soon_threadsafe(self._wake_all)
 
@@ -341,6 +372,64 @@ class ReplicaTable:
     def _wake_all(self) -> None:
         for model in list(self._waiters):
             self._wake(model)
+        for model, event in self._warm.items():
+            if self._by_model.get(model):
+                event.set()
+
+    # Scale to zero: requests for a model with no replica wait for one.
+
+    def note_request(self, model: str) -> None:
+        """A request for the model arrived (the supervisor scales on when they do)."""
+        self._last_request[model] = time.monotonic()
+
+    def wakeable(self, model: str) -> bool:
+        """The model may be at zero replicas, and a request brings one back."""
+        state = self.scale.get(model)
+        return state is not None and state.wakeable
+
+    def cold(self, model: str) -> bool:
+        """A request for the model would wait for its first replica to start."""
+        return self.wakeable(model) and not self._by_model.get(model)
+
+    async def wait_warm(self, model: str, timeout_s: float) -> float:
+        """Wait until the model has a replica; the seconds waited. ColdStartTimeout past
+        `timeout_s`. Many requests waiting together are one demand: the supervisor starts
+        one replica for them (control/scaling.py)."""
+        started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        event = self._warm.get(model)
+        if event is None:
+            event = self._warm[model] = asyncio.Event()
+        self._cold[model] = self._cold.get(model, 0) + 1
+        if self.on_cold is not None:
+            self.on_cold()  # tell the supervisor now, not at the next refresh
+        try:
+            while self.cold(model):
+                left = timeout_s - (time.monotonic() - started)
+                if left <= 0:
+                    raise ColdStartTimeout(model, time.monotonic() - started)
+                event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=left)
+        finally:
+            self._cold[model] -= 1
+            if not self._cold[model]:
+                del self._cold[model]
+                self._warm.pop(model, None)
+        return time.monotonic() - started
+
+    def activity(self) -> GatewayDemand:
+        """What this worker reports: per model, requests held here and time since the
+        last request (models with neither are left out)."""
+        now = time.monotonic()
+        models: dict[str, ModelActivity] = {}
+        for model in set(self._last_request) | set(self._cold) | set(self._waiters):
+            held = self._cold.get(model, 0) + len(self._waiters.get(model, ()))
+            last = self._last_request.get(model)
+            models[model] = ModelActivity(
+                waiting=held, idle_s=None if last is None else round(now - last, 3)
+            )
+        return GatewayDemand(models=models)
 
     def waiting(self, model: str) -> int:
         return len(self._waiters.get(model, ()))
@@ -358,6 +447,12 @@ class ReplicaTable:
 
     def healthy_counts(self) -> dict[str, int]:
         return {m: len(self.healthy(m)) for m in self.models}
+
+    def ready(self) -> bool:
+        """Every model has a healthy replica, or is scaled to zero and can be woken."""
+        return self.loaded and all(
+            count or self.cold(model) for model, count in self.healthy_counts().items()
+        )
 
 
 def replicas_from_snapshot(snapshot: RegistrySnapshot) -> list[Replica]:
@@ -431,6 +526,8 @@ class RayRegistrySource:
         self.interval_s = interval_s
         self.stale_after_s = stale_after_s
         self._stop = threading.Event()
+        self._poked = threading.Event()
+        table.on_cold = self.poke
         self._thread = threading.Thread(target=self._run, name="replica-source", daemon=True)
         self._thread.start()
 
@@ -446,18 +543,30 @@ class RayRegistrySource:
             logging_level=logging.WARNING,
         )
         handle: Any = None
+        # This worker's name in the registry's demand table (one per process, per host).
+        worker = f"{socket.gethostname()}:{os.getpid()}"
         while not self._stop.is_set():
+            self._poked.clear()
             try:
                 if handle is None:
                     handle = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+                # The scaling signal (control/registry.py): sent, not awaited.
+                handle.demand.remote(worker, self.table.activity().model_dump(mode="json"))
                 snapshot = RegistrySnapshot.model_validate(
                     ray.get(handle.snapshot.remote(self.stale_after_s), timeout=5)
                 )
-                self.table.replace(snapshot.models, replicas_from_snapshot(snapshot))
+                self.table.replace(
+                    snapshot.models, replicas_from_snapshot(snapshot), snapshot.scale
+                )
             except Exception as exc:
                 handle = None
                 log.warning("replica registry not readable yet: %r", exc)
-            self._stop.wait(self.interval_s)
+            self._poked.wait(self.interval_s)
+
+    def poke(self) -> None:
+        """Refresh now (a request started waiting for a model at zero replicas)."""
+        self._poked.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._poked.set()

@@ -149,6 +149,30 @@ GATEWAY_METRICS: tuple[Metric, ...] = (
         ("model", "decision"),
         "How requests were placed on a replica: affinity, session_home, spill or load.",
     ),
+    Metric(
+        "appliance_cold_start_wait_seconds",
+        "histogram",
+        ("model",),
+        "How long requests for a model scaled to zero waited for its first replica.",
+    ),
+    Metric(
+        "appliance_replicas_target",
+        "gauge",
+        ("model",),
+        "Replicas the supervisor asks Ray Serve for.",
+    ),
+    Metric(
+        "appliance_replicas_wanted",
+        "gauge",
+        ("model",),
+        "Replicas the model's demand asks for, before the GPU ceiling.",
+    ),
+    Metric(
+        "appliance_scaling_decisions_total",
+        "counter",
+        ("model", "action"),
+        "Scaling decisions: up, down, to_zero, from_zero, reclaimed, blocked.",
+    ),
 )
 
 # Counters of events (a rejection, an engine error): a labelled counter has no series until
@@ -161,6 +185,7 @@ EVENT_COUNTERS = frozenset(
         "appliance_overflow_refused_total",
         "appliance_cloud_errors_total",
         "appliance_cloud_spend_total",
+        "appliance_scaling_decisions_total",
     }
 )
 

@@ -162,7 +162,10 @@ def render_rules(targets: AlertTargets = AlertTargets()) -> dict[str, Any]:
                 "rules": [
                     {
                         "alert": "ApplianceModelWithoutHealthyReplica",
-                        "expr": "appliance_replicas_healthy == 0",
+                        # A model scaled to zero on purpose (idle, wanting no replica)
+                        # is not down: its next request starts one.
+                        "expr": "appliance_replicas_healthy == 0 "
+                        "unless on (model) appliance_replicas_wanted == 0",
                         "for": targets.no_replica_for,
                         "labels": {"severity": "critical"},
                         "annotations": {

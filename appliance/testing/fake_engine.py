@@ -531,8 +531,11 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
     """`--model W --served-model-name N --host H --port P ...`: the command line the
     appliance gives vLLM's OpenAI server module (after `python -m ...`).
 
-    Other vLLM flags are accepted and reported, not acted on: this stands in for vLLM
-    where no GPU is at hand (placement tests on Ray with declared GPUs).
+    Other vLLM flags are accepted and reported, not acted on, except `--max-num-seqs`
+    (requests beyond it wait, as in vLLM): this stands in for vLLM where no GPU is at
+    hand (placement and scaling tests on Ray with declared GPUs). FAKE_ENGINE_TOKENS and
+    FAKE_ENGINE_DELAY_MS in its environment (a model's `engine_env`) set the answers'
+    length and pace (8 tokens 5 ms apart).
     """
     parser = argparse.ArgumentParser(prog="fake-vllm")
     parser.add_argument("--model", required=True)
@@ -540,6 +543,7 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--distributed-executor-backend", default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
     args, _ = parser.parse_known_args(argv)
     info: dict[str, Any] = {
         "argv": ["python3", *VLLM_SERVER, *argv],
@@ -556,9 +560,9 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
         host=args.host,
         port=args.port,
         model=args.served_model_name,
-        tokens=8,
-        delay_ms=5.0,
-        max_running=256,
+        tokens=int(os.environ.get("FAKE_ENGINE_TOKENS", "8")),
+        delay_ms=float(os.environ.get("FAKE_ENGINE_DELAY_MS", "5")),
+        max_running=args.max_num_seqs,
     )
     return ns, info
 
