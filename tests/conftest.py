@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from appliance.control.records import ReplicaState
+from appliance.control.runtime import log_tail
 
 _engine_install: threading.Thread | None = None
 
@@ -61,6 +62,25 @@ def _start_engine_install() -> None:
 
     _engine_install = threading.Thread(target=install, name="engine-install", daemon=True)
     _engine_install.start()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A failed test that ran against a real appliance shows the end of its supervisor
+    and gateway logs: on CI they are all there is to learn from (the homes are gone)."""
+    report: pytest.TestReport = yield
+    if report.failed and call.when == "call":
+        for value in getattr(item, "funcargs", {}).values():
+            found = value[0] if isinstance(value, tuple) and value else value
+            # By name: test modules import this file as tests.conftest, pytest as conftest.
+            if any(c.__name__ == "ApplianceUnderTest" for c in type(found).__mro__):
+                for name in ("supervisor.log", "gateway.log"):
+                    text = log_tail(found.home / "logs" / name, 60)
+                    report.sections.append((f"{name} (last 60 lines)", text or "(none)"))
+                break
+    return report
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

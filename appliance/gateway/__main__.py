@@ -240,6 +240,7 @@ class Workers:
         self.pids: dict[int, int] = {}  # worker index -> pid
         self.started: dict[int, float] = {}
         self.restarts: dict[int, int] = {}
+        self.due: dict[int, float] = {}  # worker index -> when to start it again
         self.stopping = False
         self.kill_at = float("inf")
 
@@ -268,8 +269,14 @@ class Workers:
         for index in range(self.workers):
             self._spawn(index)
         beats = SharedTable(self.config.run_dir / "gateway-replicas", shared_record(), 4096, 0)
-        while self.pids:
+        while self.pids or self.due:
             time.sleep(0.5)
+            for index, at in list(self.due.items()):
+                if self.stopping:
+                    self.due.clear()
+                elif time.monotonic() >= at:
+                    del self.due[index]
+                    self._spawn(index)
             if self.stopping and time.monotonic() > self.kill_at:
                 for pid in self.pids.values():  # a hung worker ignores SIGTERM
                     with contextlib.suppress(ProcessLookupError):
@@ -308,9 +315,8 @@ class Workers:
         self.restarts[index] = count
         delay = min(30.0, 2.0 ** (count - 1))
         log.error("gateway worker %d %s; starting it again in %.0fs", index, why, delay)
-        time.sleep(delay)
-        if not self.stopping:
-            self._spawn(index)
+        # Not a sleep here: the other workers' watchdog and exits keep being seen meanwhile.
+        self.due[index] = time.monotonic() + delay
 
     def _stop(self) -> None:
         self.stopping = True
