@@ -309,10 +309,17 @@ class Supervisor:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         url = gateway_url(self.config) + "/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
-                health = json.loads(resp.read())
-        except (OSError, ValueError):
+        # One connection per try, and one try more than there are workers: the kernel
+        # spreads connections over the workers (SO_REUSEPORT), and a single hung worker,
+        # which its gateway replaces itself, must not make the whole gateway look hung.
+        for _ in range(self.config.gateway.worker_count + 1):
+            try:
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
+                    health = json.loads(resp.read())
+                break
+            except (OSError, ValueError):
+                continue
+        else:
             return False
         if not isinstance(health, dict) or health.get("instance") != self.gateway_instance:
             return False
