@@ -43,6 +43,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         start_downloads()
     if any(item.get_closest_marker("e2e") for item in session.items):
         _start_engine_install()
+    if any(item.nodeid.endswith("test_lint[mypy]") for item in session.items):
+        from tests import background
+
+        root = Path(__file__).resolve().parent.parent
+        background.start("mypy", [sys.executable, "-m", "mypy"], root)
 
 
 def _start_engine_install() -> None:
@@ -86,6 +91,8 @@ def pytest_runtest_makereport(
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _engine_install is not None:
         _engine_install.join()  # never leave pip running behind the session
+    if "tests.background" in sys.modules:
+        sys.modules["tests.background"].stop_all()
     if "tests.installer.testhosts" in sys.modules:
         sys.modules["tests.installer.testhosts"].finish_downloads()
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import background
 
 pytest.importorskip("ruff")
 pytest.importorskip("mypy")
@@ -25,11 +26,6 @@ PATHS = ["appliance", "tests", "benchmarks"]
     ids=["ruff-check", "ruff-format", "mypy"],
 )
 def test_lint(args: list[str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}{proc.stderr}"
+    # mypy was started in the background at collection (tests/conftest.py).
+    code, output = background.result(args[0], [sys.executable, "-m", *args], ROOT, timeout=300)
+    assert code == 0, f"{' '.join(args)} failed:\n{output}"
