@@ -24,19 +24,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
 import re
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -59,6 +56,7 @@ from appliance.gateway.prefix import Route as PrefixRoute
 from appliance.gateway.relay import ModelRewriter, StreamTap, usage_of
 from appliance.gateway.replicas import ColdStartTimeout, Overloaded, Replica, ReplicaTable
 from appliance.gateway.tokens import PromptCounter, TemplateRefused
+from appliance.gateway.upstream import ConnectFailed, EnginePool, EngineResponse, UpstreamError
 from appliance.keys import KeyRecord
 from appliance.ledger import Spool, UsageRow, body_line, refusal_line
 
@@ -159,43 +157,6 @@ def _engine_unreachable() -> GatewayError:
     )
 
 
-class _Attempt:
-    """One try at sending a request upstream: did it go out on a pooled connection?"""
-
-    __slots__ = ("reused",)
-
-    def __init__(self) -> None:
-        self.reused = False
-
-
-# Set around each `session.post`; the connector marks it (see `_open_upstream`).
-_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
-    "upstream_attempt", default=None
-)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, telling the request in hand whether its connection came from
-    the pool: a connection that served a request before is a pooled one. (aiohttp's
-    `TraceConfig.on_connection_reuseconn` says the same, but tracing costs every request
-    a trace object and half a dozen signal coroutines, 10-20 us.)"""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._served: weakref.WeakSet[object] = weakref.WeakSet()
-
-    async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
-        conn = await super().connect(*args, **kwargs)
-        protocol = conn.protocol
-        if protocol in self._served:
-            attempt = _ATTEMPT.get()
-            if attempt is not None:
-                attempt.reused = True
-        elif protocol is not None:
-            self._served.add(protocol)
-        return conn
-
-
 class _ClientGone(Exception):
     """The client disconnected before its answer was complete."""
 
@@ -224,29 +185,12 @@ class Gateway:
         self.limits = settings.limits
         self.caps = settings.caps
         self.book = book or DeploymentBook(None, None)
-        self.session: aiohttp.ClientSession | None = None
+        self.engines = EnginePool(settings.connect_timeout_s, settings.request_timeout_s)
         self.in_flight = 0
         # Long prompts are counted here, never in the default executor the state reads use.
         self._counting = concurrent.futures.ThreadPoolExecutor(2, "prompt-count")
 
     async def startup(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=_Connector(
-                limit=0,
-                ttl_dns_cache=300,
-                # Below the engines' own keep-alive (uvicorn's default is 5 s), so a pooled
-                # connection is rarely one the engine is about to close.
-                keepalive_timeout=4.0,
-            ),
-            # No limit on a whole answer (long generations are fine); a limit on silence.
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.settings.connect_timeout_s,
-                sock_read=self.settings.request_timeout_s,
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
         # Read at start, not at the first request: a disk that fills later must find
         # the keys and records already in hand.
         await self.book.refresh(force=True)
@@ -255,8 +199,7 @@ class Gateway:
             await self.overflow.start()
 
     async def shutdown(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        self.engines.close()
         if self.overflow is not None:
             await self.overflow.close()
         self._counting.shutdown(wait=False, cancel_futures=True)
@@ -676,26 +619,13 @@ class Gateway:
 
     async def _open_upstream(
         self, request_id: str, path: str, data: bytes, replica: Replica
-    ) -> aiohttp.ClientResponse:
-        """POST to the replica. A pooled connection that turns out closed (the engine
-        dropped it while idle) is retried once on a new one: the engine never saw the
-        request. A new connection that breaks is this request's problem alone."""
-        assert self.session is not None
+    ) -> EngineResponse:
+        """POST to the replica (a pooled connection the engine had closed is retried once
+        on a new one by the pool: the engine never saw the request)."""
         headers = {"content-type": "application/json", "x-request-id": request_id}
         if replica.api_key:
             headers["authorization"] = f"Bearer {replica.api_key}"
-        for _ in range(2):
-            attempt = _Attempt()
-            token = _ATTEMPT.set(attempt)
-            try:
-                return await self.session.post(replica.url + path, data=data, headers=headers)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if not attempt.reused:
-                    raise
-                log.info("replica %s had closed a pooled connection; retrying", replica.replica_id)
-            finally:
-                _ATTEMPT.reset(token)
-        raise _engine_unreachable()
+        return await self.engines.post(replica.url, path, data, headers)
 
     def _route(self, headers: dict[bytes, bytes], checked: validate.Checked) -> PrefixRoute | None:
         """The prompt's prefix keys and session, for the replica choice (routing.py)."""
@@ -971,13 +901,13 @@ class Gateway:
                 try:
                     upstream = await self._open_upstream(request_id, path, data, replica)
                     break
-                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                except ConnectFailed:
                     # Nothing reached the engine: safe to try another replica.
                     self.table.mark_failed(replica)
                     self.metrics.engine_failed(model, replica.replica_id)
                     tried.add(replica.replica_id)
                     log.warning("replica %s of %s refused a connection", replica.replica_id, model)
-                except (TimeoutError, aiohttp.ClientError):
+                except (TimeoutError, UpstreamError):
                     raise _engine_unreachable() from None
             except BaseException:
                 self.table.release(replica)
@@ -993,14 +923,14 @@ class Gateway:
         request_id: str,
         checked: validate.Checked,
         replica: Replica,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineResponse,
     ) -> None:
         finished = False
         try:
             if upstream.status != 200 or not checked.stream:
                 try:
                     raw = await upstream.read()
-                except (TimeoutError, aiohttp.ClientError):
+                except (TimeoutError, UpstreamError):
                     raise GatewayError(
                         502,
                         "The model's engine failed while answering; retry shortly.",
@@ -1036,7 +966,7 @@ class Gateway:
         send: Send,
         exchange: _Exchange,
         replica: Replica,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineResponse,
         model: str,
         request_id: str,
     ) -> bool:
@@ -1046,10 +976,8 @@ class Gateway:
         )
         tap = StreamTap(rewriter, exchange.hide_usage)
         tail = b""
-        content = upstream.content
         try:
-            # readany() itself, not iter_any(): one coroutine less for every chunk.
-            while piece := await content.readany():
+            while piece := await upstream.readany():
                 chunk = tap.feed(piece)
                 if not chunk:
                     continue
@@ -1062,7 +990,7 @@ class Gateway:
             if rest := tap.flush():
                 tail = rest
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             log.warning("engine stream for %s broke (request %s): %r", model, request_id, exc)
             self.table.mark_failed(replica)
             event = sse_error_event(
