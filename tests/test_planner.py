@@ -116,6 +116,21 @@ def test_trtllm_bench_settings_follow_its_tuning() -> None:
     assert tokens == 20000 + bs
 
 
+def test_each_run_has_the_kv_cache_its_checkpoint_asks_for() -> None:
+    # trtllm-bench's kv_cache_dtype "auto" keeps the checkpoint's kv_cache_quant_algo:
+    # nvidia/Llama-3.1-405B-Instruct-FP8 sets none, so its runs held a 16-bit cache.
+    kv = {t.checkpoint: t.kv_dtype for t in validation.PUBLISHED.tables}
+    assert kv["nvidia/Llama-3.1-405B-Instruct-FP8"] == "bf16"
+    assert kv["nvidia/Llama-3.1-8B-Instruct-FP8"] == "fp8"
+    rows = [r for r in RESULTS if r.row.model == "llama-3.1-405b-instruct"]
+    assert rows and all(r.row.kv_dtype == "bf16" for r in rows)
+    # The 16-bit cache halves the requests trtllm-bench's tuning sizes the batch for.
+    entry, h100 = model("llama-3.1-405b-instruct"), GPUS["H100-80GB"]
+    fp8 = validation.bench_settings(entry, h100, 8, 1000, 1000, "fp8")[0]
+    bf16 = validation.bench_settings(entry, h100, 8, 1000, 1000, "bf16")[0]
+    assert bf16 < fp8 <= 2 * bf16
+
+
 # Memory facts from issue 4 ("Planner, store and cost").
 
 

@@ -52,7 +52,7 @@ class Efficiency:
 # Fitted by `python -m appliance.planner.validation --fit` on the fit rows (the shapes in
 # fit_shapes of appliance/planner/published.toml); tests/test_planner.py checks that a refit
 # reproduces them.
-FITTED = Efficiency(compute=0.590, bandwidth=0.860, attention=0.808, experts=0.359, link=0.696)
+FITTED = Efficiency(compute=0.579, bandwidth=0.983, attention=0.814, experts=0.316, link=1.000)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ prints the factors to copy into roofline.FITTED.
 
 The prediction runs what the page documents: TP over all the GPUs; MoE models with `--ep`
 equal to TP and the page's MoE options, `enable_attention_dp: true` (layout DP + EP;
-`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse: 1.50
-against 0.55, the sum of squared log errors). KV cache FP8 (ModelOpt exports set
-kv_cache_quant_algo FP8); `--kv_cache_free_gpu_mem_fraction 0.95`
+`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse: 1.53
+against 0.53, the sum of squared log errors). The KV cache the checkpoint's
+hf_quant_config.json asks for (each table's kv_cache_quant_algo: the page sets no
+kv_cache_config, so trtllm-bench's "auto" keeps it; FP8, or 16-bit for the 405B's null),
+in the KV cache and in trtllm-bench's batch tuning; `--kv_cache_free_gpu_mem_fraction 0.95`
 ("in many cases"); the max_batch_size and max_num_tokens trtllm-bench computes for each
 shape (`bench_settings`), each attention-DP rank scheduling its own batch; and as many
 sequences of ISL+OSL tokens as the KV cache holds (TensorRT-LLM's default capacity
@@ -28,6 +30,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 
@@ -35,7 +38,7 @@ from appliance.catalog import Catalog, HubSource, ModelEntry, load_catalog
 from appliance.errors import PlanError
 from appliance.gpus import GPUS, GpuSpec
 from appliance.planner.layout import Layout
-from appliance.planner.memory import EngineLimits, kv_budget, sequences_per_gpu_group
+from appliance.planner.memory import KV_BYTES, EngineLimits, kv_budget, sequences_per_gpu_group
 from appliance.planner.roofline import FITTED, Efficiency, Workload, predict
 from appliance.strict import Strict, read_toml
 
@@ -65,7 +68,15 @@ class Table(Strict):
     column: str  # the page's column
     gpus: str  # COUNTxTYPE
     checkpoint: str  # the Hub repository the page names
+    # The checkpoint's hf_quant_config.json "kv_cache_quant_algo" ("none": JSON null), which
+    # trtllm-bench's kv_cache_dtype "auto" (the page sets no kv_cache_config) keeps.
+    kv_cache_quant_algo: Literal["FP8", "none"]
     output_tok_s: dict[str, int]  # "ISL/OSL" -> the published figure
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache the run had: FP8 when the checkpoint says so, else 16-bit."""
+        return "fp8" if self.kv_cache_quant_algo == "FP8" else "bf16"
 
 
 class Miss(Strict):
@@ -105,6 +116,7 @@ class Row:
     osl: int
     published: float  # output tokens/s
     checkpoint: str
+    kv_dtype: str  # "fp8" or "bf16" (Table.kv_dtype)
 
     @property
     def fit(self) -> bool:
@@ -116,7 +128,7 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = tuple(
-    Row(t.model, t.gpus, int(isl), int(osl), float(value), t.checkpoint)
+    Row(t.model, t.gpus, int(isl), int(osl), float(value), t.checkpoint, t.kv_dtype)
     for t in PUBLISHED.tables
     for shape, value in t.output_tok_s.items()
     for isl, osl in [shape.split("/")]
@@ -137,16 +149,20 @@ class Result:
         return self.predicted / self.row.published - 1
 
 
-def bench_settings(entry: ModelEntry, gpu: GpuSpec, tp: int, isl: int, osl: int) -> tuple[int, int]:
+def bench_settings(
+    entry: ModelEntry, gpu: GpuSpec, tp: int, isl: int, osl: int, kv_dtype: str = "fp8"
+) -> tuple[int, int]:
     """(max_batch_size, max_num_tokens) that trtllm-bench gives the engine:
     calc_engine_setting and finetune_setting in tensorrt_llm/bench/build/tuning.py, for an
-    FP8 checkpoint with an FP8 KV cache and no pipeline parallelism; then, on the PyTorch
+    FP8 checkpoint whose KV cache is `kv_dtype` (its byte_per_kv_elem: 1 for a checkpoint's
+    kv_cache_quant_algo FP8, 2 for none) and no pipeline parallelism; then, on the PyTorch
     backend with chunked prefill off (trtllm-bench's default, and the page's commands do not
     turn it on), get_settings in tensorrt_llm/bench/benchmark/utils/general.py raises
     max_num_tokens to at least ISL + max_batch_size (NVIDIA/TensorRT-LLM#5625), so that a
     whole prompt fits one step."""
     arch, gib = entry.architecture, 2**30
     per_token = 2 * arch.num_layers * max(tp, arch.num_kv_heads) * arch.head_dim / gib
+    per_token *= KV_BYTES[kv_dtype]
     engine = arch.params_total_b * 1e9 / gib
     cache = (gpu.memory_bytes / gib * tp - engine) * BENCH_MEMORY_FRACTION
     raw_bs = min(cache / (per_token * (isl + osl)), BENCH_MAX_BATCH)
@@ -171,10 +187,10 @@ def _setup(catalog: Catalog, row: Row, attention_dp: bool) -> Callable[[Efficien
     gpu, n = GPUS[kind], int(count)
     moe = entry.architecture.is_moe
     layout = Layout(n, 1, "ep", attention_dp) if moe and n > 1 else Layout(n)
-    max_bs, max_tokens = bench_settings(entry, gpu, n, row.isl, row.osl)
+    max_bs, max_tokens = bench_settings(entry, gpu, n, row.isl, row.osl, row.kv_dtype)
     limits = EngineLimits("trtllm", BENCH_MEMORY_FRACTION, True, max_bs, max_tokens)
     budget = kv_budget(entry, gpu, "fp8", layout, limits)[2]
-    seqs = sequences_per_gpu_group(entry, row.isl + row.osl, "fp8", layout, budget, "trtllm")
+    seqs = sequences_per_gpu_group(entry, row.isl + row.osl, row.kv_dtype, layout, budget, "trtllm")
     # Each attention-DP rank schedules its own batch, up to max_batch_size.
     cap = max_bs * (n if layout.attention_dp else 1)
     batch = max(1, min(int(seqs), cap))
@@ -185,7 +201,7 @@ def _setup(catalog: Catalog, row: Row, attention_dp: bool) -> Callable[[Efficien
             entry,
             gpu,
             "fp8",
-            "fp8",
+            row.kv_dtype,
             n,
             1,
             batch,
