@@ -35,6 +35,8 @@ pin() {
     python3 -c "import re,sys; print(re.search(r'^$1 = \"([^\"]+)\"', open('$root/appliance/versions.py').read(), re.M).group(1))"
 }
 vllm_version=$(pin VLLM)
+# The vLLM image's Ray joins the appliance's cluster: the release pyproject.toml pins.
+ray_version=$(python3 -c "import re,tomllib; deps=tomllib.load(open('$root/pyproject.toml','rb'))['project']['dependencies']; print(next(re.match(r'ray(\[[^]]*\])?==(\S+)', d).group(2) for d in deps if re.match(r'ray(\[[^]]*\])?==', d)))")
 trtllm_version=$(pin TRTLLM)
 tag_of() {
     case "$1" in
@@ -47,15 +49,16 @@ tag_of() {
 for image in "${images[@]}"; do
     tag=$(tag_of "$image")
     context="$root/images/$image"
-    if [ "$image" = control-plane ]; then
-        # The control plane installs the appliance from a wheel built from this checkout.
+    if [ "$image" = control-plane ] || [ "$image" = vllm ]; then
+        # The control plane installs the appliance from a wheel built from this checkout;
+        # the vLLM image installs it too, for its vLLM plugin (appliance/vllm_plugin.py).
         rm -rf "$context/dist"
         python3 -m pip wheel --no-deps --wheel-dir "$context/dist" "$root" >/dev/null
     fi
     echo "building $tag"
     args=(--build-arg "APPLIANCE_VERSION=$version")
     if [ "$image" = vllm ]; then
-        args+=(--build-arg "VLLM_VERSION=$vllm_version"
+        args+=(--build-arg "VLLM_VERSION=$vllm_version" --build-arg "RAY_VERSION=$ray_version"
                --build-arg "VLLM_IMAGE=docker.io/vllm/vllm-openai:v$vllm_version")
     fi
     "$cli" build --file "$context/Containerfile" --tag "$tag" "${args[@]}" "$context"

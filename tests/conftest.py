@@ -23,6 +23,7 @@ import pytest
 from appliance.control.records import ReplicaState
 from appliance.control.runtime import log_tail
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 _engine_install: threading.Thread | None = None
 
 
@@ -251,11 +252,35 @@ def appliance_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def entry_points_dist(root: Path) -> Path:
+    """A directory that, on sys.path, makes importlib.metadata find the entry points
+    pyproject.toml declares, as an install of the appliance's wheel would: the tests run
+    from a source tree (PYTHONPATH), whose own entry points no installed metadata lists."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    lines = []
+    for group, entries in project["entry-points"].items():
+        lines.append(f"[{group}]")
+        lines += [f"{name} = {target}" for name, target in entries.items()]
+    info = root / "entry-points" / "appliance_source_tree-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    metadata = "Metadata-Version: 2.1\nName: appliance-source-tree\nVersion: 0\n"
+    (info / "METADATA").write_text(metadata)
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return info.parent
+
+
 def vllm_stand_in(root: Path) -> Path:
     """An `engines.vllm.command` that runs the fake engine, which takes the `-m
-    vllm.entrypoints.openai.api_server ...` it is given as vLLM's command line."""
+    vllm.entrypoints.openai.api_server ...` it is given as vLLM's command line, with the
+    appliance's entry points visible to it as in the engine image."""
+    dist = entry_points_dist(root)
     stand_in = root / "fake-vllm"
-    stand_in.write_text(f'#!/bin/sh\nexec {sys.executable} -m appliance.testing.fake_engine "$@"\n')
+    stand_in.write_text(
+        f'#!/bin/sh\nPYTHONPATH="{dist}${{PYTHONPATH:+:$PYTHONPATH}}" '
+        f'exec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
+    )
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
     return stand_in
 

@@ -255,8 +255,15 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
         load={"running": 2.0, "waiting": 1.0, "kv_cache_usage": 0.25},
         engine_key="sk-engine-secret",
         ranks=[
-            {"stage": 0, "node": "gpu01", "node_id": "a" * 56, "gpus": 8},
-            {"stage": 1, "node": "gpu02", "node_id": "b" * 56, "gpus": 8},
+            # TP 2 x PP 2: ranks 0 and 1 on gpu01, 2 and 3 on gpu02.
+            {
+                "rank": r,
+                "stage": r // 2,
+                "node": f"gpu0{r // 2 + 1}",
+                "node_id": "ab"[r // 2] * 56,
+                "bundle": r,
+            }
+            for r in range(4)
         ],
     )
     status = StatusFile(
@@ -291,8 +298,8 @@ def test_status_shows_a_running_appliance(cli: Cli, supervisor_pid: int) -> None
     assert "ready" in table.text
     # The engine's own load figures, as the replica read them from its metrics.
     assert "running 2, waiting 1, KV cache 25% used" in table.text
-    # Where each pipeline stage of a replica across nodes runs.
-    assert "stage 1 on gpu02: 8 GPU(s)" in table.text
+    # Where each rank of a replica across nodes runs.
+    assert "rank 3 (stage 1) on gpu02: bundle 3 (node id bbbbbbbbbbbb)" in table.text
 
 
 def test_plan_and_model_add_plan_for_the_running_appliances_cluster(

@@ -81,3 +81,16 @@ def test_build_script_is_valid_and_explains_a_missing_engine() -> None:
     )
     assert missing.returncode == 1
     assert "cannot reach a container engine" in missing.stderr
+
+
+def test_the_vllm_image_carries_the_plugin_and_the_clusters_ray() -> None:
+    import tomllib
+
+    vllm = _containerfile("vllm")
+    # The appliance's wheel without its dependencies: vLLM finds the plugin's entry point.
+    assert "pip install --no-cache-dir --no-deps /tmp/appliance-*.whl" in vllm
+    deps = tomllib.loads((IMAGES.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d.split("==")[1] for d in deps if d.startswith("ray[")]
+    assert f"ARG RAY_VERSION={pin}\n" in vllm
+    assert '"ray[cgraph]==${RAY_VERSION}"' in vllm
+    assert "RAY_VERSION=$ray_version" in BUILD.read_text()

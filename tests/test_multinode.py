@@ -3,8 +3,9 @@
 The cluster runs on this machine (tests/raycluster.py: two raylets, 2 declared H100s
 each, no real GPUs); the appliance joins it with `[ray].address`. The model is planned
 TP 2 x PP 2, so each replica needs both nodes. The stand-in for vLLM (the fake engine
-taking vLLM's command line) runs, like vLLM's Ray executor, one Ray worker per bundle
-of the replica's placement group and reports what each worker sees.
+taking vLLM's command line) loads the appliance's vLLM plugin through its entry point and,
+as vLLM's Ray executor does, takes the group the plugin gives it and runs one Ray worker
+per rank in the bundle VLLM_RAY_BUNDLE_INDICES names, reporting what each worker sees.
 """
 
 from __future__ import annotations
@@ -137,10 +138,13 @@ def test_a_replica_spans_two_nodes_and_each_stage_sees_its_own_gpus(two_nodes: T
     replica = _replica(c)
     assert replica is not None
     ranks = replica["ranks"]
-    assert [r["stage"] for r in ranks] == [0, 1]
-    assert len({r["node_id"] for r in ranks}) == 2  # one stage on each node
-    assert {r["node_id"] for r in ranks} == {n["node_id"] for n in nodes}
-    assert all(r["gpus"] == 2 for r in ranks)
+    # One rank per GPU, in vLLM's order (rank = stage * TP + TP rank): TP 2 x PP 2.
+    assert [(r["rank"], r["stage"]) for r in ranks] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    by_stage = {s: {r["node_id"] for r in ranks if r["stage"] == s} for s in (0, 1)}
+    assert all(len(nodes_of) == 1 for nodes_of in by_stage.values())  # a TP group: one node
+    assert by_stage[0] != by_stage[1]  # one stage on each node
+    assert by_stage[0] | by_stage[1] == {n["node_id"] for n in nodes}
+    assert sorted(r["bundle"] for r in ranks) == [0, 1, 2, 3]
     assert replica["gpu_ids"] == []  # the replica holds none: its engine's workers do
 
     launch = httpx.get(replica["url"] + "/debug/launch").json()
@@ -151,13 +155,20 @@ def test_a_replica_spans_two_nodes_and_each_stage_sees_its_own_gpus(two_nodes: T
     assert flags["--pipeline-parallel-size"] == "2"
     assert flags["--tool-call-parser"] == "hermes"  # the record's entry, not the catalog's
     assert launch["ray_address"] == status["ray_address"]
+    assert launch["bundle_indices"] == ",".join(str(r["bundle"]) for r in ranks)
     workers = launch["ranks"]
-    # Each stage's worker runs on the node status names for it, with its bundle's GPUs.
-    assert [w["node_id"] for w in workers] == [r["node_id"] for r in ranks]
-    for worker in workers:
-        assert sorted(worker["cuda_visible_devices"].split(",")) == ["0", "1"]
+    # The stand-in found the group through the plugin's entry point, as vLLM does, and
+    # put rank r on the bundle status names for it, on that bundle's node.
+    assert [(w["rank"], w["bundle"], w["node_id"]) for w in workers] == [
+        (r["rank"], r["bundle"], r["node_id"]) for r in ranks
+    ]
+    # Each rank sees one GPU of its own; a node's two ranks see different ones.
+    for stage in (0, 1):
+        seen = [w["cuda_visible_devices"] for w in workers if w["rank"] // 2 == stage]
+        assert sorted(seen) == ["0", "1"]
     text = c.cli("status").stdout
-    assert "stage 0 on" in text and "stage 1 on" in text
+    for r in ranks:
+        assert f"rank {r['rank']} (stage {r['stage']}) on {r['node']}" in text
 
     client = openai.OpenAI(base_url=c.base, api_key=c.key, max_retries=0)
     reply = client.chat.completions.create(
@@ -168,8 +179,8 @@ def test_a_replica_spans_two_nodes_and_each_stage_sees_its_own_gpus(two_nodes: T
     print("\nnodes:", json.dumps([{k: n[k] for k in ("name", "gpu", "gpus")} for n in nodes]))
     for rank, worker in zip(ranks, workers, strict=True):
         print(
-            f"stage {rank['stage']}: node {rank['node']} ({rank['node_id'][:12]}), "
-            f"{rank['gpus']} GPUs, worker pid {worker['pid']} "
+            f"rank {rank['rank']} (stage {rank['stage']}): node {rank['node']} "
+            f"({rank['node_id'][:12]}), bundle {rank['bundle']}, worker pid {worker['pid']} "
             f"CUDA_VISIBLE_DEVICES={worker['cuda_visible_devices']}"
         )
     print("head:", " ".join(argv[argv.index("--tensor-parallel-size") :]))

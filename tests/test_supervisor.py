@@ -86,15 +86,17 @@ def test_a_one_node_replica_holds_its_gpus_on_a_node_of_its_type() -> None:
 
 
 @pytest.mark.usefixtures("appliance_home")
-def test_a_replica_across_nodes_gets_one_bundle_per_stage_on_distinct_nodes() -> None:
+def test_a_replica_across_nodes_gets_one_bundle_per_gpu_as_vllm_requires() -> None:
     sup = _supervisor()
     # Llama 3.1 405B in BF16 on two nodes of 8 H100s: TP 8 x PP 2.
     one_node = Plan("vllm", "bf16", tensor_parallel=8, gpus_per_replica=8, gpu="H100-80GB")
     plan = replace(one_node, pipeline_parallel=2, gpus_per_replica=16, placement=(("n0", "n1"),))
-    stage = {"GPU": 8.0, "accelerator_type:H100": 0.001}
+    rank = {"GPU": 1.0, "accelerator_type:H100": 0.001}
     assert sup._resources(plan) == {
-        # The replica holds no GPUs: its engine's Ray workers take the bundles'.
+        # The replica holds no GPUs: its engine's Ray workers take the bundles', one
+        # each (vLLM's Ray executor refuses a bundle of more); the replica's CPUs go in
+        # the first, so its node holds stage 0.
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0},
-        "placement_group_bundles": [{"CPU": 1.0, **stage}, stage],
-        "placement_group_strategy": "STRICT_SPREAD",
+        "placement_group_bundles": [{"CPU": 1.0, **rank}] + [rank] * 15,
+        "placement_group_strategy": "PACK",
     }

@@ -322,8 +322,8 @@ def status(
             )
             for rank in rep.ranks:
                 console.print(
-                    f"    stage {rank.stage} on {rank.node}: {rank.gpus} GPU(s) "
-                    f"(node id {rank.node_id[:12]})"
+                    f"    rank {rank.rank} (stage {rank.stage}) on {rank.node}: "
+                    f"bundle {rank.bundle} (node id {rank.node_id[:12]})"
                 )
             if not rep.routable:
                 why = rep.problem or "no report for a while (replica stopped or stuck?)"

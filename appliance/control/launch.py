@@ -68,13 +68,15 @@ def engine_start(
     with_api_key: bool,
     api_key: str | None = None,
     placement_group: str | None = None,
+    bundle_indices: Sequence[int] = (),
 ) -> EngineStart:
     """The engine of one replica: its adapter, argv, env and files.
 
     `with_api_key`: give an engine that can require a key a fresh one (a replica does;
     a command printed for a person does not); `api_key`: the one a warm engine was
     started with, which the replica adopting it must use; `placement_group`: the hex id
-    of the group a replica whose stages span nodes runs in.
+    of the group a replica whose stages span nodes runs in, `bundle_indices` the bundle
+    of it each rank takes.
     """
     adapter = get_adapter(spec.engine, spec.engines.of(spec.engine))
     if not (with_api_key and adapter.accepts_api_key):
@@ -94,6 +96,7 @@ def engine_start(
         extra_env=dict(spec.extra_env),
         ray_address=spec.ray_address,
         placement_group=placement_group,
+        bundle_indices=tuple(bundle_indices),
         api_key=api_key,
     )
     launch = adapter.launch(launch_spec)

@@ -125,13 +125,14 @@ class ClusterNode(Record):
 
 
 class Rank(Record):
-    """Where one pipeline stage of a replica whose stages span nodes runs: its bundle of
-    the replica's placement group."""
+    """Where one rank (one GPU) of a replica whose stages span nodes runs: its bundle of
+    the replica's placement group, which its engine's Ray worker takes."""
 
+    rank: int  # vLLM's: stage * tensor_parallel + the rank inside the stage's TP group
     stage: int
     node: str  # the placer's name for the node
     node_id: str
-    gpus: int
+    bundle: int  # index in the placement group (VLLM_RAY_BUNDLE_INDICES names it)
 
 
 class ReplicaInfo(Record):
@@ -156,7 +157,7 @@ class ReplicaInfo(Record):
     started_at: float = 0.0
     log: str = ""
     warm_start: bool = False  # the engine was started by the supervisor, before Ray
-    ranks: list[Rank] = Field(default_factory=list)  # stages on other nodes: one per stage
+    ranks: list[Rank] = Field(default_factory=list)  # stages across nodes: one per GPU
 
     @field_validator("response_model", mode="before")
     @classmethod

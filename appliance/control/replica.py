@@ -7,9 +7,11 @@ a dead or silent engine fails it and Serve replaces the replica. Requests never 
 through here: the gateway talks to the engine over plain HTTP.
 
 A replica whose pipeline stages span nodes runs in a placement group of one bundle per
-stage (the supervisor asks Serve for it): it holds no GPUs itself, names the group to its
-engine (`LaunchSpec.placement_group`, in the engine's environment) so that the engine's
-Ray workers take the bundles' GPUs, reports where each stage's bundle is (`ranks`), and
+GPU (the supervisor asks Serve for it; the first bundle also holds the replica's CPUs).
+It holds no GPUs itself; it decides which bundle each of vLLM's ranks takes
+(`rank_layout`), names the group and those bundles to its engine
+(APPLIANCE_PLACEMENT_GROUP, which appliance/vllm_plugin.py turns into the group vLLM's Ray
+executor takes, and VLLM_RAY_BUNDLE_INDICES), reports where each rank runs (`ranks`), and
 fails its health check as soon as the group loses a node, whatever the engine notices.
 """
 
@@ -24,6 +26,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +68,58 @@ def _bind_serve_grpc_to(host: str) -> None:
     serve_replica.add_port_to_grpc_server = bound
 
 
-def group_ranks(group: Any) -> list[Rank]:
-    """Where each bundle of the replica's placement group is: one per pipeline stage."""
+def rank_layout(group: Any, tensor_parallel: int, driver_node_id: str) -> list[Rank]:
+    """Which bundle of the replica's placement group each of vLLM's ranks takes.
+
+    The group holds one {"GPU": 1} bundle per rank (vLLM refuses bundles of more), placed
+    by Ray's PACK strategy, which says nothing about which bundles share a node. Ranks
+    are ordered as vLLM's Ray executor orders bundles when given none
+    (`get_bundles_sorted_by_node`): the replica's node first, then by node id, bundle
+    index inside a node. vLLM's rank is stage * tensor_parallel + TP rank, so every
+    tensor-parallel group stays inside one node exactly when each node holds a multiple of
+    tensor_parallel bundles; a group placed otherwise is refused (Serve then starts the
+    replica again, in a new group) rather than run with NCCL between hosts.
+    """
     from ray.util import placement_group_table
 
     from appliance.placement import Cluster
 
     table = placement_group_table(group)
     names = {n.node_id: n.name for n in Cluster.from_ray(ray.nodes()).nodes}
+    bundles: dict[int, dict[str, float]] = table["bundles"]
+    where: dict[int, str] = table["bundles_to_node_id"]
+    too_big = [i for i, b in bundles.items() if b.get("GPU", 0) > 1]
+    if too_big:
+        raise EngineError(
+            f"bundles {too_big} of this replica's placement group hold more than one GPU, "
+            "which vLLM's Ray executor refuses",
+            hint="The supervisor asks for one bundle per GPU; restart it (`appliance up`) "
+            "so that Serve deploys the model with its current bundles.",
+        )
+    gpu_bundles = sorted(i for i, b in bundles.items() if b.get("GPU", 0))
+    per_node = Counter(where.get(i, "") for i in gpu_bundles)
+    split = {node: count for node, count in per_node.items() if count % tensor_parallel}
+    if split:
+        counts = ", ".join(f"{names.get(n, n)}: {c}" for n, c in sorted(per_node.items()))
+        raise EngineError(
+            f"Ray placed this replica's {len(gpu_bundles)} GPUs as {counts}: a "
+            f"tensor-parallel group of {tensor_parallel} would span nodes",
+            hint="Serve starts the replica again in a new placement group; if this "
+            "repeats, free whole blocks of GPUs on the nodes (`appliance status`).",
+        )
+    order = sorted(gpu_bundles, key=lambda i: (where.get(i) != driver_node_id, where.get(i, "")))
     ranks = []
-    for stage, bundle in sorted(table["bundles"].items()):
-        node_id = table["bundles_to_node_id"].get(stage, "")
-        name = names.get(node_id, node_id)
-        ranks.append(Rank(stage=stage, node=name, node_id=node_id, gpus=int(bundle.get("GPU", 0))))
+    for rank, bundle in enumerate(order):
+        node_id = where.get(bundle, "")
+        ranks.append(
+            Rank(
+                rank=rank,
+                stage=rank // tensor_parallel,
+                node=names.get(node_id, node_id),
+                node_id=node_id,
+                bundle=bundle,
+            )
+        )
     return ranks
 
 
@@ -114,9 +156,17 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
         self.host = self.spec.engine_host or ray.util.get_node_ip_address()
-        # Stages on several nodes: the group Serve reserved, one bundle per stage.
+        # Stages on several nodes: the group Serve reserved, one bundle per GPU.
         self.group = ray.util.get_current_placement_group() if self.spec.plan.spans_nodes else None
-        self.ranks = group_ranks(self.group) if self.group is not None else []
+        self.ranks = (
+            rank_layout(
+                self.group,
+                self.spec.plan.tensor_parallel,
+                ray.get_runtime_context().get_node_id(),
+            )
+            if self.group is not None
+            else []
+        )
         _bind_serve_grpc_to(self.host)
         # Cheap, and it catches a truncated or rewritten file before an engine loads it.
         weights = Path(self.spec.weights)
@@ -191,6 +241,7 @@ class EngineReplica:
             with_api_key=True,
             api_key=offer.api_key if offer is not None else None,
             placement_group=self.group.id.hex() if self.group is not None else None,
+            bundle_indices=tuple(r.bundle for r in self.ranks),
         )
 
     def _start_engine(self) -> subprocess.Popen[bytes]:

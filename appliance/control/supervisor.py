@@ -390,10 +390,15 @@ class Supervisor:
         """What Ray reserves for each replica of `plan`.
 
         One node: the replica itself holds the plan's CPUs and GPUs. Stages on several
-        nodes: a placement group of one bundle per stage, each the stage's tensor-parallel
-        GPUs on a node of its own (STRICT_SPREAD); the replica sits in the first bundle
-        with its CPUs and no GPUs, and its engine's workers take the bundles' GPUs.
-        On nodes of the plan's GPU type, where Ray reports one.
+        nodes: a placement group of one {"GPU": 1} bundle per rank, as vLLM's Ray executor
+        requires (it refuses bundles of more), the first also holding the replica's CPUs
+        (Serve puts the replica in the first bundle), so the replica's node holds GPUs of
+        the group: stage 0 goes there. PACK, as Ray Serve LLM does: one bundle per node
+        (STRICT_SPREAD) cannot hold a tensor-parallel group, and a whole group in one
+        node (STRICT_PACK) is what spanning nodes rules out. PACK does not promise that
+        each node gets whole TP groups; the placer (`fit`) only deploys where whole
+        stages fit on distinct nodes, and the replica refuses a group split otherwise
+        (replica.py `rank_layout`). On nodes of the plan's GPU type, where Ray reports one.
         """
         cluster = Cluster(tuple(n.node() for n in self.nodes)).usable_by(plan.gpu)
         names = {n.accelerator for n in cluster.nodes if n.accelerator} if plan.gpu else set()
@@ -407,14 +412,15 @@ class Supervisor:
                     **({"resources": kind} if kind and plan.gpus_per_replica else {}),
                 }
             }
-        stage = {"GPU": float(plan.tensor_parallel), **kind}
+        rank = {"GPU": 1.0, **kind}
+        world = plan.tensor_parallel * plan.pipeline_parallel
         return {
             "ray_actor_options": {"num_cpus": plan.cpus_per_replica, "num_gpus": 0},
             "placement_group_bundles": [
-                {"CPU": plan.cpus_per_replica, **stage},
-                *(dict(stage) for _ in range(plan.pipeline_parallel - 1)),
+                {"CPU": plan.cpus_per_replica, **rank},
+                *(dict(rank) for _ in range(world - 1)),
             ],
-            "placement_group_strategy": "STRICT_SPREAD",
+            "placement_group_strategy": "PACK",
         }
 
     def _read_nodes(self) -> list[ClusterNode]:

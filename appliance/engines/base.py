@@ -35,10 +35,12 @@ class LaunchSpec:
     work_dir: Path = Path(".")
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
-    # Multi-node plans: the Ray cluster the engine's own executor joins, and the hex id of
-    # the replica's placement group, whose bundles its workers take.
+    # Multi-node plans: the Ray cluster the engine's own executor joins, the hex id of
+    # the replica's placement group, whose bundles its workers take, and the bundle of
+    # each rank, in rank order.
     ray_address: str | None = None
     placement_group: str | None = None
+    bundle_indices: tuple[int, ...] = ()
     # A secret only the gateway knows, for engines that can require one on their API
     # (see EngineAdapter.requires_key); None: no key.
     api_key: str | None = None

@@ -128,8 +128,8 @@ class VllmEngine(EngineAdapter):
         if entry.architecture.is_moe and plan.tensor_parallel > 1:
             argv += ["--enable-expert-parallel"]
         if plan.spans_nodes:
-            # Stages on other hosts: vLLM's Ray executor places them on the appliance's
-            # Ray cluster and reserves their GPUs itself (the replica holds none).
+            # Stages on other hosts: vLLM's Ray executor runs one worker per GPU bundle of
+            # the replica's placement group (the replica itself holds none).
             argv += ["--distributed-executor-backend", "ray"]
         elif plan.tensor_parallel * plan.pipeline_parallel > 1:
             argv += ["--distributed-executor-backend", "mp"]
@@ -154,7 +154,10 @@ class VllmEngine(EngineAdapter):
         if spec.ray_address and plan.spans_nodes:
             env["RAY_ADDRESS"] = spec.ray_address
         if spec.placement_group and plan.spans_nodes:
+            # appliance/vllm_plugin.py makes this the group vLLM's Ray executor takes.
             env[PLACEMENT_GROUP_ENV] = spec.placement_group
+            if spec.bundle_indices:
+                env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, spec.bundle_indices))
         return EngineLaunch(
             argv=argv,
             env=env,

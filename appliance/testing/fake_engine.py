@@ -543,6 +543,8 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--distributed-executor-backend", default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     args, _ = parser.parse_known_args(argv)
     info: dict[str, Any] = {
@@ -555,7 +557,8 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
 
         # Before serving, as vLLM places its workers before it answers /health.
         info["ray_address"] = os.environ.get("RAY_ADDRESS")
-        info["ranks"] = start_workers()
+        info["bundle_indices"] = os.environ.get("VLLM_RAY_BUNDLE_INDICES")
+        info["ranks"] = start_workers(args.tensor_parallel_size * args.pipeline_parallel_size)
     ns = argparse.Namespace(
         host=args.host,
         port=args.port,
