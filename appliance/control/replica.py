@@ -37,7 +37,7 @@ from ray import serve
 from appliance.control import NAMESPACE, REGISTRY_NAME
 from appliance.control.launch import EngineStart, engine_start
 from appliance.control.records import Rank, ReplicaInfo, ReplicaSpec
-from appliance.control.runtime import die_with_parent, log_tail
+from appliance.control.runtime import die_with_parent, group_pids, log_tail
 from appliance.control.warm import AdoptedProcess, WarmOffer, claim, exit_text, read_offer
 from appliance.engines import EngineLaunch, EngineLoad
 from appliance.engines.runner import container_name
@@ -441,7 +441,9 @@ class EngineReplica:
             return False
         except PermissionError:  # a member we cannot signal still counts
             return True
-        return True
+        # A signal reaches zombies too: an adopted engine's exited leader stays one until
+        # the supervisor reaps it, which made every stop wait out its 10 s for nothing.
+        return bool(group_pids(self.proc.pid))
 
     def _stop_engine(self) -> None:
         # The whole process group, even when the engine itself has exited: vLLM's

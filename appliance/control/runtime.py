@@ -175,6 +175,16 @@ def is_supervisor(pid: int) -> bool:
 
 def session_pids(sid: int) -> list[int]:
     """Live processes whose session id is `sid` (Linux /proc)."""
+    return _live_pids(3, sid)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of the process group `pgid`: zombies left out, which a signal
+    to the group still reaches (an engine's exited leader waiting for its parent)."""
+    return _live_pids(2, pgid)
+
+
+def _live_pids(field: int, value: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -184,7 +194,7 @@ def session_pids(sid: int) -> list[int]:
         except OSError:
             continue
         # fields: state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             pids.append(int(entry.name))
     return sorted(pids)
 
