@@ -357,6 +357,12 @@ class Supervisor:
                 health_check_period_s=sc.health_check_period_s,
                 health_check_timeout_s=sc.health_check_timeout_s,
                 graceful_shutdown_timeout_s=30,
+                # Serve sleeps this long before it looks for requests in flight through
+                # it, and only then calls the replica's __del__, which drains the engine
+                # (replica.py): at Serve's 2 s default, a replica Serve chose to stop went
+                # on taking the gateway's requests for 2 s. No request passes through
+                # Serve, so there is nothing to wait for.
+                graceful_shutdown_wait_loop_s=0.1,
                 max_constructor_retry_count=3,
             )
             .bind(spec.model_dump(mode="json"))
