@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +19,8 @@ import openai
 import pytest
 import uvicorn
 
-from appliance.testing.fake_engine import FakeEngine, create_app
+from appliance.testing.fake_engine import VLLM_SERVER, FakeEngine, create_app
+from tests.conftest import free_port, wait_http
 
 MODEL = "fake-model"
 TOKENS = 6
@@ -252,3 +257,34 @@ def test_odd_bodies_are_answered_not_crashed_on(
     resp = httpx.post(served.url + path, json=body)
     assert resp.status_code in (200, 400)
     assert "error" in resp.json() or resp.status_code == 200
+
+
+def test_as_vllm_it_cuts_off_requests_in_flight_on_sigterm() -> None:
+    # vLLM's default (--shutdown-timeout 0) aborts them; uvicorn's would finish them,
+    # which would hide a replica that stops its engine without draining it first.
+    port = free_port()
+    argv = ["--model", "/unread", "--served-model-name", MODEL, "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.testing.fake_engine", *VLLM_SERVER, *argv],
+        env={**os.environ, "FAKE_ENGINE_TOKENS": "1000", "FAKE_ENGINE_DELAY_MS": "10"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", timeout=30, proc=proc)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+        lines: list[str] = []
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=10) as resp,
+        ):
+            for line in resp.iter_lines():
+                lines.append(line)
+                if len(lines) == 1:
+                    proc.send_signal(signal.SIGTERM)
+        assert lines and "data: [DONE]" not in lines
+        # Gone at once, not after the answer's 10 s; uvicorn re-raises the signal.
+        assert proc.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

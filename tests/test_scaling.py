@@ -3,7 +3,8 @@ declares 4 GPUs, three models on the stand-in for vLLM (the fake engine taking v
 command line), the gateway with two workers, the official openai client as the caller.
 
     busy   priority 10, 1 to 5 replicas of 1 GPU, target_queue 2, max_num_seqs 2,
-           answers of 30 tokens 150 ms apart (4.5 s): twelve at once make a queue
+           tokens 150 ms apart: twelve answers of 30 (4.5 s) at once make a queue, and
+           a stream of 70 (10.5 s) outlasts the scale-down of the replica it runs on
     spare  priority 0, 0 to 1 replica, idle_after_s 120: its idle replica is what busy
            reclaims when the GPUs run out
     cold   0 to 1 replica, idle_after_s 3: scales to zero and back
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +38,12 @@ pytestmark = pytest.mark.e2e
 BUSY, SPARE, COLD = "llama-3.1-8b-instruct", "qwen3-32b", "gpt-oss-20b"
 HELLO = [{"role": "user", "content": "hi"}]
 COLD_HEADER = "x-appliance-cold-start-ms"
+LONG = 70  # busy's FAKE_ENGINE_TOKENS: a whole answer, 10.5 s
+
+
+def engine_of(completion_id: str) -> str:
+    """Which engine process answered: the stand-in's ids are its own prefix + a counter."""
+    return completion_id[:-10]
 
 
 class Scaling(ApplianceUnderTest):
@@ -45,7 +54,7 @@ class Scaling(ApplianceUnderTest):
             f'[ray]\nnum_gpus = 4\nnum_cpus = 8\n[engines.vllm]\ncommand = "{stand_in}"\n'
             f'[models."{BUSY}"]\nmin_replicas = 1\nmax_replicas = 5\ntarget_queue = 2.0\n'
             "downscale_delay_s = 3.0\npriority = 10\n"
-            'engine_env = { FAKE_ENGINE_TOKENS = "30", FAKE_ENGINE_DELAY_MS = "150" }\n'
+            'engine_env = { FAKE_ENGINE_TOKENS = "70", FAKE_ENGINE_DELAY_MS = "150" }\n'
             f'[models."{SPARE}"]\nmin_replicas = 0\nidle_after_s = 120.0\n'
             f'[models."{COLD}"]\nmin_replicas = 0\nidle_after_s = 3.0\n',
             gateway_config="workers = 2\ncold_start_timeout_s = 60.0\n",
@@ -174,6 +183,90 @@ def test_it_scales_down_when_idle_keeping_the_oldest_replica(appliance: Scaling)
     assert samples[(decided, (("action", "reclaimed"), ("model", SPARE)))] == 1
     assert samples[(decided, (("action", "up"), ("model", BUSY)))] >= 2
     assert samples[("appliance_replicas_target", (("model", BUSY),))] == 1
+
+
+def test_a_replica_scaled_down_finishes_its_stream_and_takes_no_new_request(
+    appliance: Scaling,
+) -> None:
+    (kept,) = appliance.healthy(BUSY)
+    client = appliance.client()
+    # Two streams fill the one replica (max_num_seqs 2); the third waits in the gateway,
+    # which makes busy want a second replica, and runs there once it is up.
+    fillers = [
+        client.chat.completions.create(model=BUSY, messages=HELLO, max_tokens=LONG, stream=True)
+        for _ in range(2)
+    ]
+    first = {engine_of(next(iter(f)).id) for f in fillers}
+    assert len(first) == 1  # both on the one replica there is
+    started: queue.Queue[str] = queue.Queue()
+
+    def follow() -> list[str]:
+        with client.chat.completions.with_streaming_response.create(
+            model=BUSY,
+            messages=HELLO,
+            max_tokens=LONG,
+            stream=True,
+            stream_options={"include_usage": True},
+        ) as response:
+            lines = []
+            for line in response.iter_lines():
+                if line:
+                    if not lines:
+                        started.put(line)
+                    lines.append(line)
+            return lines
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(follow)
+        head = json.loads(started.get(timeout=60).removeprefix("data: "))
+        draining = engine_of(head["id"])
+        assert draining not in first  # on the new replica
+        for filler in fillers:  # demand drops to the one stream: busy wants 1 again
+            filler.close()
+        (new,) = appliance.wait(
+            f"a second replica of {BUSY} listed",
+            lambda: [r for r in appliance.healthy(BUSY) if r["replica_id"] != kept["replica_id"]],
+        )
+        # Serve removes the newest replica, the stream's: it stops taking requests and
+        # waits for its engine, with the stream still running.
+        appliance.wait(
+            f"the new replica of {BUSY} draining",
+            lambda: (
+                stream.done()
+                or any(
+                    r["replica_id"] == new["replica_id"]
+                    and not r["healthy"]
+                    and (r["problem"] or "").startswith("stopping")
+                    for r in appliance.model(BUSY)["replicas"]
+                )
+            ),
+            timeout=30,
+        )
+        if not stream.done():
+            time.sleep(1.0)  # the gateway reads the registry every 0.5 s
+            for _ in range(3):
+                reply = client.chat.completions.create(model=BUSY, messages=HELLO, max_tokens=1)
+                assert engine_of(reply.id) in first
+        # The replica was still there, draining, after the requests above went elsewhere.
+        probed_while_draining = not stream.done()
+        lines = stream.result(timeout=30)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert {engine_of(c["id"]) for c in chunks} == {draining}
+    text = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert sum(1 for t in text if t) == LONG
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == LONG
+    assert probed_while_draining
+    appliance.wait(
+        f"the drained replica of {BUSY} gone",
+        lambda: (
+            [r["replica_id"] for r in appliance.model(BUSY)["replicas"]] == [kept["replica_id"]]
+        ),
+        timeout=30,
+    )
+    with pytest.raises(ProcessLookupError):
+        os.kill(new["pid"], 0)  # its engine stopped
 
 
 def test_an_idle_model_scales_to_zero_and_its_next_request_brings_it_back(

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from appliance.config import load_config
-from appliance.control.records import ClusterNode
+from appliance.control.records import ClusterNode, RegistrySnapshot, ReplicaState
 from appliance.control.supervisor import Supervisor
 from appliance.planner import Plan
 
@@ -100,3 +100,52 @@ def test_a_replica_across_nodes_gets_one_bundle_per_gpu_as_vllm_requires() -> No
         "placement_group_bundles": [{"CPU": 1.0, **rank}] + [rank] * 15,
         "placement_group_strategy": "PACK",
     }
+
+
+def _replica(replica_id: str, actor: str) -> ReplicaState:
+    return ReplicaState(
+        replica_id=replica_id,
+        model="m",
+        engine="vllm",
+        url="http://127.0.0.1:1",
+        engine_model="m",
+        healthy=True,
+        actor=actor,
+        fresh=True,
+    )
+
+
+def test_a_replica_whose_actor_is_gone_is_dropped_at_once(
+    appliance_home: object, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.util
+
+    caplog.set_level(logging.INFO, logger="appliance.supervisor")
+    forgotten: list[str] = []
+
+    class Registry:
+        class forget:  # an actor method: called as .remote
+            @staticmethod
+            def remote(replica_id: str) -> None:
+                forgotten.append(replica_id)
+
+    sup = Supervisor(load_config())
+    sup.registry = Registry()
+    alive = ["SERVE_REPLICA::m#engine#aaa", "SERVE_CONTROLLER_ACTOR"]
+    monkeypatch.setattr(
+        ray.util,
+        "list_named_actors",
+        lambda all_namespaces: [{"name": n, "namespace": "serve"} for n in alive],
+    )
+    snapshot = RegistrySnapshot(
+        replicas=[
+            _replica("aaa", "SERVE_REPLICA::m#engine#aaa"),
+            _replica("bbb", "SERVE_REPLICA::m#engine#bbb"),  # killed, never forgot itself
+            _replica("ccc", ""),  # an older replica that names no actor: left to its age
+        ]
+    )
+    kept = sup._drop_dead(snapshot)
+    assert [r.replica_id for r in kept.replicas] == ["aaa", "ccc"]
+    assert forgotten == ["bbb"]
+    assert "replica bbb of m: its Ray actor is gone" in caplog.text
+    assert sup._drop_dead(kept) == kept and forgotten == ["bbb"]

@@ -157,6 +157,9 @@ class ReplicaInfo(Record):
     started_at: float = 0.0
     log: str = ""
     warm_start: bool = False  # the engine was started by the supervisor, before Ray
+    # Its Ray actor's name (Serve names every replica's actor): the supervisor drops a
+    # replica whose actor is gone at once, not when its reports are `max_age` old.
+    actor: str = ""
     ranks: list[Rank] = Field(default_factory=list)  # stages across nodes: one per GPU
 
     @field_validator("response_model", mode="before")

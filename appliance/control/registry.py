@@ -16,6 +16,7 @@ shared between processes and reaches the supervisor from any host.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -96,6 +97,15 @@ class ReplicaRegistry:
             m: ModelActivity(waiting=waiting[m], idle_s=round(idle[m], 3) if m in idle else None)
             for m in waiting
         }
+
+
+def dead_replicas(replicas: Iterable[ReplicaInfo], alive_actors: set[str]) -> list[str]:
+    """The replicas whose Ray actor is gone: killed without running its `__del__` (Serve's
+    kill at graceful_shutdown_timeout_s, a crashed worker process, `ray.kill`), so it
+    never forgot itself. `alive_actors` must be listed after the replicas were read: a
+    replica started in between would otherwise look dead (and come back at its next
+    report). A replica that reports no actor name (an older writer) is never one."""
+    return [r.replica_id for r in replicas if r.actor and r.actor not in alive_actors]
 
 
 def get_or_create_registry() -> Any:

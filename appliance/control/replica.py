@@ -154,6 +154,7 @@ class EngineReplica:
     async def __init__(self, spec: dict[str, Any]) -> None:  # type: ignore[misc]
         self.spec = ReplicaSpec.model_validate(spec)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.actor_name = ray.get_runtime_context().get_actor_name() or ""
         self.gpu_ids = tuple(str(int(g)) for g in ray.get_gpu_ids())
         self.host = self.spec.engine_host or ray.util.get_node_ip_address()
         # Stages on several nodes: the group Serve reserved, one bundle per GPU.
@@ -339,6 +340,7 @@ class EngineReplica:
             log=str(self.log_path),
             warm_start=self.warm_start,
             ranks=self.ranks,
+            actor=self.actor_name,
         )
 
     def _registry_handle(self) -> Any:

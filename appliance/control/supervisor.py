@@ -357,6 +357,12 @@ class Supervisor:
                 health_check_period_s=sc.health_check_period_s,
                 health_check_timeout_s=sc.health_check_timeout_s,
                 graceful_shutdown_timeout_s=30,
+                # Serve sleeps this long before it looks for requests in flight through
+                # it, and only then calls the replica's __del__, which drains the engine
+                # (replica.py): at Serve's 2 s default, a replica Serve chose to stop went
+                # on taking the gateway's requests for 2 s. No request passes through
+                # Serve, so there is nothing to wait for.
+                graceful_shutdown_wait_loop_s=0.1,
                 max_constructor_retry_count=3,
             )
             .bind(spec.model_dump(mode="json"))
@@ -440,6 +446,34 @@ class Supervisor:
             ray.get(self.registry.snapshot.remote(self.config.serve.stale_after_s), timeout=5)
         )
 
+    def _drop_dead(self, snapshot: RegistrySnapshot) -> RegistrySnapshot:
+        """The snapshot less the replicas whose actor is gone, which the registry forgets
+        too: the gateway stops routing to them and status stops listing them within this
+        reconcile, not once their last report is `[serve].stale_after_s` old."""
+        import ray
+
+        from appliance.control.registry import dead_replicas
+
+        try:
+            alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        except Exception as exc:  # the reports' age still ends them
+            log.debug("listing Ray's actors failed: %r", exc)
+            return snapshot
+        dead = set(dead_replicas(snapshot.replicas, alive))
+        for replica in snapshot.replicas:
+            if replica.replica_id in dead:
+                log.info(
+                    "replica %s of %s: its Ray actor is gone (stopped without shutting "
+                    "down); dropped from the replica table",
+                    replica.replica_id,
+                    replica.model,
+                )
+                self.registry.forget.remote(replica.replica_id)
+        if not dead:
+            return snapshot
+        kept = [r for r in snapshot.replicas if r.replica_id not in dead]
+        return snapshot.model_copy(update={"replicas": kept})
+
     def _load(self, model: str, snapshot: RegistrySnapshot) -> Load:
         """A model's demand: its engines' running + waiting and what the gateway holds."""
         routable = [r for r in snapshot.replicas if r.model == model and r.routable]
@@ -461,7 +495,7 @@ class Supervisor:
         self.nodes = self._read_nodes()
         # Without the replicas' and the gateway's figures no count is decided: the step
         # fails (logged once, tried again with back-off) and the counts stay as they are.
-        self.snapshot = snapshot = self._read_registry()
+        self.snapshot = snapshot = self._drop_dead(self._read_registry())
         cluster = Cluster(tuple(n.node() for n in self.nodes))
         apps = serve.status().applications
         now = time.monotonic()

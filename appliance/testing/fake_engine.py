@@ -535,7 +535,10 @@ def _vllm_compatible(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any
     (requests beyond it wait, as in vLLM): this stands in for vLLM where no GPU is at
     hand (placement and scaling tests on Ray with declared GPUs). FAKE_ENGINE_TOKENS and
     FAKE_ENGINE_DELAY_MS in its environment (a model's `engine_env`) set the answers'
-    length and pace (8 tokens 5 ms apart).
+    length and pace (8 tokens 5 ms apart). On SIGTERM it cuts off the requests in flight
+    and exits, as vLLM does with its default `--shutdown-timeout 0` ("abort" mode); a
+    completion's id is its process's own prefix and a counter, so a test can tell which
+    engine answered.
     """
     parser = argparse.ArgumentParser(prog="fake-vllm")
     parser.add_argument("--model", required=True)
@@ -609,6 +612,9 @@ def _run(args: argparse.Namespace, launch_info: dict[str, Any] | None) -> None:
         lifespan="on",
         access_log=False,
         log_level="warning",
+        # Standing in for vLLM: no grace for requests in flight (uvicorn's default waits
+        # for them), so only the appliance's own drain can save them at a scale-down.
+        timeout_graceful_shutdown=0 if launch_info is not None else None,
     )
 
 
