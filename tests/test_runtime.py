@@ -16,12 +16,14 @@ from appliance.control.records import StatusFile
 from appliance.control.runtime import (
     STALE_AFTER_S,
     clear_status,
+    group_pids,
     log_tail,
     pid_alive,
     read_status,
     session_pids,
     status_path,
     stop_pids,
+    tethered,
     write_status,
 )
 
@@ -169,6 +171,45 @@ def test_session_pids_finds_a_child_in_its_own_session(
 
     assert proc.pid not in session_pids(os.getsid(0))
     assert os.getpid() not in session_pids(proc.pid)
+
+
+# A parent that starts a tethered child, prints its pid, and waits to be killed.
+TETHERING_PARENT = (
+    "import subprocess, sys, time\n"
+    "from appliance.control.runtime import tethered\n"
+    "child = subprocess.Popen(tethered(['sleep', '60']))\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_tethered_child_keeps_its_pid_and_dies_with_its_parent(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    parent = sleeper(children, TETHERING_PARENT)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    cmdline = Path(f"/proc/{child}/cmdline")
+    # The same pid runs the program itself once the tether has exec'd it.
+    wait_until(lambda: cmdline.read_bytes().split(b"\0")[0].endswith(b"sleep"))
+    parent.kill()  # SIGKILL: nothing in the parent gets to clean up
+    wait_until(lambda: not pid_alive(child))
+
+
+def test_a_tethered_program_that_is_not_there_fails_as_popen_would() -> None:
+    with pytest.raises(FileNotFoundError, match="no-such-engine"):
+        tethered(["no-such-engine", "--serve"])
+    # Looked up on the PATH the child gets, not on this process's.
+    with pytest.raises(FileNotFoundError):
+        tethered(["sleep", "1"], env={"PATH": "/nonexistent"})
+
+
+def test_group_pids_leaves_out_a_zombie_leader(children: list[subprocess.Popen[bytes]]) -> None:
+    leader = sleeper(children, process_group=0)  # type: ignore[arg-type]
+    wait_until(lambda: group_pids(leader.pid) == [leader.pid])
+    os.kill(leader.pid, signal.SIGKILL)
+    wait_until(lambda: group_pids(leader.pid) == [])
+    os.killpg(leader.pid, 0)  # a signal still reaches the group: its zombie leader
 
 
 def test_stop_pids_terminates_politely_when_it_can(

@@ -37,7 +37,7 @@ from ray import serve
 from appliance.control import NAMESPACE, REGISTRY_NAME
 from appliance.control.launch import EngineStart, engine_start
 from appliance.control.records import Rank, ReplicaInfo, ReplicaSpec
-from appliance.control.runtime import die_with_parent, group_pids, log_tail
+from appliance.control.runtime import group_pids, log_tail, tethered
 from appliance.control.warm import AdoptedProcess, WarmOffer, claim, exit_text, read_offer
 from appliance.engines import EngineLaunch, EngineLoad
 from appliance.engines.runner import container_name
@@ -248,13 +248,12 @@ class EngineReplica:
     def _start_engine(self) -> subprocess.Popen[bytes]:
         try:
             return popen_logged(
-                self.command.argv,
+                # If the replica's process dies without cleaning up, the engine stops too.
+                tethered(self.command.argv, self.command.env),
                 self.log_path,
                 header=f"$ {shlex.join(self.command.argv)}\n".encode(),
                 env=self.command.env,
                 process_group=0,
-                # If the replica's process dies without cleaning up, the engine stops too.
-                preexec_fn=die_with_parent(),
             )
         except OSError as exc:
             program = self.command.argv[0]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import secrets
+import shutil
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
@@ -123,18 +126,29 @@ def supervisor_env(config: ApplianceConfig) -> dict[str, str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A Popen preexec_fn: the child gets SIGTERM when this process dies, however it dies
-    (kill -9 included), and does not start at all if this process is already gone."""
-    parent = os.getpid()
+# Run before a child's own program: it gets SIGTERM when its parent dies, however it dies
+# (kill -9 included), and does not start at all if the parent is already gone. This was a
+# Popen preexec_fn, but a preexec_fn makes Popen fork() instead of vfork(): in a process
+# with Ray's gRPC threads, gRPC's fork handlers ran in the child, and gRPC aborted on the
+# descriptors Popen then closed (seen in CI: an engine that died before its exec with
+# "epoll_wait error: Bad file descriptor" and SIGABRT). A tiny interpreter that execs keeps
+# the pid, and Popen can vfork.
+_TETHER = (
+    "import ctypes, os, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, {int(signal.SIGTERM)})\n"
+    "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
-    def preexec() -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # died between fork and prctl
-            os._exit(1)
 
-    return preexec
+def tethered(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """`argv`, started so that it dies with this process (see _TETHER). A program that
+    is not there raises FileNotFoundError here, as Popen itself would."""
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    program = shutil.which(argv[0], path=path)
+    if program is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    return [sys.executable, "-I", "-S", "-c", _TETHER, str(os.getpid()), program, *argv[1:]]
 
 
 def die_with_parent_now(parent: int) -> None:

@@ -47,7 +47,7 @@ from appliance.control.records import (
     ScaleState,
     StatusFile,
 )
-from appliance.control.runtime import clear_status, die_with_parent, supervisor_env, write_status
+from appliance.control.runtime import clear_status, supervisor_env, tethered, write_status
 from appliance.control.scaling import Decision, Load, Model, Policy, Scaler
 from appliance.control.warm import WarmEngines
 from appliance.errors import ApplianceError
@@ -252,11 +252,10 @@ class Supervisor:
         self.gateway_ok = False
         env = {**os.environ, INSTANCE_ENV: self.gateway_instance}
         self.gateway = popen_logged(
-            argv,
+            # A gateway whose supervisor is gone would answer ready with nothing behind it.
+            tethered(argv, env),
             self.config.log_dir / "gateway.log",
             env=env,
-            # A gateway whose supervisor is gone would answer ready with nothing behind it.
-            preexec_fn=die_with_parent(),
         )
         self.gateway_started_at = self.gateway_answered_at = time.monotonic()
         log.info("gateway started, pid %d", self.gateway.pid)

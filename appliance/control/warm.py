@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from appliance.config import ApplianceConfig
 from appliance.control.launch import engine_start
 from appliance.control.records import Deployment, Record, ReplicaSpec
-from appliance.control.runtime import die_with_parent, pid_alive
+from appliance.control.runtime import pid_alive, tethered
 from appliance.engines.runner import EngineCommand
 from appliance.logs import ensure_log_dir, popen_logged
 
@@ -133,12 +133,11 @@ class WarmEngines:
         command = start.command
         try:
             proc = popen_logged(
-                command.argv,
+                tethered(command.argv, command.env),
                 log_path,
                 header=f"$ {shlex.join(command.argv)}\n".encode(),
                 env=command.env,
                 process_group=0,
-                preexec_fn=die_with_parent(),
             )
         except OSError as exc:
             log.warning("no warm start for %s: %s: %s", spec.model, command.argv[0], exc.strerror)
