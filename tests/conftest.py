@@ -277,9 +277,15 @@ def vllm_stand_in(root: Path) -> Path:
     appliance's entry points visible to it as in the engine image."""
     dist = entry_points_dist(root)
     stand_in = root / "fake-vllm"
+    # As vLLM's Python: `-m vllm.entrypoints...` is the engine; anything else runs as
+    # Python does (Ray starts the engine's workers with it, ray_workers_run), marked so
+    # that a worker can tell it runs in the engine's interpreter.
     stand_in.write_text(
-        f'#!/bin/sh\nPYTHONPATH="{dist}${{PYTHONPATH:+:$PYTHONPATH}}" '
-        f'exec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
+        f'#!/bin/sh\nexport PYTHONPATH="{dist}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        'if [ "$1" = "-m" ] && [ "$2" = "vllm.entrypoints.openai.api_server" ]; then\n'
+        f'  exec {sys.executable} -m appliance.testing.fake_engine "$@"\n'
+        "fi\n"
+        f'FAKE_VLLM_PYTHON=1 exec {sys.executable} "$@"\n'
     )
     stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
     return stand_in

@@ -12,6 +12,7 @@ live page as well). trtllm-serve's contract was read from its source (see its he
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,12 +29,12 @@ from appliance.config import EngineConfig, EnginesConfig
 from appliance.engines import get_adapter
 from appliance.engines.base import EngineLaunch, LaunchSpec
 from appliance.engines.cpuenv import CpuEngineEnv
-from appliance.engines.runner import engine_command
+from appliance.engines.runner import RAY_JOB_CONFIG_ENV, engine_command
 from appliance.engines.vllm import SERVER_MODULE
 from appliance.errors import EngineError
 from appliance.gpus import GPUS
 from appliance.placement import Cluster
-from appliance.planner import Plan, evaluate
+from appliance.planner import Plan, evaluate, plan_model
 
 CONTRACTS = Path(__file__).parent / "fixtures" / "contracts"
 STORE = Path("/srv/appliance/models")
@@ -287,6 +288,39 @@ def test_multi_node_plans_use_vllms_ray_executor() -> None:
     assert launch.env["RAY_ADDRESS"] == "10.0.0.1:6379"
     with pytest.raises(EngineError, match="MPI"):
         _launch(entry, plan, "trtllm")
+
+
+def test_a_replica_across_nodes_runs_vllms_ray_workers_in_the_engines_python() -> None:
+    entry = load_catalog().get("llama-3.1-405b-instruct")
+    report = evaluate(entry, Cluster.parse("2x8xH100-80GB"), engine="vllm", precision="bf16")
+    assert report.plan is not None and report.plan.spans_nodes, report.problem
+    spec = LaunchSpec(
+        model=entry.name,
+        weights=STORE / entry.name,
+        host="10.0.0.5",
+        port=8101,
+        entry=entry,
+        plan=report.plan,
+        gpu_ids=tuple(str(i) for i in range(8)),
+        work_dir=Path("/var/lib/appliance/run/engines") / f"{entry.name}-r1",
+        ray_address="10.0.0.1:6379",
+        placement_group="ab" * 18,
+        bundle_indices=tuple(range(16)),
+    )
+    launch = get_adapter("vllm", EngineConfig()).launch(spec)
+    engines = EnginesConfig(vllm=EngineConfig(command="/opt/vllm/bin/python"))
+    command = engine_command(spec, launch, "vllm", engines, "c", {})
+    assert command.argv[0] == "/opt/vllm/bin/python"
+    job = json.loads(command.env[RAY_JOB_CONFIG_ENV])
+    assert job == {"runtime_env": {"py_executable": "/opt/vllm/bin/python"}}
+    # One node's replica: no Ray executor, no job environment.
+    single = plan_model(entry, Cluster.parse("8xH200"), engine="vllm", precision="fp8")
+    assert not single.spans_nodes
+    one = dataclasses.replace(spec, plan=single, placement_group=None, bundle_indices=())
+    alone = engine_command(
+        one, get_adapter("vllm", EngineConfig()).launch(one), "vllm", engines, "c", {}
+    )
+    assert RAY_JOB_CONFIG_ENV not in alone.env
 
 
 def _tiny_launch(gpus: int) -> tuple[LaunchSpec, EngineLaunch]:

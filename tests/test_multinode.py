@@ -162,6 +162,8 @@ def test_a_replica_spans_two_nodes_and_each_stage_sees_its_own_gpus(two_nodes: T
     assert [(w["rank"], w["bundle"], w["node_id"]) for w in workers] == [
         (r["rank"], r["bundle"], r["node_id"]) for r in ranks
     ]
+    # Each rank runs in the engine's Python (as vLLM's workers must), not the raylet's.
+    assert all(w["engine_python"] for w in workers), workers
     # Each rank sees one GPU of its own; a node's two ranks see different ones.
     for stage in (0, 1):
         seen = [w["cuda_visible_devices"] for w in workers if w["rank"] // 2 == stage]

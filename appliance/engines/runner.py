@@ -10,11 +10,13 @@ store mounted read-only. CPU plans always run as a process (the images are CUDA 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from appliance.config import EnginesConfig
+from appliance.control import PLACEMENT_GROUP_ENV
 from appliance.engines.base import EngineLaunch, LaunchSpec
 from appliance.engines.cpuenv import CpuEngineEnv
 from appliance.errors import EngineError
@@ -26,6 +28,20 @@ class EngineCommand:
     env: dict[str, str]
     # Run after stopping the process, when that alone does not stop the engine.
     stop: list[str] | None = None
+
+
+# Read by ray.init in the engine process (Ray's own job-submission variable): the job's
+# runtime environment, here its workers' interpreter.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_workers_run(python: str) -> str:
+    """The engine's Ray workers (vLLM's, one per GPU of a replica across nodes) run in the
+    engine's own Python, at the same path on every node. Without it Ray starts them with
+    the Python each node's raylet runs, the appliance's, which has no vLLM. (Measured on
+    Ray 2.60: a driver in vLLM's environment got workers in the raylet's Python by
+    default, in its own with this set.)"""
+    return json.dumps({"runtime_env": {"py_executable": python}})
 
 
 def container_name(model: str, replica_id: str) -> str:
@@ -55,6 +71,8 @@ def engine_command(
             **engine_launch.secret_env,
             "CUDA_VISIBLE_DEVICES": devices,
         }
+        if PLACEMENT_GROUP_ENV in env:
+            env[RAY_JOB_CONFIG_ENV] = ray_workers_run(argv[0])
         return EngineCommand(argv, env)
     if not settings.image:
         raise EngineError(

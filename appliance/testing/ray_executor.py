@@ -103,6 +103,8 @@ def start_workers(world_size: int) -> list[dict[str, Any]]:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                 "pid": os.getpid(),
+                # Started by the engine's own interpreter (the stand-in's), not the raylet's.
+                "engine_python": os.environ.get("FAKE_VLLM_PYTHON") == "1",
             }
 
     workers = [
