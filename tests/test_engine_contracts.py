@@ -313,6 +313,10 @@ def test_a_replica_across_nodes_runs_vllms_ray_workers_in_the_engines_python() -
     assert command.argv[0] == "/opt/vllm/bin/python"
     job = json.loads(command.env[RAY_JOB_CONFIG_ENV])
     assert job == {"runtime_env": {"py_executable": "/opt/vllm/bin/python"}}
+    in_containers = EnginesConfig(runner="container", vllm=EngineConfig(image="vllm:test"))
+    with pytest.raises(EngineError, match="spans nodes") as refused:
+        engine_command(spec, launch, "vllm", in_containers, "c", {})
+    assert 'engines.runner = "process"' in (refused.value.hint or "")
     # One node's replica: no Ray executor, no job environment.
     single = plan_model(entry, Cluster.parse("8xH200"), engine="vllm", precision="fp8")
     assert not single.spans_nodes

@@ -74,6 +74,13 @@ def engine_command(
         if PLACEMENT_GROUP_ENV in env:
             env[RAY_JOB_CONFIG_ENV] = ray_workers_run(argv[0])
         return EngineCommand(argv, env)
+    if PLACEMENT_GROUP_ENV in engine_launch.env:
+        raise EngineError(
+            f"{launch.model}'s replica spans nodes, and its engine's Ray workers cannot run "
+            "inside a container: Ray starts them on each node with a Python on the host",
+            hint='Set engines.runner = "process" and engines.vllm.command to the Python of '
+            "a vLLM virtualenv installed at the same path on every node.",
+        )
     if not settings.image:
         raise EngineError(
             f"no container image is configured for the {engine} engine",
