@@ -151,9 +151,11 @@ def install(
         "ray_cluster_token_source": str(config.home_dir / "cluster" / "ray-auth-token"),
     }
     playbooks: Path | None = None
+    wheel_archive: Path | None = None
     if offline is not None:
         opened = bundles.open_bundle(offline, run_dir / "bundle")
         extravars.update(opened.extravars())
+        wheel_archive = opened.wheel_archive
         playbooks = opened.playbooks
         console.print(
             f"Installing from the bundle {offline} (appliance {opened.manifest['version']})."
@@ -181,7 +183,13 @@ def install(
         verbosity=verbose,
         playbooks=playbooks,  # a bundle installs with its own playbooks: it is the release
     )
-    result = _run(req)
+    try:
+        result = _run(req)
+    finally:
+        if wheel_archive is not None:
+            # A copy of the bundle's wheels/ made for the hosts: the run directory keeps
+            # the bundle itself, not the same files twice.
+            wheel_archive.unlink(missing_ok=True)
     if check:
         for host, task, diff in result.tracker.diffs:
             console.print(f"\n--- {host}: {task}", style="bold", markup=False, highlight=False)

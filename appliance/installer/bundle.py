@@ -14,6 +14,7 @@
 
 `appliance install --offline BUNDLE` unpacks it into the run directory, checks every file
 against bundle.json, and installs from it alone: playbooks, wheels, mirror URLs and keys.
+The hosts get wheels/ as one archive, wheels.tar, written beside the unpacked bundle.
 """
 
 from __future__ import annotations
@@ -388,10 +389,39 @@ def create_bundle(
     return spec.output
 
 
+WHEEL_ARCHIVE = "wheels.tar"
+
+
+def pack_wheels(wheels: Path, archive: Path) -> Path:
+    """wheels/ as one uncompressed tar of its files, for the hosts.
+
+    The appliance role copies this one file and unpacks it on the host: copying the
+    directory costs two module round trips per wheel (a checksum, then the transfer), for
+    a bundle's hundred wheels 50 s against a local chroot and 47 s again in a re-run that
+    changes nothing; one archive is one checksum and one transfer. The same files give
+    the same bytes (sorted names, owner root, mode 0644, each file's own mtime), so the
+    host's copy of an unchanged bundle compares equal and is neither sent nor unpacked.
+    """
+    partial = archive.with_name(f".{archive.name}.partial")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in wheels.iterdir() if p.is_file()):
+            info = tarfile.TarInfo(path.name)
+            info.size = path.stat().st_size
+            info.mtime = int(path.stat().st_mtime)
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+    os.replace(partial, archive)
+    return archive
+
+
 @dataclass
 class OpenBundle:
     root: Path
     manifest: dict[str, Any]
+    wheel_archive: Path  # wheels/ as one tar (pack_wheels), beside root
 
     @property
     def playbooks(self) -> Path:
@@ -406,7 +436,7 @@ class OpenBundle:
         repos = self.manifest.get("repositories", {})
         out: dict[str, Any] = {
             "appliance_package_source": "bundle",
-            "appliance_wheelhouse": str(self.wheels),
+            "appliance_wheel_archive": str(self.wheel_archive),
             "appliance_package_spec": f"appliance=={self.manifest['version']}",
             "nvidia_driver_repo_url": repos.get("nvidia_cuda", CUDA_URL),
             "container_runtime_repo_url": repos.get("nvidia_container_toolkit", TOOLKIT_URL),
@@ -442,7 +472,8 @@ def is_deb(path: Path) -> bool:
 
 
 def open_bundle(path: Path, into: Path) -> OpenBundle:
-    """Unpack a bundle and check every file against its manifest."""
+    """Unpack a bundle into `into`, check every file against its manifest, and pack its
+    wheels for the hosts into `into`/wheels.tar."""
     if not path.is_file():
         raise InstallError(f"{path}: no such bundle", hint="Create one with `appliance bundle`.")
     try:
@@ -472,4 +503,9 @@ def open_bundle(path: Path, into: Path) -> OpenBundle:
             f"{path} is damaged: {len(bad)} file(s) do not match bundle.json ({bad[0]}, ...)",
             hint="Copy the bundle again; its files are checked against bundle.json.",
         )
-    return OpenBundle(root, manifest)
+    wheels = root / "wheels"
+    if not wheels.is_dir():
+        raise InstallError(
+            f"{path} has no wheels/", hint="Create it again with `appliance bundle`."
+        )
+    return OpenBundle(root, manifest, pack_wheels(wheels, into / WHEEL_ARCHIVE))

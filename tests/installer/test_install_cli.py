@@ -137,6 +137,20 @@ def test_open_bundle_checks_every_file(tmp_path: Path) -> None:
     opened = open_bundle(good, tmp_path / "a")
     extra = opened.extravars()
     assert extra["appliance_package_source"] == "bundle"
+    # The hosts get the wheels as one archive: the files alone, owned by root, mode 0644,
+    # and the same bytes every time the bundle is opened (so a re-run copies nothing).
+    assert extra["appliance_wheel_archive"] == str(tmp_path / "a/wheels.tar")
+    with tarfile.open(opened.wheel_archive) as tar:
+        (member,) = tar.getmembers()
+        assert (member.name, member.mode, member.uname, member.uid) == (
+            "appliance-0.1.0-py3-none-any.whl",
+            0o644,
+            "root",
+            0,
+        )
+        assert tar.extractfile(member).read() == wheel  # type: ignore[union-attr]
+    again = open_bundle(good, tmp_path / "again")
+    assert again.wheel_archive.read_bytes() == opened.wheel_archive.read_bytes()
     assert extra["appliance_package_spec"] == "appliance==0.1.0"
     assert extra["nvidia_driver_repo_url"] == "http://mirror/cuda"
     assert extra["nvidia_driver_repo_key_file"] == str(

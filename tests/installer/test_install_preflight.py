@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,9 @@ import pytest
 from appliance.installer import parsers, preflight, storage
 
 HOSTS = Path(__file__).resolve().parent.parent / "fixtures" / "hosts"
+PROBE_MODULE = (
+    Path(__file__).resolve().parents[2] / "playbooks/roles/preflight/library/appliance_probe.py"
+)
 UBUNTU = {"distribution": "Ubuntu", "version": "22.04", "major": "22"}
 
 
@@ -261,3 +268,44 @@ def test_store_found_again_on_a_rerun() -> None:
 )
 def test_wipefs_signatures(wipefs: str, found: list[str]) -> None:
     assert storage.signatures(wipefs) == found
+
+
+def test_probe_module_results_are_what_the_checks_read(tmp_path: Path) -> None:
+    """The preflight role's probe module, run as Ansible runs it on a host: here with an
+    lspci that finds nothing and an nvidia-smi that cannot reach a driver (fakes first on
+    PATH); the tools this machine lacks come back as "command not found"."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "lspci").write_text("#!/bin/sh\nexit 0\n")
+    (bindir / "nvidia-smi").write_text(
+        "#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the "
+        'NVIDIA driver."\nexit 9\n'
+    )
+    for tool in bindir.iterdir():
+        tool.chmod(0o755)
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {"kernel": "no-such-kernel"}}))
+    path = f"{bindir}:{os.environ['PATH']}"
+    proc = subprocess.run(
+        [sys.executable, str(PROBE_MODULE), str(args)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": path},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["changed"] is False
+    found = result["probe"]
+    assert found["lspci"] == {"rc": 0, "stdout": "", "stderr": "", "cmd": "lspci -Dnn -d 10de:"}
+    assert found["smi_query"]["rc"] == 9
+    assert found["smi_topo"] == {"skipped": True}  # only asked when the query worked
+    assert found["kernel_headers"] is False
+    sbin = "/usr/local/sbin:/usr/sbin:/sbin"  # where Ansible also looks
+    for key, tool in (("mokutil", "mokutil"), ("ss", "ss"), ("timedatectl", "timedatectl")):
+        if shutil.which(tool, path=f"{path}:{sbin}") is None:
+            assert found[key]["rc"] == preflight.MISSING
+            assert "No such file or directory" in found[key]["msg"]
+        else:
+            assert found[key]["rc"] != preflight.MISSING and "stdout" in found[key]
+    facts = preflight.host_facts({**found, "kernel": "no-such-kernel", "os": UBUNTU})
+    assert facts.gpu_count == 0 and not facts.lspci_missing
+    assert facts.driver_state == "not_loaded"
+    assert facts.errors == []
