@@ -12,7 +12,6 @@ live page as well). trtllm-serve's contract was read from its source (see its he
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -166,8 +165,8 @@ def _trt_flags(argv: list[str]) -> dict[str, str]:
     )
 
 
-def _launch(entry: ModelEntry, plan: Plan, engine: str) -> EngineLaunch:
-    spec = LaunchSpec(
+def _spec(entry: ModelEntry, plan: Plan, **more: Any) -> LaunchSpec:
+    return LaunchSpec(
         model=entry.name,
         weights=STORE / entry.name,
         host="10.0.0.5",
@@ -177,8 +176,13 @@ def _launch(entry: ModelEntry, plan: Plan, engine: str) -> EngineLaunch:
         gpu_ids=tuple(str(i) for i in range(plan.gpus_per_replica)),
         work_dir=Path("/var/lib/appliance/run/engines") / f"{entry.name}-r1",
         ray_address="10.0.0.1:6379",
+        **more,
     )
-    return get_adapter(engine, EngineConfig(chat_template_dir=Path("/templates"))).launch(spec)
+
+
+def _launch(entry: ModelEntry, plan: Plan, engine: str, **more: Any) -> EngineLaunch:
+    adapter = get_adapter(engine, EngineConfig(chat_template_dir=Path("/templates")))
+    return adapter.launch(_spec(entry, plan, **more))
 
 
 def _combinations() -> list[tuple[str, str, str, str]]:
@@ -294,20 +298,9 @@ def test_a_replica_across_nodes_runs_vllms_ray_workers_in_the_engines_python() -
     entry = load_catalog().get("llama-3.1-405b-instruct")
     report = evaluate(entry, Cluster.parse("2x8xH100-80GB"), engine="vllm", precision="bf16")
     assert report.plan is not None and report.plan.spans_nodes, report.problem
-    spec = LaunchSpec(
-        model=entry.name,
-        weights=STORE / entry.name,
-        host="10.0.0.5",
-        port=8101,
-        entry=entry,
-        plan=report.plan,
-        gpu_ids=tuple(str(i) for i in range(8)),
-        work_dir=Path("/var/lib/appliance/run/engines") / f"{entry.name}-r1",
-        ray_address="10.0.0.1:6379",
-        placement_group="ab" * 18,
-        bundle_indices=tuple(range(16)),
-    )
-    launch = get_adapter("vllm", EngineConfig()).launch(spec)
+    group = {"placement_group": "ab" * 18, "bundle_indices": tuple(range(16))}
+    spec = _spec(entry, report.plan, **group)
+    launch = _launch(entry, report.plan, "vllm", **group)
     engines = EnginesConfig(vllm=EngineConfig(command="/opt/vllm/bin/python"))
     command = engine_command(spec, launch, "vllm", engines, "c", {})
     assert command.argv[0] == "/opt/vllm/bin/python"
@@ -320,9 +313,8 @@ def test_a_replica_across_nodes_runs_vllms_ray_workers_in_the_engines_python() -
     # One node's replica: no Ray executor, no job environment.
     single = plan_model(entry, Cluster.parse("8xH200"), engine="vllm", precision="fp8")
     assert not single.spans_nodes
-    one = dataclasses.replace(spec, plan=single, placement_group=None, bundle_indices=())
     alone = engine_command(
-        one, get_adapter("vllm", EngineConfig()).launch(one), "vllm", engines, "c", {}
+        _spec(entry, single), _launch(entry, single, "vllm"), "vllm", engines, "c", {}
     )
     assert RAY_JOB_CONFIG_ENV not in alone.env
 

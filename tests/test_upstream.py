@@ -179,13 +179,14 @@ def test_silence_past_the_read_timeout_is_a_timeout() -> None:
     _run(handler, body, read=0.5)
 
 
-def test_a_refused_connection_is_connect_failed() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise AssertionError("never called")
+async def _never_called(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    raise AssertionError("the test expects no request to reach a server")
 
+
+def test_a_refused_connection_is_connect_failed() -> None:
     async def body(url: str, engines: EnginePool) -> None:
         # A port that was just free: nothing listens there.
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        server = await asyncio.start_server(_never_called, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
@@ -194,18 +195,15 @@ def test_a_refused_connection_is_connect_failed() -> None:
         with pytest.raises(ConnectFailed, match="not an http"):
             await engines.post("ftp://127.0.0.1:21", "/", b"{}", {})
 
-    _run(handler, body)
+    _run(_never_called, body)
 
 
 def test_a_header_value_with_a_line_break_is_refused() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise AssertionError("never called")
-
     async def body(url: str, engines: EnginePool) -> None:
         with pytest.raises(ValueError, match="line break"):
             await engines.post(url, "/", b"{}", {"x-request-id": "a\r\nx-evil: 1"})
 
-    _run(handler, body)
+    _run(_never_called, body)
 
 
 def test_a_long_unread_answer_pauses_reading_and_arrives_whole() -> None:

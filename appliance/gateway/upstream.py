@@ -66,7 +66,6 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.served = 0  # answers completed on it
         self.idle_since = 0.0
         self._reset()
 
@@ -240,7 +239,6 @@ class EngineResponse:
         conn = self._conn
         conn.stop_timer()
         if conn.complete and conn.keep_alive and not conn.closed and not conn.body:
-            conn.served += 1
             self._pool._put(self._key, conn)
         else:
             self.close()
