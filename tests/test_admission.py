@@ -565,3 +565,38 @@ def test_image_parts_and_auto_tools_reach_only_models_whose_entry_allows_them(
     asyncio.run(book.refresh(force=True))
     recorded = book.get(MODEL)
     assert recorded is not None and chat_request(body, extensions=recorded.extensions).messages
+
+
+def test_a_model_without_a_record_is_looked_for_at_once_but_not_on_every_request(
+    tmp_path: Path,
+) -> None:
+    from appliance.gateway.deployments import DeploymentBook
+
+    home = tmp_path / "home"
+    home_with_model(home)
+    state = State(home / "state.db")
+    reads = []
+
+    def load() -> list:
+        reads.append(1)
+        return [d for d in state.deployments() if d.model in recorded]
+
+    recorded: set[str] = set()
+    book = DeploymentBook(load, home / "models", reload_s=0.2)
+
+    async def run() -> None:
+        # Replicas but no record (static replicas): one read, then none within the period.
+        assert await book.recheck(MODEL) is None
+        for _ in range(50):
+            assert await book.recheck(MODEL) is None
+        assert len(reads) == 1
+        # Its record lands (a model just added): found at the next look after the period.
+        recorded.add(MODEL)
+        await asyncio.sleep(0.25)
+        info = await book.recheck(MODEL)
+        assert info is not None and info.max_model_len == CONTEXT
+        assert len(reads) == 2
+        assert await book.recheck(MODEL) is info  # known: no read at all
+        assert len(reads) == 2
+
+    asyncio.run(run())

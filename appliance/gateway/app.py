@@ -394,8 +394,7 @@ class Gateway:
         if isinstance(model, str):
             info = self.book.get(model)
             if info is None and self.table.knows(model):
-                await self.book.refresh(force=True)  # just added: read its record now
-                info = self.book.get(model)
+                info = await self.book.recheck(model)  # just added: read its record now
         # A model without a record yet (static replicas): the fake engine speaks vLLM.
         extensions = info.extensions if info is not None else _VLLM_EXTENSIONS
         # Image parts for a text-only model may still run at a provider whose model reads

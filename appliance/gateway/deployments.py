@@ -61,11 +61,26 @@ class DeploymentBook:
         self._models: dict[str, ModelInfo] = {}
         self._counters: dict[str, tuple[int, PromptCounter | None]] = {}
         self._loaded_at = float("-inf")
+        # When each model without a record was last looked for at once (recheck).
+        self._rechecked: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()
 
     def get(self, model: str) -> ModelInfo | None:
         return self._models.get(model)
+
+    async def recheck(self, model: str) -> ModelInfo | None:
+        """The info of a model that has replicas, reading the records again at once when it
+        has none (just added), but at most once per reload period for each model: one served
+        with no record at all (static replicas) must not cost a state read per request."""
+        info = self._models.get(model)
+        if info is None and self._load is not None:
+            now = time.monotonic()
+            if now - self._rechecked.get(model, float("-inf")) >= self._reload_s:
+                self._rechecked[model] = now
+                await self.refresh(force=True)
+                info = self._models.get(model)
+        return info
 
     async def refresh(self, force: bool = False) -> None:
         """Re-read when due (or at once when `force`); never raises."""
