@@ -11,7 +11,9 @@ Two engines of tiny-random-llama on vLLM's CPU build, started as replicas start 
 
 Two workloads: `shared` (a few long system prompts, varied user turns) and `unique`
 (every prompt its own). Each leg salts its prompts with a tag of its own, so no leg is
-served from a cache an earlier leg filled. Per leg: the prefix-cache hit rate
+served from a cache an earlier leg filled. The engines are warmed up first; then
+`--rounds` rounds run every leg, in reverse order every other round, and each leg's
+figures pool its rounds. Per leg: the prefix-cache hit rate
 (vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total, both engines, deltas),
 TTFT p50 and p99 of streamed answers, requests per second, and the load imbalance (max /
 mean - 1 of the requests each engine finished).
@@ -60,11 +62,28 @@ TOPICS = ("billing", "shipping", "returns", "accounts")
 class Result:
     leg: str
     workload: str
-    hit_rate: float = math.nan
+    hits: float = 0.0  # prefix-cache hits and queries, both engines (deltas)
+    queries: float = 0.0
     requests: list[float] = field(default_factory=list)  # finished per engine
     ttft: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     errors: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else math.nan
+
+    def add(self, other: Result) -> None:
+        """Another round of the same leg and workload, pooled into this one."""
+        self.hits += other.hits
+        self.queries += other.queries
+        if self.requests:
+            self.requests = [a + b for a, b in zip(self.requests, other.requests, strict=True)]
+        else:
+            self.requests = list(other.requests)
+        self.ttft += other.ttft
+        self.wall_s += other.wall_s
+        self.errors += other.errors
 
     @property
     def imbalance(self) -> float:
@@ -147,9 +166,8 @@ def _leg(leg: str, url: str, engines: list[str], workload: str, args: argparse.N
     asyncio.run(_drive(url, bodies, args.concurrency, result))
     result.wall_s = time.perf_counter() - start
     after = [_engine_counters(e) for e in engines]
-    hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-    queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-    result.hit_rate = hits / queries if queries else math.nan
+    result.hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    result.queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     result.requests = [a[2] - b[2] for a, b in zip(after, before, strict=True)]
     if leg == "single":
         result.requests = result.requests[:1]
@@ -173,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per leg")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--chars", type=int, default=1000, help="system prompt length")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every leg, in alternating order"
+    )
     parser.add_argument("--vllm-router", default=None, help="vllm-router (default: on PATH)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="routing-"))
@@ -218,19 +239,32 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
         else:
             print("vllm-router not found (--vllm-router PATH): its leg is skipped", file=sys.stderr)
-        results: list[Result] = []
+        # Every front up at once, so the rounds can alternate their order: a leg run first
+        # or last in each round would carry whatever the engines' warm-up or the machine's
+        # other load did at that point.
+        running = []
         for leg, front_argv, url in fronts:
-            front = None
             if front_argv is not None:
                 health = url + ("/health" if leg == "vllm-router" else "/readyz")
-                front = _front(front_argv, health, root / f"{leg}.log")
-            try:
-                for workload in ("shared", "unique"):
-                    results.append(_leg(leg, url, engines, workload, args))
-                    print(results[-1].row(), flush=True)
-            finally:
-                if front is not None:
-                    stop_engine(front)
+                running.append(_front(front_argv, health, root / f"{leg}.log"))
+        # Both engines warmed up directly first (their first requests are slower), unmeasured.
+        for url in engines:
+            asyncio.run(
+                _drive(url, _prompts("unique", "warm-up", 16, args.chars), 4, Result("", ""))
+            )
+        pooled: dict[tuple[str, str], Result] = {}
+        try:
+            for round_ in range(args.rounds):
+                order = fronts if round_ % 2 == 0 else fronts[::-1]
+                for leg, _, url in order:
+                    for workload in ("shared", "unique"):
+                        one = _leg(leg, url, engines, workload, args)
+                        print(f"round {round_ + 1}: {one.row()}", flush=True)
+                        pooled.setdefault((leg, workload), Result(leg, workload)).add(one)
+        finally:
+            for front in running:
+                stop_engine(front)
+        results = [pooled[(leg, w)] for leg, _, _ in fronts for w in ("shared", "unique")]
         print(f"\n{'load':<7} {'leg':<18} {'hit rate':>8} {'TTFT p50':>9} {'p99 (ms)':>9} "
               f"{'req/s':>7} {'imbalance':>9}  {'per engine':<9} errors")  # fmt: skip
         for result in results:
