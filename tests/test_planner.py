@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from appliance.catalog import ModelEntry, load_catalog
+from appliance.catalog import HubSource, ModelEntry, load_catalog
 from appliance.cli import plan as plan_cli
 from appliance.errors import PlanError
 from appliance.gpus import GPUS
@@ -32,6 +32,8 @@ from appliance.planner import (
     validation,
     weight_bytes,
 )
+from appliance.planner.layout import Layout
+from appliance.planner.memory import GIB, EngineLimits, runtime_bytes, sixteen_bit_multiplied
 
 CATALOG = load_catalog()
 RunPlan = Callable[..., Result]
@@ -234,6 +236,65 @@ def test_moe_decode_reads_more_experts_as_the_batch_grows() -> None:
     # More sequences share each step, but the step reads more experts: not 64x faster.
     assert one.output_tok_s < many.output_tok_s < 64 * one.output_tok_s
     assert many.per_user_tok_s < one.per_user_tok_s
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("llama-3.1-405b-instruct", Layout(8)),
+        ("qwen3-235b-a22b", Layout(8, 1, "ep", attention_dp=True)),
+    ],
+)
+def test_a_short_prompt_is_not_charged_a_steps_collective_latency(
+    name: str, layout: Layout
+) -> None:
+    # A prompt's tokens ride the collectives of the step they join, so its prefill rate does
+    # not fall for short prompts (the all-reduces' fixed cost is the step's, paid once).
+    entry, h200 = model(name), GPUS["H200"]
+
+    def rate(isl: int) -> float:
+        shape = Workload(isl, 128)
+        return predict(entry, h200, "fp8", "fp8", 8, 1, 256, shape, layout=layout).prefill_tok_s
+
+    assert rate(128) >= 0.98 * rate(1024)
+
+
+def test_the_moe_workspace_is_sized_for_the_gathered_tokens() -> None:
+    qwen = model("qwen3-235b-a22b").architecture
+    limits = EngineLimits("trtllm", 0.95, True, 224, 20224)  # trtllm-bench's, 20000/2000
+
+    def runtime(tp: int, attention_dp: bool) -> float:
+        return runtime_bytes(qwen, limits, tp, 1, Layout(tp, 1, "ep", attention_dp))
+
+    # Under attention DP every rank's tokens reach the MoE: its workspace grows with the
+    # group; under TP + EP each GPU sees its own batch only.
+    assert runtime(8, True) - runtime(4, True) > 10 * GIB
+    assert runtime(8, False) == pytest.approx(runtime(4, False))
+    # CutlassMoeFCRunner's buffers: 8 expert rows per token, each 2 x 4096 bytes of GEMM
+    # input and max(4 x 1536, 2 x 4096) of GEMM output; for 8 x 20,224 gathered tokens
+    # (with their 16-bit input and output, 4 x 4096 bytes) against one rank's 20,224.
+    per_token = 8 * (2 * 4096 + 8192)
+    gathered = 8 * 20224 * (per_token + 4 * 4096)
+    assert runtime(8, True) - runtime(8, False) == pytest.approx(gathered - 20224 * per_token)
+    assert 22 * GIB < gathered < 22.5 * GIB
+
+
+def test_weights_kept_in_16_bits_multiply_at_the_16_bit_rate() -> None:
+    llama, maverick = model("llama-3.1-8b-instruct"), model("llama-4-maverick")
+    table = llama.architecture.vocab_size * llama.architecture.hidden_size
+    assert sixteen_bit_multiplied(llama, "bf16") == 0.0
+    assert sixteen_bit_multiplied(llama, "fp8") == table  # lm_head
+    # Meta's Maverick FP8 keeps attention 16-bit; NVIDIA's NVFP4 export quantizes it.
+    arch = maverick.architecture
+    lm_head = arch.vocab_size * arch.hidden_size
+    assert sixteen_bit_multiplied(maverick, "fp8") > lm_head
+    assert sixteen_bit_multiplied(maverick, "nvfp4") == lm_head
+    # So its FP8 prefill, compute-bound, is slower than it would be at FP8 throughout.
+    h200, shape = GPUS["H200"], Workload(4096, 128)
+    real = predict(maverick, h200, "fp8", "bf16", 8, 1, 64, shape).prefill_tok_s
+    sources = {**maverick.sources, "fp8": HubSource(repo="nvidia/Llama-4-Maverick-FP8")}
+    modelopt = maverick.model_copy(update={"sources": sources})
+    assert real < predict(modelopt, h200, "fp8", "bf16", 8, 1, 64, shape).prefill_tok_s
 
 
 # --- choices ---------------------------------------------------------------------------

@@ -97,9 +97,23 @@ def weight_bytes(entry: ModelEntry, precision: str) -> tuple[float, float]:
     per_param = BYTES_PER_PARAM[precision]
     if per_param >= keep_bytes:
         return p.total * per_param, p.experts * per_param
-    keep_attention = arch.is_moe and not modelopt(entry, precision)
-    kept = p.tables + (p.attention if keep_attention else 0.0)
+    kept = p.tables + _kept_attention(entry, precision)
     return kept * keep_bytes + (p.total - kept) * per_param, p.experts * per_param
+
+
+def _kept_attention(entry: ModelEntry, precision: str) -> float:
+    """Attention parameters a quantized MoE checkpoint leaves in 16 bits (see weight_bytes)."""
+    arch = entry.architecture
+    return Params.of(arch).attention if arch.is_moe and not modelopt(entry, precision) else 0.0
+
+
+def sixteen_bit_multiplied(entry: ModelEntry, precision: str) -> float:
+    """Parameters multiplied in 16 bits at a lower `precision`: lm_head, and attention where
+    the checkpoint keeps it (weight_bytes); their GEMMs run at the 16-bit Tensor Core rate."""
+    arch = entry.architecture
+    if BYTES_PER_PARAM[precision] >= _CHECKPOINT_BYTES[arch.dtype]:
+        return 0.0
+    return Params.of(arch).table + _kept_attention(entry, precision)
 
 
 def modelopt(entry: ModelEntry, precision: str) -> bool:
@@ -159,13 +173,35 @@ _NCCL_BYTES = 0.5 * GIB
 _GRAPH_BYTES = 1.0 * GIB
 
 
-def runtime_bytes(arch: Architecture, limits: EngineLimits, tp: int, pp: int) -> float:
-    """Per-GPU memory the engine needs besides weights and KV cache."""
-    ffn = arch.moe_intermediate_size or arch.intermediate_size
-    width = ffn * (arch.experts_per_token or 1)
-    # Peak of one forward pass over max_num_batched_tokens: hidden states, QKV, the gate/up
-    # output (16-bit), and fp32 logits + probabilities for max_num_seqs rows of the vocabulary.
-    activations = limits.max_num_batched_tokens * (4 * arch.hidden_size + 2 * width / tp) * 2
+def runtime_bytes(
+    arch: Architecture, limits: EngineLimits, tp: int, pp: int, layout: Layout | None = None
+) -> float:
+    """Per-GPU memory the engine needs besides weights and KV cache (`layout`: how the tp
+    GPUs split the experts; plain TP when not given)."""
+    layout = layout or Layout(tp, pp)
+    hidden, tokens = arch.hidden_size, limits.max_num_batched_tokens
+    # Peak of one forward pass over max_num_batched_tokens: hidden states and QKV (16-bit),
+    # the FFN's gate/up output, and fp32 logits + probabilities for max_num_seqs rows of the
+    # vocabulary.
+    activations = float(tokens * 4 * hidden * 2)
+    if arch.is_moe:
+        # The fused MoE sizes its workspace for k expert rows of every token it is given
+        # (CutlassMoeFCRunner::getWorkspaceDeviceBufferSizes in TensorRT-LLM, vLLM's
+        # intermediate caches alike): GEMM inputs, and GEMM outputs (the 16-bit gate/up
+        # result or the down projection's), each buffer shared by both GEMMs. Under
+        # attention data parallelism it is given every rank's tokens, gathered (their
+        # input and output too), and the engine's memory profile runs max_num_batched_tokens
+        # on every rank at once. Under expert parallelism each expert is whole on its GPU.
+        k = arch.experts_per_token or 1
+        ffn = (arch.moe_intermediate_size or arch.intermediate_size) / (
+            1 if layout.experts == "ep" else tp
+        )
+        gathered = layout.attention_dp and tp > 1
+        rows = tokens * (tp if gathered else 1)
+        per_row = k * (2 * hidden + max(4 * ffn, 2 * hidden)) + (4 * hidden if gathered else 0)
+        activations += rows * per_row
+    else:
+        activations += tokens * 2 * arch.intermediate_size / tp * 2
     logits = limits.max_num_seqs * arch.vocab_size * 4 * 2
     nccl = _NCCL_BYTES if tp * pp > 1 else 0.0
     return _CONTEXT_BYTES + nccl + _GRAPH_BYTES + activations + logits
@@ -176,7 +212,7 @@ def kv_budget(
 ) -> tuple[float, float, float]:
     """(weights, runtime + headroom, what is left for the KV cache), bytes per GPU."""
     weights = weights_per_gpu(entry, precision, layout)
-    runtime = runtime_bytes(entry.architecture, limits, layout.tp, layout.pp)
+    runtime = runtime_bytes(entry.architecture, limits, layout.tp, layout.pp, layout)
     total = float(gpu.memory_bytes)
     # vLLM leaves (1 - utilization) of the whole GPU; TRT-LLM of what weights leave free.
     headroom = (1 - limits.memory_fraction) * (

@@ -6,7 +6,8 @@ and the groups run one after another:
 
     dense GEMMs    attention projections, shared experts, dense FFN layers, lm_head: weights
                    read once per step (a whole copy per GPU under attention data
-                   parallelism), 2 FLOPs per parameter per token
+                   parallelism), 2 FLOPs per parameter per token, what a quantized
+                   checkpoint keeps in 16 bits (lm_head, some attention) at the 16-bit rate
     expert GEMMs   only the routed experts some token of the step is sent to:
                    E x (1 - (1 - k/E)^B) of each layer's E experts for B tokens, uniform
                    routing; 2 FLOPs per active expert parameter per token; under expert
@@ -16,9 +17,10 @@ and the groups run one after another:
     communication  two all-reduces per layer (TP, and TP + EP), an all-gather and a
                    reduce-scatter per MoE layer (DP + EP), a network hop per pipeline stage
 
-Prefill is compute-bound and shares the steps. Five efficiency factors (`Efficiency`) are
-fitted to published TensorRT-LLM results and checked on results not used to fit them
-(appliance/planner/validation.py, docs/planning.md "Accuracy").
+Prefill is compute-bound and shares the steps: a prompt's tokens add to the collectives'
+volume, not to their fixed latency, which the step pays once. Five efficiency factors
+(`Efficiency`) are fitted to published TensorRT-LLM results and checked on results not used
+to fit them (appliance/planner/validation.py, docs/planning.md "Accuracy").
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from dataclasses import dataclass
 from appliance.catalog import Architecture, ModelEntry
 from appliance.gpus import GpuSpec
 from appliance.planner.layout import Layout
-from appliance.planner.memory import _CHECKPOINT_BYTES, GB, Params, kv_bytes, weight_bytes
+from appliance.planner.memory import (
+    _CHECKPOINT_BYTES,
+    GB,
+    Params,
+    kv_bytes,
+    sixteen_bit_multiplied,
+    weight_bytes,
+)
 
 # Per collective latency (NCCL on NVLink, small messages) and across nodes (InfiniBand).
 _COLLECTIVE_S = 10e-6
@@ -52,7 +61,7 @@ class Efficiency:
 # Fitted by `python -m appliance.planner.validation --fit` on the fit rows (the shapes in
 # fit_shapes of appliance/planner/published.toml); tests/test_planner.py checks that a refit
 # reproduces them.
-FITTED = Efficiency(compute=0.579, bandwidth=0.983, attention=0.814, experts=0.316, link=1.000)
+FITTED = Efficiency(compute=0.549, bandwidth=1.000, attention=0.927, experts=0.309, link=0.890)
 
 
 @dataclass(frozen=True)
@@ -142,49 +151,65 @@ def predict(
     e, k = arch.num_experts or 1, arch.experts_per_token or 1
     routed = p.experts * k / e  # routed expert parameters one token passes through
     dense = p.active - routed - p.lookup_only
+    # Of `dense`, what stays 16-bit at a lower precision (lm_head; attention in some MoE
+    # checkpoints) multiplies at the 16-bit rate.
+    slow = sixteen_bit_multiplied(entry, precision)
+    lm_head_16 = p.table if slow else 0.0
+
+    def dense_compute(params: float, sixteen_bit: float, tokens: float) -> float:
+        """2 FLOPs per parameter per token, the 16-bit weights at their own rate."""
+        return 2 * tokens * ((params - sixteen_bit) / flops_rate + sixteen_bit / attention_rate)
+
     weights, expert_bytes = weight_bytes(entry, precision)
     dense_bytes = weights - expert_bytes - p.lookup_only * _CHECKPOINT_BYTES[arch.dtype]
     copies = tp if layout.attention_dp else 1  # GPUs that each read the dense weights whole
 
-    def comm(tokens: float) -> float:
-        """Collectives for `tokens` tokens in one forward pass, ring volumes over NVLink."""
+    def comm(tokens: float, latency: bool = True) -> float:
+        """Collectives for `tokens` tokens in one forward pass, ring volumes over NVLink.
+        `latency`: with each collective's fixed cost, which a step pays once however many
+        tokens it carries (a prompt's tokens ride the collectives of the step they join)."""
         t, ring = 0.0, 2 * (tp - 1) / tp
         width = tokens * arch.hidden_size * _ACTIVATION_BYTES
+        fixed, hop = (_COLLECTIVE_S, _NETWORK_S) if latency else (0.0, 0.0)
         if tp > 1 and layout.attention_dp:
             # Tokens gathered to every expert rank before each MoE layer and reduce-scattered
             # after it (both engines' default on Hopper); dense layers run locally.
-            t += arch.routed_layers * (2 * _COLLECTIVE_S + ring * width / link)
+            t += arch.routed_layers * (2 * fixed + ring * width / link)
         elif tp > 1:  # all-reduce after attention and after the FFN (EP: the same volume)
-            t += 2 * arch.num_layers * (_COLLECTIVE_S + ring * width / link)
+            t += 2 * arch.num_layers * (fixed + ring * width / link)
         if pp > 1:
-            t += (pp - 1) * (_NETWORK_S + width / (_NETWORK_GBS * GB))
+            t += (pp - 1) * (hop + width / (_NETWORK_GBS * GB))
         return t
 
-    def expert_compute(tokens: float) -> float:
-        """Grouped expert GEMMs for `tokens` tokens; under EP the busiest GPU sets the pace
-        (uniform routing: a binomial share of the tokens x k assignments, its expected
-        maximum over the tp GPUs about sqrt(2 ln tp) standard deviations above the mean)."""
+    def expert_compute(tokens: float, step_tokens: float) -> float:
+        """Grouped expert GEMMs for `tokens` tokens of a step of `step_tokens`; under EP the
+        busiest GPU sets the pace (uniform routing: a binomial share of the step's tokens x
+        k assignments, its expected maximum over the tp GPUs about sqrt(2 ln tp) standard
+        deviations above the mean)."""
         flops = 2 * routed * tokens / (flops_rate * eff.experts)
         if layout.experts == "ep" and tp > 1:
-            spread = math.sqrt((tp - 1) / max(tokens * k, 1.0))
+            spread = math.sqrt((tp - 1) / max(step_tokens * k, 1.0))
             flops *= 1 + math.sqrt(2 * math.log(tp)) * spread
         return flops
 
-    # Prefill of one request: every input token through the multiplied weights.
-    prefill_flops = 2 * (dense - p.table) * inp + 2 * p.table
+    # Prefill of one request: every input token through the multiplied weights, in a step
+    # shared with the decoding batch (and, under attention DP, with a prompt on each rank).
+    step_tokens = batch + inp * copies
     t_prefill = (
-        prefill_flops / flops_rate
+        dense_compute(dense - p.table, slow - lm_head_16, inp)
+        + dense_compute(p.table, lm_head_16, 1)  # lm_head: the last token's logits
         + _attention_flops(arch, inp, inp) / attention_rate
-        + expert_compute(inp)
-        + comm(inp)
+        + expert_compute(inp, step_tokens)
+        + comm(inp, latency=False)
     )
 
     # One decode step of `batch` sequences.
-    t_dense = roof(dense_bytes * copies / byte_rate, batch * 2 * dense / flops_rate)
+    t_dense = roof(dense_bytes * copies / byte_rate, dense_compute(dense, slow, batch))
     t_experts = 0.0
     if arch.is_moe:
         touched = 1 - (1 - k / e) ** batch
-        t_experts = roof(expert_bytes * touched / byte_rate / eff.experts, expert_compute(batch))
+        expert_read = expert_bytes * touched / byte_rate / eff.experts
+        t_experts = roof(expert_read, expert_compute(batch, batch))
     mean_context = inp + out // 2
     kv_read = batch * kv_bytes(
         entry, mean_context, kv_dtype, tp, engine=engine, attention_dp=layout.attention_dp

@@ -11,8 +11,8 @@ prints the factors to copy into roofline.FITTED.
 
 The prediction runs what the page documents: TP over all the GPUs; MoE models with `--ep`
 equal to TP and the page's MoE options, `enable_attention_dp: true` (layout DP + EP;
-`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse: 1.53
-against 0.53, the sum of squared log errors). The KV cache the checkpoint's
+`--no-attention-dp` refits with TP + EP instead, which fits the fit rows worse: 0.92
+against 0.30, the sum of squared log errors). The KV cache the checkpoint's
 hf_quant_config.json asks for (each table's kv_cache_quant_algo: the page sets no
 kv_cache_config, so trtllm-bench's "auto" keeps it; FP8, or 16-bit for the 405B's null),
 in the KV cache and in trtllm-bench's batch tuning; `--kv_cache_free_gpu_mem_fraction 0.95`
