@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from appliance.catalog import load_catalog
 from appliance.cli.common import print_table
+from appliance.placement import Cluster
+from appliance.planner import evaluate
+from appliance.planner.memory import GIB
 from appliance.state import State
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +114,16 @@ def test_plan_fits(tmp_path: Path, width: int) -> None:
     text = cli(tmp_path / "home", width, "plan", "llama-4-scout", "--gpus", "8xH100-80GB")
     fits(text, width)
     tokens = set(text.split())
-    # Figures the 80-column layout used to cut in two (51,0 / 83), and a whole header.
-    assert {"23,386", "53,478", "84,783", "-143.4", "prefill", "tok/s"} <= tokens
+    # Every candidate's figures appear whole (the 80-column layout used to cut a prefill
+    # rate in two, "51,0" / "83"), and so does the header; the figures are the planner's.
+    report = evaluate(load_catalog().get("llama-4-scout"), Cluster.parse("8xH100-80GB"))
+    figures = {"prefill", "tok/s"}
+    for c in report.candidates:
+        figures.add(f"{c.memory.free / GIB:.1f}")
+        if c.fits and c.throughput is not None:
+            figures |= {f"{c.throughput.prefill_tok_s:,.0f}", f"{c.throughput.output_tok_s:,.0f}"}
+    assert len(figures) > 10
+    assert figures <= tokens, figures - tokens
 
 
 @pytest.mark.parametrize("width", WIDTHS)
